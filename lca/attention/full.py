@@ -1,0 +1,291 @@
+"""Full softmax attention (MHA / GQA / MQA), optional sliding window and segments.
+
+Three faces, in order of trust:
+  attention_reference(...)           plain jnp, materializes the [Lq, Lk] scores;
+  attention(..., implementation=)    the fast path: "xla", "cudnn", "pallas";
+  Attention(nnx.Module)              projections, RoPE, QK-norm, output gate, KV cache.
+"""
+
+from collections.abc import Sequence
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lca.attention import common
+from lca.layers import norms, rope
+
+
+def attention_reference(q, k, v, *, causal: bool = True, window: int | None = None,
+                        scale: float | None = None, segment_ids=None, kv_segment_ids=None,
+                        q_positions=None, kv_positions=None) -> jax.Array:
+  """Softmax attention, computed the obvious way in fp32.
+
+  Args:
+    q: [B, Lq, H, D]; k: [B, Lk, H_kv, D]; v: [B, Lk, H_kv, Dv].
+    causal: key s visible to query t only if s <= t (by position).
+    window: sliding window w (see `common.attention_mask`).
+    scale: logit scale, default 1/sqrt(D).
+    segment_ids: [B, Lq] ints for packed sequences; kv_segment_ids: [B, Lk],
+      defaults to segment_ids (self-attention).
+    q_positions, kv_positions: [B, Lq], [B, Lk] int positions; default bottom-right
+      aligned aranges. A negative kv position marks an empty cache slot.
+  Returns:
+    [B, Lq, H, Dv] in q's dtype. Rows that see no key are zeros.
+  """
+  common.check_qkv(q, k, v)
+  common.check_window(window)
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+  default_q, default_kv = common.default_positions(batch, q_len, kv_len)
+  q_positions = default_q if q_positions is None else q_positions
+  kv_positions = default_kv if kv_positions is None else kv_positions
+  if segment_ids is not None and kv_segment_ids is None:
+    kv_segment_ids = segment_ids
+  mask = common.attention_mask(q_positions, kv_positions, causal=causal, window=window,
+                               q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+
+  group = num_heads // num_kv_heads
+  qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  mask = mask[:, None, None]  # [B, 1, 1, Lq, Lk]
+  logits = jnp.where(mask, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+  return out.reshape(batch, q_len, num_heads, v.shape[-1]).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def _uses_custom_mask(q_positions, kv_positions, segment_ids) -> bool:
+  return q_positions is not None or kv_positions is not None or segment_ids is not None
+
+
+def _xla(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_positions, kv_positions):
+  """XLA through jax.nn.dot_product_attention; the reference einsum for custom masks."""
+  if _uses_custom_mask(q_positions, kv_positions, segment_ids) or q.shape[1] != k.shape[1]:
+    return attention_reference(q, k, v, causal=causal, window=window, scale=scale,
+                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                               q_positions=q_positions, kv_positions=kv_positions)
+  if q.shape[-1] != v.shape[-1]:
+    raise NotImplementedError("implementation='xla' needs v's head_dim equal to q's")
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                      local_window_size=_jax_window(window, causal),
+                                      implementation="xla")
+
+
+def _cudnn(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_positions, kv_positions):
+  if jax.default_backend() != "gpu":
+    raise NotImplementedError(f"implementation='cudnn' needs a GPU, the backend is {jax.default_backend()}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise NotImplementedError(f"implementation='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
+  if _uses_custom_mask(q_positions, kv_positions, segment_ids):
+    raise NotImplementedError("implementation='cudnn' does not take positions or segment_ids here")
+  if q.shape[1] != k.shape[1]:
+    raise NotImplementedError("implementation='cudnn' is used for self-attention (Lq == Lk) only")
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                      local_window_size=_jax_window(window, causal),
+                                      implementation="cudnn")
+
+
+def _pallas(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_positions, kv_positions):
+  try:
+    from pallas_kernels import flash  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise NotImplementedError("implementation='pallas': pallas_kernels.flash is not available") from e
+  if q_positions is not None or kv_positions is not None:
+    raise NotImplementedError("implementation='pallas' takes segment_ids, not explicit positions")
+  if kv_segment_ids is not None and kv_segment_ids is not segment_ids:
+    raise NotImplementedError("implementation='pallas' needs kv_segment_ids == segment_ids")
+  return flash.flash_attention(q, k, v, causal=causal, window=window, scale=scale,
+                               segment_ids=segment_ids)
+
+
+def _jax_window(window, causal):
+  """Our window w as jax's (left, right) local_window_size."""
+  if window is None:
+    return None
+  return (window - 1, 0 if causal else window - 1)
+
+
+IMPLEMENTATIONS = {
+    "xla": _xla,
+    "cudnn": _cudnn,
+    "pallas": _pallas,
+    "reference": lambda q, k, v, **kw: attention_reference(q, k, v, **kw),
+}
+
+
+def default_implementations() -> tuple[str, ...]:
+  """Tried in order when implementation=None: the fastest measured first on GPU."""
+  if jax.default_backend() == "gpu":
+    return ("pallas", "cudnn", "xla")
+  return ("xla",)
+
+
+def dispatch(table: dict, implementation, *args, what: str = "attention", **kwargs):
+  """Runs the first implementation of `table` that supports the arguments.
+
+  implementation: a name, a sequence of names tried in order, or None for
+  `default_implementations()`. A single explicit name that cannot handle the
+  arguments raises its NotImplementedError; unknown names raise ValueError.
+  """
+  names = default_implementations() if implementation is None else implementation
+  names = (names,) if isinstance(names, str) else tuple(names)
+  unknown = [n for n in names if n not in table]
+  if unknown or not names:
+    raise ValueError(f"unknown {what} implementation={implementation!r}; known: {sorted(table)}")
+  errors = []
+  for name in names:
+    try:
+      return table[name](*args, **kwargs)
+    except NotImplementedError as e:
+      errors.append(f"{name}: {e}")
+  if len(names) == 1:
+    raise NotImplementedError(errors[0])
+  raise NotImplementedError(f"no {what} implementation supports these arguments: " + "; ".join(errors))
+
+
+def attention(q, k, v, *, causal: bool = True, window: int | None = None,
+              scale: float | None = None, segment_ids=None, kv_segment_ids=None,
+              q_positions=None, kv_positions=None,
+              implementation: str | Sequence[str] | None = None) -> jax.Array:
+  """Softmax attention through the chosen implementation; same math as the reference.
+
+  Arguments as `attention_reference`. implementation: "xla", "cudnn", "pallas",
+  "reference", a sequence tried in order, or None (GPU: pallas, cudnn, xla; CPU: xla).
+  """
+  common.check_qkv(q, k, v)
+  common.check_window(window)
+  return dispatch(IMPLEMENTATIONS, implementation, q, k, v, causal=causal, window=window,
+                  scale=scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                  q_positions=q_positions, kv_positions=kv_positions)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def init_kv_cache(batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype) -> dict:
+  """An empty KV cache: k, v [B, C, H_kv, D] and pos [B, C] (-1 = empty slot)."""
+  shape = (batch, capacity, num_kv_heads, head_dim)
+  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+              pos=jnp.full((batch, capacity), -1, jnp.int32))
+
+
+def write_kv_cache(cache: dict, k, v, positions) -> dict:
+  """Writes k, v [B, T, H_kv, D] at slots positions % C (a ring buffer when C is a window).
+
+  When T > C only the last C tokens are kept, as a ring buffer would after T writes.
+  """
+  capacity = cache["k"].shape[1]
+  if k.shape[1] > capacity:
+    k, v, positions = k[:, -capacity:], v[:, -capacity:], positions[:, -capacity:]
+  slots = positions % capacity
+  batch_idx = jnp.arange(k.shape[0])[:, None]
+  return dict(k=cache["k"].at[batch_idx, slots].set(k.astype(cache["k"].dtype)),
+              v=cache["v"].at[batch_idx, slots].set(v.astype(cache["v"].dtype)),
+              pos=cache["pos"].at[batch_idx, slots].set(positions.astype(jnp.int32)))
+
+
+def cached_attention(q, k, v, positions, cache: dict, *, window, scale, implementation):
+  """Causal attention of new tokens over the cache plus themselves -> (out, new cache).
+
+  q: [B, T, H, D], k/v: [B, T, H_kv, D] at positions [B, T].
+  A full cache (window None) is written first and attended in place. A window-sized
+  ring buffer is attended together with the new tokens, then written, so a chunk
+  longer than one token never overwrites keys its own earlier queries still need.
+  """
+  if window is None:
+    cache = write_kv_cache(cache, k, v, positions)
+    k_all, v_all, kv_pos = cache["k"], cache["v"], cache["pos"]
+  else:
+    k_all = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+    v_all = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+    kv_pos = jnp.concatenate([cache["pos"], positions.astype(jnp.int32)], axis=1)
+    cache = write_kv_cache(cache, k, v, positions)
+  out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True, window=window,
+                  scale=scale, q_positions=positions, kv_positions=kv_pos,
+                  implementation=implementation)
+  return out, cache
+
+
+# ----------------------------------------------------------------------------- module
+
+
+class Attention(nnx.Module):
+  """Causal self-attention layer: q/k/v/o projections, RoPE, optional QK-norm and gate.
+
+  With `window` set it is a sliding-window (local) layer whose decode cache is a
+  ring buffer of `window` slots. `output_gate` is Qwen3-Next's gated attention:
+  o <- o * sigmoid(x W_g) per head and channel, before W_o.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               rngs: nnx.Rngs, window: int | None = None, rope_base: float = 10_000.0,
+               qk_norm: bool = False, output_gate: bool = False,
+               implementation=None, dtype=jnp.float32):
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
+    common.check_window(window)
+    init = nnx.initializers.lecun_normal()
+    p = lambda *shape: nnx.Param(init(rngs.params(), shape))
+    self.wq = p(d_model, num_heads * head_dim)
+    self.wk = p(d_model, num_kv_heads * head_dim)
+    self.wv = p(d_model, num_kv_heads * head_dim)
+    self.wo = p(num_heads * head_dim, d_model)
+    self.wg = p(d_model, num_heads * head_dim) if output_gate else None
+    self.q_norm = norms.RMSNorm(head_dim) if qk_norm else None
+    self.k_norm = norms.RMSNorm(head_dim) if qk_norm else None
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.window = window
+    self.rope_base = rope_base
+    self.implementation = implementation
+    self.dtype = dtype
+
+  def init_cache(self, batch: int, capacity: int, dtype=None) -> dict:
+    """Cache for `capacity` tokens; a local layer keeps only min(window, capacity)."""
+    if self.window is not None:
+      capacity = min(capacity, self.window)
+    return init_kv_cache(batch, capacity, self.num_kv_heads, self.head_dim, dtype or self.dtype)
+
+  def cache_bytes_per_token(self, context: int, bytes_per_value: int = 2) -> float:
+    """KV-cache bytes per token at a given context length (bounded for local layers)."""
+    kept = context if self.window is None else min(context, self.window)
+    return 2 * self.num_kv_heads * self.head_dim * bytes_per_value * kept / context
+
+  def attend(self, q, k, v, segment_ids):
+    """Training-time attention. Packed documents: RoPE positions restart per
+    document while the mask follows the segments."""
+    return attention(q, k, v, causal=True, window=self.window, segment_ids=segment_ids,
+                     implementation=self.implementation)
+
+  def __call__(self, x, positions, *, cache: dict | None = None, segment_ids=None):
+    """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
+    batch, length, _ = x.shape
+    x = x.astype(self.dtype)
+    w = lambda param: param[...].astype(self.dtype)
+    q = (x @ w(self.wq)).reshape(batch, length, self.num_heads, self.head_dim)
+    k = (x @ w(self.wk)).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = (x @ w(self.wv)).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    freqs = rope.rope_frequencies(self.head_dim, self.rope_base)
+    q, k = rope.apply_rope(q, positions, freqs), rope.apply_rope(k, positions, freqs)
+
+    if cache is None:
+      out = self.attend(q, k, v, segment_ids)
+    else:
+      out, cache = cached_attention(q, k, v, positions, cache, window=self.window, scale=None,
+                                    implementation=self.implementation)
+    out = out.reshape(batch, length, self.num_heads * self.head_dim)
+    if self.wg is not None:
+      out = out * jax.nn.sigmoid(x @ w(self.wg))
+    return out @ w(self.wo), cache
