@@ -53,4 +53,5 @@ def get_config() -> config_dict.ConfigDict:
   c.train.eval_batches = 4              # fixed validation windows: eval_batches * batch_size
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
+  c.train.trainable = config_dict.placeholder(str)  # regex on parameter paths; None = all
   return c

@@ -10,6 +10,7 @@ checkpoint at step i continues the exact same loss curve.
 import json
 import math
 import pathlib
+import re
 import signal
 import time
 
@@ -32,7 +33,8 @@ def build_model(config, seed: int | None = None) -> model_lib.Transformer:
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warm-up then cosine decay to min_lr_ratio * lr, and global-norm clipping.
 
-  Weight decay applies to matrices only (not norms' scales).
+  Weight decay applies to matrices only (not norms' scales). `train_cfg.trainable`, a
+  regex, freezes every parameter whose path does not match it.
   """
   if train_cfg.num_steps <= 0:
     raise ValueError(f"train.num_steps must be positive, got {train_cfg.num_steps}")
@@ -46,6 +48,12 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
       optax.clip_by_global_norm(train_cfg.clip_norm),
       optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
                   weight_decay=train_cfg.weight_decay, mask=decay_mask))
+  trainable = train_cfg.get("trainable")
+  if trainable:  # freeze every parameter whose path does not match (e.g. DSA stage 1: "indexer")
+    pattern = re.compile(trainable)
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if pattern.search(jax.tree_util.keystr(path)) else "freeze", params)
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
   return tx, schedule
 
 

@@ -86,3 +86,22 @@ def test_bad_train_config_raises():
   c = _config(num_steps=0)
   with pytest.raises(ValueError, match="train.num_steps must be positive, got 0"):
     train.make_optimizer(c.train)
+
+
+def test_trainable_regex_freezes_everything_else():
+  import jax.numpy as jnp
+  from lca import data
+  c = _config()
+  c.train.trainable = "mlp"
+  model = train.build_model(c)
+  tx, _ = train.make_optimizer(c.train)
+  graphdef, state = train.init_state(model, tx)
+  batch = {k: jnp.asarray(v) for k, v in data.train_batch(
+      data.load_corpus(max_bytes=20_000).train, 0, batch_size=2, seq_len=16, seed=0).items()
+      if k in ("inputs", "targets")}
+  step = train.make_train_step(graphdef, tx)
+  new_state = step(step(state, batch)[0], batch)[0]  # the learning rate is 0 at step 0
+  flat = lambda s: jax.tree_util.tree_flatten_with_path(s["params"])[0]
+  changed = {jax.tree_util.keystr(p): bool(jnp.any(a != b))
+             for (p, a), (_, b) in zip(flat(state), flat(new_state))}
+  assert all(v == ("mlp" in k) for k, v in changed.items()), changed
