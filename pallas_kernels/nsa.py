@@ -1,0 +1,664 @@
+"""Native Sparse Attention kernels in Pallas (Triton lowering).
+
+  compressed_attention(q, kc, vc, ...)    query t over compressed blocks ending <= t; custom_vjp
+  block_importance(q, kc, lse, ...)       p^cmp summed over a GQA group, re-binned onto
+                                          selection blocks, without storing [L, Nc]
+  select_topn(importance, ...)            top-n blocks per (query, group), forced blocks first
+  selected_attention(q, k, v, idx, ...)   group-centric sparse attention; custom_vjp
+  nsa_cmp_slc(q, k, v, kc, vc, ...)       the compression and selection branches of NSA
+
+Group-centric layout (paper §3.4): the query heads of one GQA group are padded to
+Gp = next power of two and laid out as rows, q_rows [B·H_kv, L·Gp, D] with row
+t·Gp + h. A program of the compressed kernels owns BT consecutive positions (BT·Gp
+rows); a program of the selected-attention forward and dQ owns one position
+(Gp rows, >= 16) and loops over its group's n selected blocks, so each selected KV
+block is read once per group, not once per head. dK/dV of the selection branch
+run over a work list: the (query, block) pairs sorted by block, cut into items of
+at most `dkdv_items` queries; a program accumulates one item's dK, dV of its
+block in registers and adds them to an fp32 buffer with one atomic add per tile.
+
+Scores are in the log2 domain (s2 = q·k · scale · log2 e, exp2 everywhere); the
+saved LSE2 is +inf for a row that sees nothing, so its P is 0 in every backward.
+Every kernel takes `interpret=None` (interpret mode on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import resolve_interpret
+
+LOG2E = math.log2(math.e)
+_NEG = -1e30
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+  return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAGeometry:
+  """Static sizes shared by the kernels (hashable: used as a jit static)."""
+
+  length: int          # L (query positions == key positions)
+  num_kv_heads: int
+  group: int           # G query heads per KV head
+  block_len: int       # l
+  block_stride: int    # d
+  select_block: int    # l'
+  num_selected: int    # n
+  num_initial: int
+  num_local: int
+  scale: float
+
+  @property
+  def gp(self) -> int:
+    return _pow2(self.group)
+
+  @property
+  def num_compressed(self) -> int:
+    return max(0, (self.length - self.block_len) // self.block_stride + 1)
+
+  @property
+  def num_select_blocks(self) -> int:
+    return -(-self.length // self.select_block)
+
+  @property
+  def rows_per_tile(self) -> int:
+    """BT positions per compressed-attention program: BT·Gp ~ 64 rows."""
+    return max(1, 64 // self.gp) if self.gp <= 64 else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  block_kc: int = 64        # compressed keys per step
+  importance_rows: int = 16  # positions per importance / top-n program
+  dkdv_items: int = 256     # queries per dK/dV work item (selection branch)
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _params(t: Tuning, warps=None):
+  return plgpu.CompilerParams(num_warps=warps or t.num_warps, num_stages=t.num_stages)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def to_rows(x, group: int) -> jax.Array:
+  """[B, L, H, D] -> [B·H_kv, L·Gp, D], heads of a group padded to Gp rows per position."""
+  batch, length, heads, dim = x.shape
+  kv_heads, gp = heads // group, _pow2(group)
+  x = x.reshape(batch, length, kv_heads, group, dim)
+  if gp != group:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, gp - group), (0, 0)))
+  return x.transpose(0, 2, 1, 3, 4).reshape(batch * kv_heads, length * gp, dim)
+
+
+def from_rows(x, batch: int, group: int) -> jax.Array:
+  """Inverse of `to_rows` -> [B, L, H, D]."""
+  bh, rows, dim = x.shape
+  kv_heads, gp = bh // batch, _pow2(group)
+  x = x.reshape(batch, kv_heads, rows // gp, gp, dim)[:, :, :, :group]
+  return x.transpose(0, 2, 1, 3, 4).reshape(batch, rows // gp, kv_heads * group, dim)
+
+
+def _rows_to_vec(x, batch: int, group: int) -> jax.Array:
+  """[B·H_kv, L·Gp] -> [B, L, H] (for LSE checks)."""
+  return from_rows(x[..., None], batch, group)[..., 0]
+
+
+# ----------------------------------------------------------------------------- compressed attention
+
+
+def _tile_rows(geo: NSAGeometry, tile):
+  """-> first row, rows [R], their positions [R], row valid [R] of a BT-position tile."""
+  bt, gp = geo.rows_per_tile, geo.gp
+  row0 = tile * (bt * gp)
+  rows = row0 + jnp.arange(bt * gp)
+  t = rows // gp
+  ok = (t < geo.length) & (rows % gp < geo.group)
+  return row0, rows, t, ok
+
+
+def _cmp_visible(geo: NSAGeometry, start, t, bk):
+  i = start + jnp.arange(bk)
+  end = i * geo.block_stride + geo.block_len - 1
+  return i, (end[None, :] <= t[:, None]) & (i < geo.num_compressed)[None, :]
+
+
+def _num_visible(geo: NSAGeometry, t_last):
+  """Compressed blocks visible to position t_last (traced)."""
+  n = (t_last - geo.block_len + 1) // geo.block_stride + 1
+  return jnp.clip(n, 0, geo.num_compressed)
+
+
+def _cmp_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: NSAGeometry, bk: int):
+  bh, tile = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  row0, rows, t, ok = _tile_rows(geo, tile)
+  r = rows.shape[0]
+  q = plgpu.load(q_ref.at[bh, pl.ds(row0, r), :], mask=ok[:, None], other=0.0)
+  t_last = jnp.minimum(tile * geo.rows_per_tile + geo.rows_per_tile - 1, geo.length - 1)
+  steps = pl.cdiv(_num_visible(geo, t_last), bk)
+  qk_scale = geo.scale * LOG2E
+
+  def body(step, carry):
+    acc, m, l = carry
+    i, vis = _cmp_visible(geo, step * bk, t, bk)
+    in_range = (i < geo.num_compressed)[:, None]
+    k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
+    v = plgpu.load(v_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
+    s = jnp.where(vis, plgpu.dot(q, k.T) * qk_scale, _NEG)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp2(m - m_new)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l * alpha + p.sum(axis=1)
+
+  acc = jnp.zeros((r, v_ref.shape[-1]), jnp.float32)
+  m = jnp.full((r,), _NEG, jnp.float32)
+  l = jnp.zeros((r,), jnp.float32)
+  acc, m, l = lax.fori_loop(0, steps, body, (acc, m, l))
+  seen = l > 0
+  o = acc / jnp.where(seen, l, 1.0)[:, None]
+  plgpu.store(o_ref.at[bh, pl.ds(row0, r), :], o.astype(o_ref.dtype), mask=ok[:, None])
+  plgpu.store(lse_ref.at[bh, pl.ds(row0, r)], jnp.where(seen, m + jnp.log2(l), jnp.inf), mask=ok)
+
+
+def _cmp_fwd(q_rows, kc, vc, geo: NSAGeometry, tuning: Tuning, interpret):
+  bh, nrows, _ = q_rows.shape
+  tiles = pl.cdiv(geo.length, geo.rows_per_tile)
+  return pl.pallas_call(
+      functools.partial(_cmp_fwd_kernel, geo=geo, bk=tuning.block_kc),
+      grid=(bh, tiles),
+      out_shape=[jax.ShapeDtypeStruct((bh, nrows, vc.shape[-1]), q_rows.dtype),
+                 jax.ShapeDtypeStruct((bh, nrows), jnp.float32)],
+      compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_fwd",
+  )(q_rows, kc, vc)
+
+
+def _load_rows(ref, bh, start, r, ok):
+  return plgpu.load(ref.at[bh, pl.ds(start, r), :], mask=ok[:, None], other=0.0)
+
+
+def _cmp_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo, bk):
+  bh, tile = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  row0, rows, t, ok = _tile_rows(geo, tile)
+  r = rows.shape[0]
+  q = _load_rows(q_ref, bh, row0, r, ok)
+  do = _load_rows(do_ref, bh, row0, r, ok)
+  lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, r)], mask=ok, other=jnp.inf)
+  delta = plgpu.load(delta_ref.at[bh, pl.ds(row0, r)], mask=ok, other=0.0)
+  t_last = jnp.minimum(tile * geo.rows_per_tile + geo.rows_per_tile - 1, geo.length - 1)
+  steps = pl.cdiv(_num_visible(geo, t_last), bk)
+  qk_scale = geo.scale * LOG2E
+
+  def body(step, dq):
+    i, vis = _cmp_visible(geo, step * bk, t, bk)
+    in_range = (i < geo.num_compressed)[:, None]
+    k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
+    v = plgpu.load(v_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
+    p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
+    ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+  dq = lax.fori_loop(0, steps, body, jnp.zeros((r, q_ref.shape[-1]), jnp.float32))
+  plgpu.store(dq_ref.at[bh, pl.ds(row0, r), :], (dq * geo.scale).astype(dq_ref.dtype), mask=ok[:, None])
+
+
+def _cmp_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, geo, bk):
+  bh, kb = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  i = kb * bk + jnp.arange(bk)
+  in_range = i < geo.num_compressed
+  k = plgpu.load(k_ref.at[b, pl.ds(kb * bk, bk), g, :], mask=in_range[:, None], other=0.0)
+  v = plgpu.load(v_ref.at[b, pl.ds(kb * bk, bk), g, :], mask=in_range[:, None], other=0.0)
+  first_t = kb * bk * geo.block_stride + geo.block_len - 1   # first position seeing this chunk
+  first_tile = first_t // geo.rows_per_tile
+  tiles = pl.cdiv(geo.length, geo.rows_per_tile)
+  qk_scale = geo.scale * LOG2E
+
+  def body(tile, carry):
+    dk, dv = carry
+    row0, rows, t, ok = _tile_rows(geo, tile)
+    r = rows.shape[0]
+    _, vis = _cmp_visible(geo, kb * bk, t, bk)
+    q = _load_rows(q_ref, bh, row0, r, ok)
+    do = _load_rows(do_ref, bh, row0, r, ok)
+    lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, r)], mask=ok, other=jnp.inf)
+    delta = plgpu.load(delta_ref.at[bh, pl.ds(row0, r)], mask=ok, other=0.0)
+    p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
+    dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
+    ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+    dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
+    return dk, dv
+
+  dk = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
+  dv = jnp.zeros((bk, v_ref.shape[-1]), jnp.float32)
+  dk, dv = lax.fori_loop(first_tile, tiles, body, (dk, dv))
+  plgpu.store(dk_ref.at[b, pl.ds(kb * bk, bk), g, :], (dk * geo.scale).astype(dk_ref.dtype),
+              mask=in_range[:, None])
+  plgpu.store(dv_ref.at[b, pl.ds(kb * bk, bk), g, :], dv.astype(dv_ref.dtype), mask=in_range[:, None])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _cmp_rows(q_rows, kc, vc, geo, tuning, interpret):
+  return _cmp_fwd(q_rows, kc, vc, geo, tuning, interpret)
+
+
+def _cmp_rows_fwd(q_rows, kc, vc, geo, tuning, interpret):
+  o, lse = _cmp_fwd(q_rows, kc, vc, geo, tuning, interpret)
+  return (o, lse), (q_rows, kc, vc, o, lse)
+
+
+def _cmp_rows_bwd(geo, tuning, interpret, res, cts):
+  q_rows, kc, vc, o, lse = res
+  do = cts[0].astype(q_rows.dtype)   # the LSE output is for selection only: no gradient
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  bh, nrows, _ = q_rows.shape
+  bk = tuning.block_kc
+  dq = pl.pallas_call(
+      functools.partial(_cmp_dq_kernel, geo=geo, bk=bk),
+      grid=(bh, pl.cdiv(geo.length, geo.rows_per_tile)),
+      out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+      compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dq",
+  )(q_rows, kc, vc, do, lse, delta)
+  dk, dv = pl.pallas_call(
+      functools.partial(_cmp_dkdv_kernel, geo=geo, bk=bk),
+      grid=(bh, pl.cdiv(geo.num_compressed, bk)),
+      out_shape=[jax.ShapeDtypeStruct(kc.shape, kc.dtype), jax.ShapeDtypeStruct(vc.shape, vc.dtype)],
+      compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dkdv",
+  )(q_rows, kc, vc, do, lse, delta)
+  return dq, dk, dv
+
+
+_cmp_rows.defvjp(_cmp_rows_fwd, _cmp_rows_bwd)
+
+
+# ----------------------------------------------------------------------------- importance + top-n
+
+
+def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: int):
+  """One program: `bt` positions x all heads of a group; NB selection blocks per step."""
+  bh, tile = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  bt, gp = geo_bt(geo), geo.gp
+  row0 = tile * bt * gp
+  rows = row0 + jnp.arange(bt * gp)
+  t = rows // gp
+  ok = (t < geo.length) & (rows % gp < geo.group)
+  q = plgpu.load(q_ref.at[bh, pl.ds(row0, bt * gp), :], mask=ok[:, None], other=0.0)
+  lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, bt * gp)], mask=ok, other=jnp.inf)
+  per_c = geo.block_len // geo.block_stride
+  per_s = geo.select_block // geo.block_stride
+  bk = nb * per_s
+  # head sum as a matmul: sel[p, row] = 1 if row belongs to position p of this tile
+  sel = ((jnp.arange(bt * gp)[None, :] // gp == jnp.arange(bt)[:, None])
+         & ok[None, :]).astype(jnp.float32)
+  # overlap (in d-chunks) of compressed block i (local) with selection block jj (local), and
+  # with the first block of the next step (the spill)
+  il = jnp.arange(bk)[:, None]
+  jj = jnp.arange(nb)[None, :]
+  overlap = (jnp.minimum(il + per_c, (jj + 1) * per_s) - jnp.maximum(il, jj * per_s))
+  overlap = jnp.maximum(overlap, 0).astype(jnp.float32)
+  spill = jnp.maximum(jnp.minimum(jnp.arange(bk) + per_c, bk + per_s) - jnp.maximum(jnp.arange(bk), bk), 0)
+  spill = spill.astype(jnp.float32)
+  t_pos = tile * bt + jnp.arange(bt)
+  t_last = jnp.minimum(tile * bt + bt - 1, geo.length - 1)
+  steps = (t_last // geo.select_block) // nb + 1
+  qk_scale = geo.scale * LOG2E
+  cols = jnp.arange(nb)
+
+  def body(step, carry):
+    i, vis = _cmp_visible(geo, step * bk, t, bk)
+    k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=(i < geo.num_compressed)[:, None],
+                   other=0.0)
+    p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
+    per_pos = plgpu.dot(sel, p)                       # [bt, bk]
+    imp = plgpu.dot(per_pos, overlap)                 # [bt, nb]
+    imp = imp + jnp.where(cols[None, :] == 0, carry[:, None], 0.0)
+    j = step * nb + cols
+    plgpu.store(imp_ref.at[bh, pl.ds(tile * bt, bt), pl.ds(step * nb, nb)], imp,
+                mask=(t_pos < geo.length)[:, None] & (j < geo.num_select_blocks)[None, :])
+    return jnp.sum(per_pos * spill[None, :], axis=1)
+
+  lax.fori_loop(0, steps, body, jnp.zeros((bt,), jnp.float32))
+
+
+def geo_bt(geo: NSAGeometry) -> int:
+  """Positions per importance program: 16 (rows = 16·Gp)."""
+  return 16
+
+
+def _importance(q_rows, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
+  bh = q_rows.shape[0]
+  nb = 16
+  bt = geo_bt(geo)
+  ns = geo.num_select_blocks
+  return pl.pallas_call(
+      functools.partial(_importance_kernel, geo=geo, nb=nb),
+      grid=(bh, pl.cdiv(geo.length, bt)),
+      out_shape=jax.ShapeDtypeStruct((bh, geo.length, ns), jnp.float32),
+      compiler_params=_params(tuning, warps=8), interpret=interpret, name="nsa_importance",
+  )(q_rows, kc, lse)
+
+
+def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int):
+  bh, tile = pl.program_id(0), pl.program_id(1)
+  t = tile * bt + jnp.arange(bt)
+  j = jnp.arange(ns_pad)
+  row_ok = t < geo.length
+  x = plgpu.load(imp_ref.at[bh, pl.ds(tile * bt, bt), pl.ds(0, ns_pad)],
+                 mask=row_ok[:, None] & (j < geo.num_select_blocks)[None, :], other=0.0)
+  cur = (t // geo.select_block)[:, None]
+  jj = j[None, :]
+  forced = (jj < geo.num_initial) | ((jj <= cur) & (cur - jj < geo.num_local))
+  score = jnp.where(forced, jnp.inf, jnp.where(jj <= cur, x, -jnp.inf))
+  for n in range(geo.num_selected):
+    best = score.max(axis=1)
+    arg = jnp.min(jnp.where(score == best[:, None], jj, ns_pad), axis=1)
+    plgpu.store(idx_ref.at[bh, pl.ds(tile * bt, bt), jnp.int32(n)],
+                jnp.where(best == -jnp.inf, -1, arg).astype(jnp.int32), mask=row_ok)
+    score = jnp.where(jj == arg[:, None], -jnp.inf, score)
+
+
+def _topn(imp, geo: NSAGeometry, tuning: Tuning, interpret):
+  bh = imp.shape[0]
+  bt = tuning.importance_rows
+  ns_pad = _pow2(geo.num_select_blocks, 16)
+  return pl.pallas_call(
+      functools.partial(_topn_kernel, geo=geo, bt=bt, ns_pad=ns_pad),
+      grid=(bh, pl.cdiv(geo.length, bt)),
+      out_shape=jax.ShapeDtypeStruct((bh, geo.length, geo.num_selected), jnp.int32),
+      compiler_params=_params(tuning), interpret=interpret, name="nsa_topn",
+  )(imp)
+
+
+# ----------------------------------------------------------------------------- selected attention
+
+
+def _sel_tile(geo: NSAGeometry):
+  r = max(16, geo.gp)
+  h = jnp.arange(r)
+  return r, h < geo.group
+
+
+def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeometry):
+  bh, t = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  r, ok = _sel_tile(geo)
+  start = t * geo.gp
+  q = plgpu.load(q_ref.at[bh, pl.ds(start, r), :], mask=ok[:, None], other=0.0)
+  lb = geo.select_block
+  qk_scale = geo.scale * LOG2E
+
+  def body(n, carry):
+    acc, m, l = carry
+    blk = plgpu.load(idx_ref.at[bh, t, n])
+    s_pos = jnp.maximum(blk, 0) * lb + jnp.arange(lb)
+    key_ok = (s_pos <= t) & (blk >= 0)
+    k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+    v = plgpu.load(v_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+    s = jnp.where(key_ok[None, :], plgpu.dot(q, k.T) * qk_scale, _NEG)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(key_ok[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp2(m - m_new)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l * alpha + p.sum(axis=1)
+
+  acc = jnp.zeros((r, v_ref.shape[-1]), jnp.float32)
+  m = jnp.full((r,), _NEG, jnp.float32)
+  l = jnp.zeros((r,), jnp.float32)
+  acc, m, l = lax.fori_loop(0, geo.num_selected, body, (acc, m, l))
+  seen = l > 0
+  o = acc / jnp.where(seen, l, 1.0)[:, None]
+  plgpu.store(o_ref.at[bh, pl.ds(start, r), :], o.astype(o_ref.dtype), mask=ok[:, None])
+  plgpu.store(lse_ref.at[bh, pl.ds(start, r)], jnp.where(seen, m + jnp.log2(l), jnp.inf), mask=ok)
+
+
+def _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret):
+  bh, nrows, _ = q_rows.shape
+  return pl.pallas_call(
+      functools.partial(_sel_fwd_kernel, geo=geo),
+      grid=(bh, geo.length),
+      out_shape=[jax.ShapeDtypeStruct((bh, nrows, v.shape[-1]), q_rows.dtype),
+                 jax.ShapeDtypeStruct((bh, nrows), jnp.float32)],
+      compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_fwd",
+  )(q_rows, k, v, idx)
+
+
+def _sel_dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo):
+  bh, t = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  r, ok = _sel_tile(geo)
+  start = t * geo.gp
+  q = _load_rows(q_ref, bh, start, r, ok)
+  do = _load_rows(do_ref, bh, start, r, ok)
+  lse = plgpu.load(lse_ref.at[bh, pl.ds(start, r)], mask=ok, other=jnp.inf)
+  delta = plgpu.load(delta_ref.at[bh, pl.ds(start, r)], mask=ok, other=0.0)
+  lb = geo.select_block
+  qk_scale = geo.scale * LOG2E
+
+  def body(n, dq):
+    blk = plgpu.load(idx_ref.at[bh, t, n])
+    s_pos = jnp.maximum(blk, 0) * lb + jnp.arange(lb)
+    key_ok = (s_pos <= t) & (blk >= 0)
+    k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+    v = plgpu.load(v_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+    p = jnp.where(key_ok[None, :] & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
+    ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+  dq = lax.fori_loop(0, geo.num_selected, body, jnp.zeros((r, q_ref.shape[-1]), jnp.float32))
+  plgpu.store(dq_ref.at[bh, pl.ds(start, r), :], (dq * geo.scale).astype(dq_ref.dtype), mask=ok[:, None])
+
+
+def _sel_dkdv_kernel(items_ref, order_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
+                     dk_in, dv_in, dk_ref, dv_ref, *, geo: NSAGeometry, bq: int):
+  """One work item: block j and entries [lo, hi) of the block-sorted (query) list."""
+  del dk_in, dv_in  # aliased with dk_ref, dv_ref
+  bh, w = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  j = plgpu.load(items_ref.at[bh, w, jnp.int32(0)])
+  lo = plgpu.load(items_ref.at[bh, w, jnp.int32(1)])
+  hi = plgpu.load(items_ref.at[bh, w, jnp.int32(2)])
+  lb, gp = geo.select_block, geo.gp
+  s_pos = jnp.maximum(j, 0) * lb + jnp.arange(lb)
+  key_ok = (s_pos < geo.length) & (j >= 0)
+  k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(j, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+  v = plgpu.load(v_ref.at[b, pl.ds(jnp.maximum(j, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+  r = bq * gp
+  qk_scale = geo.scale * LOG2E
+
+  def body(step, carry):
+    dk, dv = carry
+    e = lo + step * bq + jnp.arange(r) // gp                      # entry of each row
+    h = jnp.arange(r) % gp
+    ok = (e < hi) & (h < geo.group)
+    t = plgpu.load(order_ref.at[bh, jnp.minimum(e, hi - 1)], mask=ok, other=0)
+    row = t * gp + h
+    gather = lambda ref: plgpu.load(ref.at[bh, row[:, None], jnp.arange(ref.shape[-1])[None, :]],
+                                    mask=ok[:, None], other=0.0)
+    q, do = gather(q_ref), gather(do_ref)
+    lse = plgpu.load(lse_ref.at[bh, row], mask=ok, other=jnp.inf)
+    delta = plgpu.load(delta_ref.at[bh, row], mask=ok, other=0.0)
+    vis = ok[:, None] & key_ok[None, :] & (s_pos[None, :] <= t[:, None])
+    p = jnp.where(vis, jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
+    dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
+    ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+    dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
+    return dk, dv
+
+  dk = jnp.zeros((lb, k_ref.shape[-1]), jnp.float32)
+  dv = jnp.zeros((lb, v_ref.shape[-1]), jnp.float32)
+  dk, dv = lax.fori_loop(0, pl.cdiv(hi - lo, bq), body, (dk, dv))
+  # rows of keys >= L and unused items (j = -1, no queries) add zeros; the buffers are
+  # padded to whole blocks, so no mask is needed
+  start = jnp.maximum(j, 0) * lb
+  plgpu.atomic_add(dk_ref, (b, pl.ds(start, lb), g, slice(None)), dk * geo.scale)
+  plgpu.atomic_add(dv_ref, (b, pl.ds(start, lb), g, slice(None)), dv)
+
+
+def work_list(idx, geo: NSAGeometry, item_size: int):
+  """(query, block) pairs sorted by block, cut into items of <= item_size queries.
+
+  idx: [BH, L, n] (-1 = none) -> order [BH, L·n] (query of each sorted pair) and
+  items [BH, W, 3] int32 rows (block, lo, hi) over `order`; unused items are (-1, 0, 0).
+  """
+  bh, length, n = idx.shape
+  ns = geo.num_select_blocks
+  key = jnp.where(idx < 0, ns, idx).reshape(bh, length * n)
+  order = jnp.argsort(key, axis=1, stable=True)
+  sorted_t = (order // n).astype(jnp.int32)
+  counts = jax.vmap(lambda k: jnp.bincount(k, length=ns + 1))(key)[:, :ns]        # [BH, ns]
+  offsets = jnp.cumsum(counts, axis=1) - counts                                   # exclusive
+  chunks = -(-counts // item_size)
+  item_end = jnp.cumsum(chunks, axis=1)                                           # inclusive
+  num_items = -(-length * n // item_size) + ns
+  w = jnp.arange(num_items)
+  j = jax.vmap(lambda e: jnp.searchsorted(e, w, side="right"))(item_end)        # [BH, W]
+  valid = j < ns
+  jc = jnp.minimum(j, ns - 1)
+  take = lambda a: jnp.take_along_axis(a, jc, axis=1)
+  first_item = take(item_end) - take(chunks)
+  lo = take(offsets) + (w[None, :] - first_item) * item_size
+  hi = jnp.minimum(lo + item_size, take(offsets) + take(counts))
+  items = jnp.stack([jnp.where(valid, j, -1), jnp.where(valid, lo, 0), jnp.where(valid, hi, 0)], axis=-1)
+  return sorted_t, items.astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sel_rows(q_rows, k, v, idx, geo, tuning, interpret):
+  return _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret)[0]
+
+
+def _sel_rows_fwd(q_rows, k, v, idx, geo, tuning, interpret):
+  o, lse = _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret)
+  return o, (q_rows, k, v, idx, o, lse)
+
+
+def _sel_rows_bwd(geo, tuning, interpret, res, do):
+  q_rows, k, v, idx, o, lse = res
+  do = do.astype(q_rows.dtype)
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  bh = q_rows.shape[0]
+  dq = pl.pallas_call(
+      functools.partial(_sel_dq_kernel, geo=geo),
+      grid=(bh, geo.length),
+      out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+      compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dq",
+  )(q_rows, k, v, idx, do, lse, delta)
+  order, items = work_list(idx, geo, tuning.dkdv_items)
+  bq = max(1, 64 // geo.gp)
+  padded = geo.num_select_blocks * geo.select_block
+  zeros_k = jnp.zeros((k.shape[0], padded, *k.shape[2:]), jnp.float32)
+  zeros_v = jnp.zeros((v.shape[0], padded, *v.shape[2:]), jnp.float32)
+  dk, dv = pl.pallas_call(
+      functools.partial(_sel_dkdv_kernel, geo=geo, bq=bq),
+      grid=(bh, items.shape[1]),
+      out_shape=[jax.ShapeDtypeStruct(zeros_k.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(zeros_v.shape, jnp.float32)],
+      input_output_aliases={8: 0, 9: 1},
+      compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dkdv",
+  )(items, order, q_rows, do, lse, delta, k, v, zeros_k, zeros_v)
+  length = geo.length
+  return dq, dk[:, :length].astype(k.dtype), dv[:, :length].astype(v.dtype), None
+
+
+_sel_rows.defvjp(_sel_rows_fwd, _sel_rows_bwd)
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def geometry(q, k, *, sizes, scale=None) -> NSAGeometry:
+  """The static sizes for q [B, L, H, D], k [B, L, H_kv, D] and `lca.attention.nsa.NSASizes`."""
+  if q.shape[1] != k.shape[1]:
+    raise NotImplementedError(f"NSA kernels are self-attention: q has {q.shape[1]} positions, k {k.shape[1]}")
+  for name, dim in (("head_dim", q.shape[-1]),):
+    if dim < 16 or dim & (dim - 1):
+      raise NotImplementedError(f"NSA kernels need a power-of-two {name} >= 16, got {dim}")
+  if sizes.select_block < 16 or sizes.select_block & (sizes.select_block - 1):
+    raise NotImplementedError(f"NSA kernels need a power-of-two select_block >= 16, got {sizes.select_block}")
+  if _pow2(q.shape[2] // k.shape[2]) > 64:
+    raise NotImplementedError(f"NSA kernels take at most 64 query heads per group, got {q.shape[2] // k.shape[2]}")
+  return NSAGeometry(
+      length=q.shape[1], num_kv_heads=k.shape[2], group=q.shape[2] // k.shape[2],
+      block_len=sizes.block_len, block_stride=sizes.block_stride, select_block=sizes.select_block,
+      num_selected=sizes.num_selected, num_initial=sizes.num_initial, num_local=sizes.num_local,
+      scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+
+
+def compressed_attention(q, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpret=None,
+                         return_lse: bool = False):
+  """q [B, L, H, D], kc/vc [B, Nc, H_kv, D] -> [B, L, H, Dv] (and LSE2 [B, L, H], +inf = none)."""
+  geo = geometry(q, q[:, :, :kc.shape[2]], sizes=sizes, scale=scale)
+  o, lse = _cmp_rows(to_rows(q, geo.group), kc, vc, geo, tuning, resolve_interpret(interpret))
+  o = from_rows(o, q.shape[0], geo.group)
+  return (o, _rows_to_vec(lse, q.shape[0], geo.group)) if return_lse else o
+
+
+def block_importance(q, kc, *, sizes, scale=None, tuning=Tuning(), interpret=None):
+  """Selection-block importance -> [B, H_kv, L, Ns] fp32 (as `nsa.block_importance_reference`)."""
+  geo = geometry(q, q[:, :, :kc.shape[2]], sizes=sizes, scale=scale)
+  interpret = resolve_interpret(interpret)
+  q_rows = to_rows(q, geo.group)
+  _, lse = _cmp_fwd(q_rows, kc, kc, geo, tuning, interpret)
+  imp = _importance(q_rows, kc, lse, geo, tuning, interpret)
+  return imp.reshape(q.shape[0], geo.num_kv_heads, geo.length, -1)
+
+
+def select_topn(importance, *, sizes, tuning=Tuning(), interpret=None):
+  """importance [B, H_kv, L, Ns] -> block indices [B, H_kv, L, n] int32, ascending, -1 = none last."""
+  batch, kv_heads, length, ns = importance.shape
+  geo = NSAGeometry(length=length, num_kv_heads=kv_heads, group=1, block_len=sizes.block_len,
+                    block_stride=sizes.block_stride, select_block=sizes.select_block,
+                    num_selected=sizes.num_selected, num_initial=sizes.num_initial,
+                    num_local=sizes.num_local, scale=1.0)
+  idx = _topn(importance.reshape(batch * kv_heads, length, ns), geo, tuning, resolve_interpret(interpret))
+  idx = jnp.sort(jnp.where(idx < 0, ns, idx), axis=-1)
+  return jnp.where(idx == ns, -1, idx).reshape(batch, kv_heads, length, -1)
+
+
+def selected_attention(q, k, v, block_idx, *, sizes, scale=None, tuning=Tuning(), interpret=None):
+  """q [B, L, H, D], k/v [B, L, H_kv, D], block_idx [B, H_kv, L, n] -> [B, L, H, Dv]; custom_vjp."""
+  geo = geometry(q, k, sizes=sizes, scale=scale)
+  geo = dataclasses.replace(geo, num_selected=block_idx.shape[-1])
+  idx = block_idx.reshape(-1, geo.length, block_idx.shape[-1]).astype(jnp.int32)
+  o = _sel_rows(to_rows(q, geo.group), k, v, idx, geo, tuning, resolve_interpret(interpret))
+  return from_rows(o, q.shape[0], geo.group)
+
+
+def nsa_cmp_slc(q, k, v, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpret=None,
+                return_selection: bool = False):
+  """Compression and selection branches of NSA -> (o_cmp, o_slc), each [B, L, H, Dv].
+
+  Differentiable in q, k, v, kc, vc (selection itself is not, as in the paper).
+  """
+  geo = geometry(q, k, sizes=sizes, scale=scale)
+  interpret = resolve_interpret(interpret)
+  batch = q.shape[0]
+  q_rows = to_rows(q, geo.group)
+  if geo.num_compressed == 0:
+    o_cmp = jnp.zeros((*q.shape[:3], vc.shape[-1]), q.dtype)
+    imp = jnp.zeros((batch * geo.num_kv_heads, geo.length, geo.num_select_blocks), jnp.float32)
+  else:
+    o_rows, lse = _cmp_rows(q_rows, kc, vc, geo, tuning, interpret)
+    o_cmp = from_rows(o_rows, batch, geo.group)
+    stop = lax.stop_gradient
+    imp = _importance(stop(q_rows), stop(kc), stop(lse), geo, tuning, interpret)
+  idx = _topn(imp, geo, tuning, interpret)
+  o_slc = from_rows(_sel_rows(q_rows, k, v, idx, geo, tuning, interpret), batch, geo.group)
+  if return_selection:
+    return o_cmp, o_slc, idx.reshape(batch, geo.num_kv_heads, geo.length, -1)
+  return o_cmp, o_slc

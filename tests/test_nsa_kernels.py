@@ -1,0 +1,93 @@
+"""NSA Pallas kernels (pallas_kernels/nsa.py) against lca.attention.nsa's reference.
+
+CPU runs them in interpret mode (the real kernel code), so sizes are small."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.attention import nsa
+from pallas_kernels import nsa as kernels
+
+SIZES = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=4, window=16)
+
+
+def _inputs(key, length, heads, kv_heads, dim=16, dtype=jnp.float32, sizes=SIZES):
+  ks = jax.random.split(key, 5)
+  q = jax.random.normal(ks[0], (1, length, heads, dim), dtype)
+  k = jax.random.normal(ks[1], (1, length, kv_heads, dim), dtype)
+  v = jax.random.normal(ks[2], (1, length, kv_heads, dim), dtype)
+  nc = sizes.num_compressed(length)
+  kc = jax.random.normal(ks[3], (1, nc, kv_heads, dim), dtype)
+  vc = jax.random.normal(ks[4], (1, nc, kv_heads, dim), dtype)
+  return q, k, v, kc, vc
+
+
+def _reference_branches(q, k, v, kc, vc, sizes=SIZES):
+  ns = sizes.num_select_blocks(k.shape[1])
+  o_cmp = nsa.compressed_attention_reference(q, kc, vc, sizes=sizes)
+  imp = nsa.block_importance_reference(q, kc, sizes=sizes, num_select=ns)
+  idx = nsa.select_blocks(imp, sizes=sizes)
+  return o_cmp, nsa.selected_attention_reference(q, k, v, idx, select_block=sizes.select_block), idx
+
+
+def test_cmp_and_slc_kernels_match_reference_forward_and_grads():
+  """Compressed attention, importance, top-n and selected attention, GQA group of 3 (padded to 4)."""
+  args = _inputs(jax.random.key(0), 75, 6, 2)
+  fast = jax.jit(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES, return_selection=True))
+  o_cmp, o_slc, idx = fast(*args)
+  r_cmp, r_slc, r_idx = jax.jit(_reference_branches)(*args)
+  sort = lambda i: jnp.sort(jnp.where(i < 0, 99, i), axis=-1)
+  np.testing.assert_array_equal(sort(idx), sort(r_idx))
+  np.testing.assert_allclose(o_cmp, r_cmp, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(o_slc, r_slc, atol=1e-5, rtol=1e-5)
+
+  w1, w2 = jax.random.normal(jax.random.key(1), (2, *o_cmp.shape))
+  def loss(branches):
+    return lambda *a: jnp.sum(branches(*a)[0] * w1) + jnp.sum(branches(*a)[1] * w2)
+  g = jax.jit(jax.grad(loss(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES)), argnums=(0, 1, 2, 3, 4)))(*args)
+  g_ref = jax.jit(jax.grad(loss(_reference_branches), argnums=(0, 1, 2, 3, 4)))(*args)
+  for name, a, b in zip(("q", "k", "v", "kc", "vc"), g, g_ref):
+    assert float(jnp.abs(b).max()) > 0, name
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("heads,kv_heads,length", [(8, 2, 66)])
+def test_importance_topn_selected_forward_other_groupings(heads, kv_heads, length):
+  q, k, v, kc, vc = _inputs(jax.random.key(length), length, heads, kv_heads)
+  ns = SIZES.num_select_blocks(length)
+  imp = jax.jit(lambda q, kc: kernels.block_importance(q, kc, sizes=SIZES))(q, kc)
+  r_imp = nsa.block_importance_reference(q, kc, sizes=SIZES, num_select=ns)
+  visible = jnp.arange(ns)[None, :] <= (jnp.arange(length) // SIZES.select_block)[:, None]
+  np.testing.assert_allclose(jnp.where(visible, imp, 0), jnp.where(visible, r_imp, 0), atol=1e-5)
+  idx = kernels.select_topn(r_imp, sizes=SIZES)
+  r_idx = nsa.select_blocks(r_imp, sizes=SIZES)
+  np.testing.assert_array_equal(idx, r_idx)
+  t = np.arange(length)
+  assert (np.asarray(idx) == 0).any(-1).all()                                        # initial block
+  assert (np.asarray(idx) == (t // SIZES.select_block)[:, None]).any(-1).all()     # own block
+  o = jax.jit(lambda *a: kernels.selected_attention(*a, sizes=SIZES))(q, k, v, idx)
+  np.testing.assert_allclose(o, nsa.selected_attention_reference(q, k, v, idx, select_block=16),
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("group", [16, 3])
+def test_gpu_bf16_paper_sizes(group):
+  sizes = nsa.NSASizes()
+  args = _inputs(jax.random.key(group), 2000, 4 * group, 4, dim=128, dtype=jnp.bfloat16, sizes=sizes)
+  o_cmp, o_slc, idx = jax.jit(lambda *a: kernels.nsa_cmp_slc(*a, sizes=sizes, return_selection=True))(*args)
+  up = [a.astype(jnp.float32) for a in args]
+  r_cmp = nsa.compressed_attention_reference(*up[:1], up[3], up[4], sizes=sizes)
+  r_slc = nsa.selected_attention_reference(up[0], up[1], up[2], idx, select_block=sizes.select_block)
+  rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+  assert rel(o_cmp, r_cmp) < 1e-2 and rel(o_slc, r_slc) < 1e-2
+  w = jax.random.normal(jax.random.key(7), o_slc.shape)
+  loss_k = lambda *a: jnp.sum(kernels.selected_attention(*a, idx, sizes=sizes).astype(jnp.float32) * w)
+  loss_r = lambda *a: jnp.sum(nsa.selected_attention_reference(*a, idx, select_block=64) * w)
+  g = jax.jit(jax.grad(loss_k, argnums=(0, 1, 2)))(*args[:3])
+  g_ref = jax.jit(jax.grad(loss_r, argnums=(0, 1, 2)))(*up[:3])
+  for a, b in zip(g, g_ref):
+    assert rel(a, b) < 2e-2
