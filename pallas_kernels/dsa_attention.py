@@ -1,0 +1,251 @@
+"""DSA sparse gather attention: each query attends to its own K selected keys (Pallas, Triton).
+
+  out[t, h] = sum_{n<K} softmax_n(scale * q[t, h] . k[idx[t, n]]) v[idx[t, n]]   (idx -1 = none)
+
+One program owns one query t and a block of the query heads that share a KV head
+(the whole group in MQA / MLA form, where every head reads the same latent row). It
+walks the query's K indices block_k at a time: gathers those K/V rows by index
+(one row serves every head of the block), one MMA for the logits, the online
+softmax, one MMA into the accumulator. Decode (few queries) splits the K indices
+over `num_splits` programs and merges their partial softmaxes (flash-decoding).
+
+Backward (custom_vjp, a Pallas kernel too): the same walk recomputes p from the
+saved log-sum-exp, accumulates dq in registers and scatters dk, dv rows into fp32
+buffers with atomic adds (rows chosen by many queries collect from all of them;
+invalid slots go to a trash row).
+
+Triton tiles are powers of two: head_dim and v's head_dim are zero-padded to the
+next power of two (>= 16), and the head block to >= 16 rows.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import resolve_interpret
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseBlocks:
+  block_h: int = 32        # query heads per program (of one KV head's group)
+  block_k: int = 32        # gathered rows per step
+  num_splits: int = 1      # programs per query over its K indices (decode: > 1)
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def default_blocks(q_len: int, top_k: int, dim: int, group: int) -> SparseBlocks:
+  """Big heads (MLA latents) need small tiles; decode splits K over programs."""
+  block_h = min(32, max(16, pl.next_power_of_2(group)))
+  splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
+  return SparseBlocks(block_h=block_h, block_k=32, num_splits=splits,
+                      num_warps=8 if dim > 256 else 4)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, scale, block_k, steps):
+  """q [bh, D]; k [S, D]; v [S, Dv]; idx [K/splits]; o [bh, Dv]; lse [bh]."""
+  q = q_ref[...]
+  bh = q.shape[0]
+
+  def body(i, carry):
+    acc, m, l = carry
+    ids = idx_ref[pl.ds(i * block_k, block_k)]
+    valid = ids >= 0
+    rows = jnp.where(valid, ids, 0)
+    kg = k_ref[rows, :]                                            # gather [bk, D]
+    vg = v_ref[rows, :]
+    s = plgpu.dot(q, kg, trans_b=True) * scale                     # [bh, bk]
+    s = jnp.where(valid[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[:, None])
+    alpha = jnp.exp(m - m_safe)
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(vg.dtype), vg)
+    return acc, m_new, l
+
+  init = (jnp.zeros((bh, o_ref.shape[-1]), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32),
+          jnp.zeros((bh,), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(0, steps, body, init)
+  l_safe = jnp.where(l > 0, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dk_in, dv_in,
+                dq_ref, dk_ref, dv_ref, *, scale, block_k, steps, trash_row):
+  """dq [bh, D] per program; dk [S+1, D], dv [S+1, Dv] fp32 accumulated with atomics."""
+  del dk_in, dv_in  # aliased with dk_ref, dv_ref (zero-initialized)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+  cols_k = jnp.arange(q.shape[1])
+  cols_v = jnp.arange(do.shape[1])
+
+  def body(i, dq):
+    ids = idx_ref[pl.ds(i * block_k, block_k)]
+    valid = ids >= 0
+    rows = jnp.where(valid, ids, 0)
+    kg = k_ref[rows, :]
+    vg = v_ref[rows, :]
+    s = plgpu.dot(q, kg, trans_b=True) * scale
+    p = jnp.where(valid[None, :], jnp.exp(s - lse[:, None]), 0.0)       # [bh, bk]
+    dv_rows = plgpu.dot(p.astype(do.dtype), do, trans_a=True)          # [bk, Dv]
+    dp = plgpu.dot(do, vg, trans_b=True)                               # [bh, bk]
+    ds = p * (dp - delta[:, None]) * scale
+    dk_rows = plgpu.dot(ds.astype(q.dtype), q, trans_a=True)           # [bk, D]
+    dest = jnp.where(valid, ids, trash_row)
+    plgpu.atomic_add(dk_ref, (dest[:, None], cols_k[None, :]), dk_rows)
+    plgpu.atomic_add(dv_ref, (dest[:, None], cols_v[None, :]), dv_rows)
+    return dq + plgpu.dot(ds.astype(kg.dtype), kg)
+
+  dq = jax.lax.fori_loop(0, steps, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _layout(q, k, v, indices, blocks):
+  """Pads head dims to powers of two, the group to the head block, K to block_k * splits.
+
+  Returns q5 [B, L, H_kv, Gp, Dp], k [B, S, H_kv, Dp], v [B, S, H_kv, Dvp], idx [B, L, Kp].
+  """
+  batch, q_len, num_heads, dim = q.shape
+  num_kv_heads, dv = k.shape[2], v.shape[-1]
+  group = num_heads // num_kv_heads
+  dp, dvp = max(16, pl.next_power_of_2(dim)), max(16, pl.next_power_of_2(dv))
+  gp = -(-group // blocks.block_h) * blocks.block_h
+  kmult = blocks.block_k * blocks.num_splits
+  kp = -(-indices.shape[-1] // kmult) * kmult
+  q5 = q.reshape(batch, q_len, num_kv_heads, group, dim)
+  q5 = jnp.pad(q5, [(0, 0), (0, 0), (0, 0), (0, gp - group), (0, dp - dim)])
+  k = jnp.pad(k, [(0, 0), (0, 0), (0, 0), (0, dp - dim)])
+  v = jnp.pad(v, [(0, 0), (0, 0), (0, 0), (0, dvp - dv)])
+  idx = jnp.pad(indices.astype(jnp.int32), [(0, 0), (0, 0), (0, kp - indices.shape[-1])],
+                constant_values=-1)
+  return q5, k, v, idx
+
+
+def _forward(q, k, v, indices, scale, blocks, interpret):
+  """-> out [B, L, H, Dv] (q.dtype), lse [B, L, H_kv, Gp] f32 (of the unsplit softmax)."""
+  batch, q_len, num_heads, dim = q.shape
+  num_kv_heads, kv_len, dv = k.shape[2], k.shape[1], v.shape[-1]
+  group = num_heads // num_kv_heads
+  q5, kp, vp, idx = _layout(q, k, v, indices, blocks)
+  gp, dp, dvp, ksel = q5.shape[3], q5.shape[4], vp.shape[-1], idx.shape[-1]
+  bh, splits = blocks.block_h, blocks.num_splits
+  per_split = ksel // splits
+  grid = (batch, q_len, num_kv_heads * (gp // bh), splits)
+  nhb = gp // bh
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
+                        steps=per_split // blocks.block_k),
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h, s: (b, t, h // nhb, h % nhb, 0)),
+          pl.BlockSpec((None, kv_len, None, dp), lambda b, t, h, s: (b, 0, h // nhb, 0)),
+          pl.BlockSpec((None, kv_len, None, dvp), lambda b, t, h, s: (b, 0, h // nhb, 0)),
+          pl.BlockSpec((None, None, per_split), lambda b, t, h, s: (b, t, s)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, None, bh, dvp), lambda b, t, h, s: (b, t, s, h // nhb, h % nhb, 0)),
+          pl.BlockSpec((None, None, None, None, bh), lambda b, t, h, s: (b, t, s, h // nhb, h % nhb)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((batch, q_len, splits, num_kv_heads, gp, dvp),
+                                      q.dtype if splits == 1 else jnp.float32),
+                 jax.ShapeDtypeStruct((batch, q_len, splits, num_kv_heads, gp), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="dsa_sparse_attention_fwd",
+  )(q5, kp, vp, idx)
+  if splits > 1:   # merge the partial softmaxes
+    lse_all = jax.scipy.special.logsumexp(lse, axis=2, keepdims=True)
+    lse_all_safe = jnp.where(jnp.isfinite(lse_all), lse_all, 0.0)
+    weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - lse_all_safe), 0.0)
+    out = jnp.sum(out * weight[..., None], axis=2, keepdims=True).astype(q.dtype)
+    lse = lse_all
+  out = out[:, :, 0, :, :group, :dv].reshape(batch, q_len, num_heads, dv)
+  return out, lse[:, :, 0]
+
+
+def _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret):
+  batch, q_len, num_heads, dim = q.shape
+  num_kv_heads, kv_len, dv = k.shape[2], k.shape[1], v.shape[-1]
+  group = num_heads // num_kv_heads
+  blocks = dataclasses.replace(blocks, num_splits=1)
+  q5, kp, vp, idx = _layout(q, k, v, indices, blocks)
+  gp, dp, dvp, ksel = q5.shape[3], q5.shape[4], vp.shape[-1], idx.shape[-1]
+  bh, nhb = blocks.block_h, gp // blocks.block_h
+  pad_g = lambda x: jnp.pad(x.reshape(batch, q_len, num_kv_heads, group, -1),
+                            [(0, 0)] * 3 + [(0, gp - group), (0, 0)])
+  delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)   # [B, L, H]
+  delta = pad_g(delta[..., None])[..., 0]
+  do5 = jnp.pad(pad_g(dout), [(0, 0)] * 4 + [(0, dvp - dv)]).astype(q.dtype)
+  dk0 = jnp.zeros((batch, kv_len + 1, num_kv_heads, dp), jnp.float32)
+  dv0 = jnp.zeros((batch, kv_len + 1, num_kv_heads, dvp), jnp.float32)
+  head = lambda b, t, h: (b, t, h // nhb, h % nhb)
+  dq, dk, dvv = pl.pallas_call(
+      functools.partial(_bwd_kernel, scale=scale, block_k=blocks.block_k,
+                        steps=ksel // blocks.block_k, trash_row=kv_len),
+      grid=(batch, q_len, num_kv_heads * nhb),
+      in_specs=[
+          pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h: (*head(b, t, h), 0)),
+          pl.BlockSpec((None, kv_len, None, dp), lambda b, t, h: (b, 0, h // nhb, 0)),
+          pl.BlockSpec((None, kv_len, None, dvp), lambda b, t, h: (b, 0, h // nhb, 0)),
+          pl.BlockSpec((None, None, ksel), lambda b, t, h: (b, t, 0)),
+          pl.BlockSpec((None, None, None, bh, dvp), lambda b, t, h: (*head(b, t, h), 0)),
+          pl.BlockSpec((None, None, None, bh), head),
+          pl.BlockSpec((None, None, None, bh), head),
+          pl.BlockSpec((None, kv_len + 1, None, dp), lambda b, t, h: (b, 0, h // nhb, 0)),
+          pl.BlockSpec((None, kv_len + 1, None, dvp), lambda b, t, h: (b, 0, h // nhb, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h: (*head(b, t, h), 0)),
+          pl.BlockSpec((None, kv_len + 1, None, dp), lambda b, t, h: (b, 0, h // nhb, 0)),
+          pl.BlockSpec((None, kv_len + 1, None, dvp), lambda b, t, h: (b, 0, h // nhb, 0)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q5.shape, jnp.float32), jax.ShapeDtypeStruct(dk0.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(dv0.shape, jnp.float32)],
+      input_output_aliases={7: 1, 8: 2},
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="dsa_sparse_attention_bwd",
+  )(q5, kp, vp, idx, do5, lse, delta, dk0, dv0)
+  dq = dq[:, :, :, :group, :dim].reshape(q.shape).astype(q.dtype)
+  return dq, dk[:, :kv_len, :, :dim].astype(k.dtype), dvv[:, :kv_len, :, :dv].astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_attention(q, k, v, indices, scale, blocks, interpret):
+  return _forward(q, k, v, indices, scale, blocks, interpret)[0]
+
+
+def _vjp_fwd(q, k, v, indices, scale, blocks, interpret):
+  out, lse = _forward(q, k, v, indices, scale, blocks, interpret)
+  return out, (q, k, v, indices, out, lse)
+
+
+def _vjp_bwd(scale, blocks, interpret, res, dout):
+  q, k, v, indices, out, lse = res
+  dq, dk, dv = _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret)
+  return dq, dk, dv, None
+
+
+_sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def sparse_attention(q, k, v, indices, *, scale: float | None = None,
+                     blocks: SparseBlocks | None = None, interpret: bool | None = None):
+  """q [B, L, H, D], k [B, S, H_kv, D], v [B, S, H_kv, Dv], indices [B, L, K] int (-1 none,
+  distinct per row) -> [B, L, H, Dv]; differentiable in q, k, v (Pallas backward)."""
+  from lca.attention import common, dsa  # pylint: disable=g-import-not-at-top
+  common.check_qkv(q, k, v)
+  dsa.check_indices(q, k, indices)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  group = q.shape[2] // k.shape[2]
+  blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], q.shape[-1], group)
+  return _sparse_attention(q, k, v, indices.astype(jnp.int32), scale, blocks,
+                           resolve_interpret(interpret))

@@ -1,0 +1,127 @@
+"""DSA lightning-indexer scores as a blocked Pallas (Triton) kernel, bf16/fp32 or FP8.
+
+  I[b, t, s] = k_scale[s] * sum_j w[t, j] * ReLU(q[t, j] . k[s])     (-inf where s is not visible)
+
+One program scores a [block_q, block_k] tile: it keeps the key tile and loops over
+the H_I indexer heads, one [block_q, d] x [d, block_k] MMA each, accumulating the
+weighted ReLU in fp32. Tiles that are entirely in the causal future are filled with
+-inf without any MMA (about half of them at prefill). FP8: q and k are float8_e4m3fn;
+their per-vector scales are folded out of the ReLU (q's into w, k's applied at the
+end), as DeepSeek's fp8_index does, so the MMAs run on fp8 operands.
+
+The scores of a chunk of queries go to HBM ([chunk, S] float32) and top-k runs on
+them (see `lca.attention.dsa.indexer_top_k`): memory O(chunk * S), not O(L * S).
+No VJP: the indexer's training loss uses the differentiable XLA scores.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import resolve_interpret
+
+_BIG = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerBlocks:
+  block_q: int = 64
+  block_k: int = 128
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_heads: int):
+  """q_ref [H_I, bq, d]; k_ref [bk, d]; w_ref [H_I, bq]; qpos [bq]; kpos/kscale [bk]; o [bq, bk]."""
+  q_pos, k_pos = qpos_ref[...], kpos_ref[...]
+  any_visible = jnp.min(jnp.where(k_pos >= 0, k_pos, _BIG)) <= jnp.max(q_pos)
+
+  @pl.when(any_visible)
+  def _():
+    k = k_ref[...]
+
+    def head(j, acc):
+      logits = plgpu.dot(q_ref[j], k, trans_b=True)              # [bq, bk] f32
+      return acc + jnp.maximum(logits, 0.0) * w_ref[j][:, None]
+
+    acc = jax.lax.fori_loop(0, num_heads, head, jnp.zeros(o_ref.shape, jnp.float32))
+    visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+    o_ref[...] = jnp.where(visible, acc * kscale_ref[...][None, :], -jnp.inf)
+
+  @pl.when(jnp.logical_not(any_visible))
+  def _():
+    o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+
+def _pad_to(x, axis, multiple, fill):
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=fill)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
+                          blocks: IndexerBlocks = IndexerBlocks(), interpret: bool = False):
+  """q [B, L, H_I, d] (bf16/f32/fp8), k [B, S, d] (same dtype), w [B, L, H_I] f32,
+  k_scale [B, S] f32, positions [B, L] / [B, S] int32 (-1 = empty) -> [B, L, S] f32."""
+  batch, q_len, num_heads, dim = q.shape
+  kv_len = k.shape[1]
+  bq = min(blocks.block_q, max(16, pl.next_power_of_2(q_len)))
+  bk = min(blocks.block_k, max(16, pl.next_power_of_2(kv_len)))
+  qt = _pad_to(jnp.swapaxes(q, 1, 2), 2, bq, 0)                    # [B, H_I, Lp, d]
+  wt = _pad_to(jnp.swapaxes(w.astype(jnp.float32), 1, 2), 2, bq, 0)  # [B, H_I, Lp]
+  qp = _pad_to(q_positions.astype(jnp.int32), 1, bq, -1)
+  kp = _pad_to(kv_positions.astype(jnp.int32), 1, bk, -1)
+  kk = _pad_to(k, 1, bk, 0)
+  ks = _pad_to(k_scale.astype(jnp.float32), 1, bk, 0)
+  lp, sp = qp.shape[1], kp.shape[1]
+  grid = (batch, lp // bq, sp // bk)
+  out = pl.pallas_call(
+      functools.partial(_kernel, num_heads=num_heads),
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((None, num_heads, bq, dim), lambda b, i, j: (b, 0, i, 0)),
+          pl.BlockSpec((None, bk, dim), lambda b, i, j: (b, j, 0)),
+          pl.BlockSpec((None, num_heads, bq), lambda b, i, j: (b, 0, i)),
+          pl.BlockSpec((None, bq), lambda b, i, j: (b, i)),
+          pl.BlockSpec((None, bk), lambda b, i, j: (b, j)),
+          pl.BlockSpec((None, bk), lambda b, i, j: (b, j)),
+      ],
+      out_specs=pl.BlockSpec((None, bq, bk), lambda b, i, j: (b, i, j)),
+      out_shape=jax.ShapeDtypeStruct((batch, lp, sp), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="dsa_indexer_scores",
+  )(qt, kk, wt, qp, kp, ks)
+  return out[:, :q_len, :kv_len]
+
+
+def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: bool = False,
+                   blocks: IndexerBlocks | None = None, interpret: bool | None = None):
+  """Indexer scores [B, L, S] f32, the math of `lca.attention.dsa.indexer_scores_reference`.
+
+  fp8: Hadamard-rotate and quantize q_idx, k_idx to float8_e4m3fn (one scale per
+  vector; d_I <= 128) and run the MMAs on fp8 operands with fp32 accumulation.
+  """
+  from lca.attention import dsa  # pylint: disable=g-import-not-at-top
+  dsa.check_indexer(q_idx, k_idx, weights)
+  blocks = blocks or IndexerBlocks()
+  if fp8:
+    q8, q_scale, k8, k_scale, w = dsa.fp8_operands(q_idx, k_idx, weights)
+    if q_scale.shape[-1] != 1:
+      raise NotImplementedError(f"the FP8 indexer kernel needs index_dim <= 128, got {q_idx.shape[-1]}")
+    q, k, w, k_scale = q8, k8, w * q_scale[..., 0], k_scale[..., 0]
+  else:
+    q, k, w = q_idx, k_idx.astype(q_idx.dtype), weights
+    k_scale = jnp.ones(k_idx.shape[:2], jnp.float32)
+  if q_idx.shape[-1] < 16 or q_idx.shape[-1] & (q_idx.shape[-1] - 1):
+    raise NotImplementedError(f"the indexer kernel needs a power-of-two index_dim >= 16, got {q_idx.shape[-1]}")
+  return indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, blocks=blocks,
+                               interpret=resolve_interpret(interpret))

@@ -1,0 +1,97 @@
+"""DSA Pallas kernels against the references (interpret mode on CPU; few, small cases)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.attention import dsa
+from pallas_kernels import dsa_attention, dsa_indexer
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+  """Fresh random inputs (numpy: no per-shape RNG compilation on CPU)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _assert_scores_close(got, ref, tol):
+  got, ref = np.asarray(got), np.asarray(ref)
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+  fin = np.isfinite(ref)
+  np.testing.assert_allclose(got[fin], ref[fin], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_kernel_matches_reference(fp8):
+  q, k, w = _normal(0, (1, 37, 3, 32)), _normal(1, (1, 37, 32)), _normal(2, (1, 37, 3))
+  pos = jnp.broadcast_to(jnp.arange(37, dtype=jnp.int32), (1, 37))
+  got = dsa_indexer.indexer_scores(q, k, w, pos, pos, fp8=fp8,
+                                   blocks=dsa_indexer.IndexerBlocks(block_q=32, block_k=32))
+  _assert_scores_close(got, dsa.indexer_scores_reference(q, k, w, fp8=fp8), 1e-4)
+
+
+def test_indexer_kernel_decode_over_a_cache_with_empty_slots():
+  q, k, w = _normal(3, (1, 1, 2, 16)), _normal(4, (1, 24, 16)), _normal(5, (1, 1, 2))
+  kv_pos = jnp.where(jnp.arange(24) < 19, jnp.arange(24), -1)[None].astype(jnp.int32)
+  q_pos = jnp.full((1, 1), 18, jnp.int32)
+  got = dsa.indexer_scores(q, k, w, q_positions=q_pos, kv_positions=kv_pos, fp8=False,
+                           implementation="pallas")
+  ref = dsa.indexer_scores_reference(q, k, w, q_positions=q_pos, kv_positions=kv_pos)
+  _assert_scores_close(got, ref, 1e-5)
+  assert np.isinf(np.asarray(got)[:, :, 19:]).all()
+
+
+def _case(seed, length, heads, kv_heads, dim, dv, top_k, batch=2):
+  q = _normal(seed, (batch, length, heads, dim))
+  k = _normal(seed + 1, (batch, length, kv_heads, dim))
+  v = _normal(seed + 2, (batch, length, kv_heads, dv))
+  scores = dsa.indexer_scores_reference(_normal(seed + 3, (batch, length, 2, 16)),
+                                        _normal(seed + 4, (batch, length, 16)),
+                                        _normal(seed + 5, (batch, length, 2)))
+  return q, k, v, dsa.top_k_indices(scores, top_k)
+
+
+def test_sparse_kernel_forward_and_gradients_gqa_odd_length():
+  q, k, v, idx = _case(10, 7, 4, 2, 8, 12, 5, batch=1)  # dims 8, 12 -> 16; K 5 -> 16; 14 programs
+  blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16)
+  fast = lambda q, k, v: dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks)
+  ref = lambda q, k, v: dsa.sparse_attention_reference(q, k, v, idx)
+  chex.assert_trees_all_close(fast(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+  ct = _normal(20, (1, 7, 4, 12))
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_kernel_mqa_split_k_decode_form():
+  q, k, v, idx = _case(30, 5, 4, 1, 16, 16, 40, batch=1)  # MQA: one row serves all 4 heads
+  blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16, num_splits=2)
+  got = dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks)
+  chex.assert_trees_all_close(got, dsa.sparse_attention_reference(q, k, v, idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_kernels_on_gpu_bf16():
+  q, k, v, idx = _case(40, 300, 16, 1, 128, 128, 64)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  got = dsa.sparse_attention(q, k, v, idx, implementation="pallas")
+  ref = dsa.sparse_attention_reference(q, k, v, idx)
+  err = jnp.linalg.norm((got - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32))
+  assert err < 1e-2, err
+  ct = _normal(41, ref.shape, jnp.bfloat16)
+  gf = jax.grad(lambda *a: jnp.sum((dsa.sparse_attention(*a, idx, implementation="pallas") * ct)
+                                   .astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+  gr = jax.grad(lambda *a: jnp.sum((dsa.sparse_attention_reference(*a, idx) * ct)
+                                   .astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(gf, gr):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    assert jnp.linalg.norm(a - b) / jnp.linalg.norm(b) < 2e-2
+  qi, ki, w = _normal(42, (1, 300, 8, 128)), _normal(43, (1, 300, 128)), _normal(44, (1, 300, 8))
+  for fp8 in (False, True):
+    got = dsa.indexer_scores(qi.astype(jnp.bfloat16), ki.astype(jnp.bfloat16), w, fp8=fp8,
+                             implementation="pallas")
+    ref = dsa.indexer_scores_reference(qi, ki, w, fp8=fp8)
+    fin = np.isfinite(np.asarray(ref))
+    err = np.linalg.norm(np.asarray(got)[fin] - np.asarray(ref)[fin]) / np.linalg.norm(np.asarray(ref)[fin])
+    assert err < 3e-2, (fp8, err)
