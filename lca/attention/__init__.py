@@ -7,8 +7,15 @@ kind names), repeated to `num_layers`. Kinds registered so far:
 |--------|--------|-------|
 | G      | global | full causal attention (`full.Attention`), RoPE base `global_rope_base` |
 | L      | local  | sliding window of `window` tokens (`local.LocalAttention`) |
+| D      | dsa    | DeepSeek Sparse Attention: lightning indexer + top-`dsa_top_k` tokens (`dsa.DSAttention`) |
+| M      | mla    | Multi-head Latent Attention: cache d_c + d_R per token (`mla.MLAttention`, `mla_*` fields) |
+| N      | nsa    | Native Sparse Attention: compression + top-n blocks + window, gated (`nsa.NSAttention`, `nsa_*` fields) |
+| E      | gdn    | Gated DeltaNet (gated delta rule, Qwen3-Next layer; `gated_deltanet.GatedDeltaNet`, `gdn_*` fields) |
+| R      | gla    | gated linear attention, per-head scalar decay (same layer with `delta=False`) |
 
 ModernBERT's alternation (global every third layer) is `layer_pattern="GLL"`.
+Qwen3-Next's hybrid (3 Gated DeltaNet : 1 gated attention) is `layer_pattern="EEEG"`
+with `output_gate=True, qk_norm=True`.
 Each factory takes the model config (`lca.model.ModelConfig`) and `nnx.Rngs`.
 """
 
@@ -19,7 +26,9 @@ def _global(cfg, rngs):
   return full.Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs,
                         rope_base=cfg.global_rope_base or cfg.rope_base, qk_norm=cfg.qk_norm,
                         output_gate=cfg.output_gate, implementation=cfg.implementation,
-                        dtype=cfg.compute_dtype)
+                        dtype=cfg.compute_dtype, rope_scaling=cfg.rope_scaling,
+                        rope_scaling_factor=cfg.rope_scaling_factor,
+                        rope_original_length=cfg.rope_original_length)
 
 
 def _local(cfg, rngs):
@@ -29,10 +38,44 @@ def _local(cfg, rngs):
                               implementation=cfg.implementation, dtype=cfg.compute_dtype)
 
 
+def _mla(cfg, rngs):
+  from lca.attention import mla  # pylint: disable=g-import-not-at-top
+  return mla.MLAttention(cfg.d_model, cfg.num_heads, q_rank=cfg.mla_q_rank, kv_rank=cfg.mla_kv_rank,
+                         rope_dim=cfg.mla_rope_dim, head_dim=cfg.mla_head_dim or cfg.head_dim,
+                         v_head_dim=cfg.mla_v_head_dim or cfg.head_dim, rngs=rngs,
+                         rope_base=cfg.rope_base, rope_scaling=cfg.rope_scaling,
+                         rope_scaling_factor=cfg.rope_scaling_factor,
+                         rope_original_length=cfg.rope_original_length, decode=cfg.mla_decode,
+                         implementation=cfg.implementation, dtype=cfg.compute_dtype)
+
+
+def _dsa(cfg, rngs):
+  from lca.attention import dsa  # pylint: disable=g-import-not-at-top
+  return dsa.DSAttention.from_model_config(cfg, rngs)
+
+
+def _nsa(cfg, rngs):
+  from lca.attention import nsa  # pylint: disable=g-import-not-at-top
+  return nsa.NSAttention.from_model_config(cfg, rngs)
+
+
+def _gated_deltanet(cfg, rngs, delta=True):
+  from lca.attention import gated_deltanet  # pylint: disable=g-import-not-at-top
+  return gated_deltanet.GatedDeltaNet(cfg.d_model, cfg.num_heads, cfg.gdn_head_dim or cfg.head_dim,
+                                      rngs=rngs, delta=delta, conv_size=cfg.gdn_conv_size,
+                                      chunk_size=cfg.gdn_chunk_size,
+                                      implementation=cfg.gdn_implementation, dtype=cfg.compute_dtype)
+
+
 # letter -> (name, factory(cfg, rngs) -> layer module)
 LAYER_KINDS = {
     "G": ("global", _global),
     "L": ("local", _local),
+    "D": ("dsa", _dsa),
+    "M": ("mla", _mla),
+    "N": ("nsa", _nsa),
+    "E": ("gdn", _gated_deltanet),
+    "R": ("gla", lambda cfg, rngs: _gated_deltanet(cfg, rngs, delta=False)),
 }
 
 

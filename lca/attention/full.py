@@ -125,9 +125,14 @@ IMPLEMENTATIONS = {
 
 
 def default_implementations() -> tuple[str, ...]:
-  """Tried in order when implementation=None: the fastest measured first on GPU."""
+  """Tried in order when implementation=None: the fastest measured first on GPU.
+
+  H100, bf16 (experiments/results/bench_attention): cuDNN trains fastest; the Pallas
+  flash kernel (0.6-0.95x cuDNN) takes what cuDNN does not (segment ids, fp32, head
+  dims cuDNN rejects) and decodes from caches (faster than cuDNN there).
+  """
   if jax.default_backend() == "gpu":
-    return ("pallas", "cudnn", "xla")
+    return ("cudnn", "pallas", "xla")
   return ("xla",)
 
 
@@ -161,7 +166,7 @@ def attention(q, k, v, *, causal: bool = True, window: int | None = None,
   """Softmax attention through the chosen implementation; same math as the reference.
 
   Arguments as `attention_reference`. implementation: "xla", "cudnn", "pallas",
-  "reference", a sequence tried in order, or None (GPU: pallas, cudnn, xla; CPU: xla).
+  "reference", a sequence tried in order, or None (GPU: cudnn, pallas, xla; CPU: xla).
   """
   common.check_qkv(q, k, v)
   common.check_window(window)
@@ -195,6 +200,17 @@ def write_kv_cache(cache: dict, k, v, positions) -> dict:
               pos=cache["pos"].at[batch_idx, slots].set(positions.astype(jnp.int32)))
 
 
+def _decodes_with_pallas(implementation) -> bool:
+  """True when "pallas" is the first of the named implementations that can attend a
+  cache (cuDNN here takes no positions, so it never can)."""
+  names = default_implementations() if implementation is None else implementation
+  names = (names,) if isinstance(names, str) else tuple(names)
+  for name in names:
+    if name != "cudnn":
+      return name == "pallas"
+  return False
+
+
 def cached_attention(q, k, v, positions, cache: dict, *, window, scale, implementation):
   """Causal attention of new tokens over the cache plus themselves -> (out, new cache).
 
@@ -202,7 +218,18 @@ def cached_attention(q, k, v, positions, cache: dict, *, window, scale, implemen
   A full cache (window None) is written first and attended in place. A window-sized
   ring buffer is attended together with the new tokens, then written, so a chunk
   longer than one token never overwrites keys its own earlier queries still need.
+  When "pallas" is the first implementation that can attend a cache, a full cache is
+  attended by the flash-decoding kernel (`pallas_kernels.flash_decode`) with
+  kv_lengths = positions[:, -1] + 1: it assumes what the decode loop does, that each
+  row's T positions are contiguous and that slot s holds position s (a full cache fed
+  from position 0).
   """
+  if window is None and _decodes_with_pallas(implementation):
+    from pallas_kernels import flash_decode  # pylint: disable=g-import-not-at-top
+    cache = write_kv_cache(cache, k, v, positions)
+    out = flash_decode.flash_decode(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
+                                    positions[:, -1].astype(jnp.int32) + 1, scale=scale)
+    return out, cache
   if window is None:
     cache = write_kv_cache(cache, k, v, positions)
     k_all, v_all, kv_pos = cache["k"], cache["v"], cache["pos"]
@@ -231,7 +258,8 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rngs: nnx.Rngs, window: int | None = None, rope_base: float = 10_000.0,
                qk_norm: bool = False, output_gate: bool = False,
-               implementation=None, dtype=jnp.float32):
+               implementation=None, dtype=jnp.float32, rope_scaling: str = "none",
+               rope_scaling_factor: float = 1.0, rope_original_length: int = 0):
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
     common.check_window(window)
@@ -247,6 +275,9 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.window = window
     self.rope_base = rope_base
+    # Context extension (rope.scaled_rope_frequencies); checked here, applied in __call__.
+    self.rope_scaling = (rope_scaling, rope_scaling_factor, rope_original_length or None)
+    rope.scaled_rope_frequencies(head_dim, rope_base, *self.rope_scaling)
     self.implementation = implementation
     self.dtype = dtype
 
@@ -277,8 +308,10 @@ class Attention(nnx.Module):
     v = (x @ w(self.wv)).reshape(batch, length, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    freqs = rope.rope_frequencies(self.head_dim, self.rope_base)
+    freqs, mscale = rope.scaled_rope_frequencies(self.head_dim, self.rope_base, *self.rope_scaling)
     q, k = rope.apply_rope(q, positions, freqs), rope.apply_rope(k, positions, freqs)
+    if mscale != 1.0:  # YaRN temperature: logits * mscale^2
+      q = q * jnp.asarray(mscale ** 2, q.dtype)
 
     if cache is None:
       out = self.attend(q, k, v, segment_ids)
