@@ -35,7 +35,7 @@ def get_config(arg: str = "cpu"):
   c.passkey_fraction = 0.5              # share of each batch that is passkey documents
 
   # --- training at L_train ----------------------------------------------------------------------
-  c.train.num_steps = 1500 if gpu else 250
+  c.train.num_steps = 3000 if gpu else 200
   c.train.learning_rate = 3e-3
   c.train.warmup_steps = 50 if gpu else 20
   c.train.weight_decay = 0.0
@@ -44,7 +44,7 @@ def get_config(arg: str = "cpu"):
   c.extend = c.data.__class__()
   c.extend.factor = 8                   # evaluate at factor * L_train (s = 8)
   c.extend.methods = "none,pi,ntk,yarn"
-  c.extend.finetune_steps = 100 if gpu else 15   # short fine-tune at the long length (V3: 1000 steps/phase)
+  c.extend.finetune_steps = 100 if gpu else 10   # short fine-tune at the long length (V3: 1000 steps/phase)
   c.extend.finetune_batch = 8 if gpu else 2
   c.extend.finetune_lr = 1e-3
   c.extend.eval_batches = 4 if gpu else 2        # text windows of the long length (x batch 4)

@@ -214,7 +214,7 @@ def write_report(rows, meta):
     for impl in impls:
       by = {r["context"]: r for r in dec if r["impl"] == impl}
       vals = " | ".join(f"{by[c]['ms']:.3f}" if c in by else "" for c in contexts)
-      lines.append(f"| {impl} | {by[contexts[0]]['cache_values_per_token']} | {vals} |")
+      lines.append(f"| {impl} | {next(iter(by.values()))['cache_values_per_token']} | {vals} |")
     lines.append("")
   mo = [r for r in rows if r["kind"] == "moe"]
   if mo:

@@ -52,9 +52,13 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, straight_run, how):
   lines = []
   resumed = train.run(_config(), tmp_path / "killed", log=lines.append)
   assert "resumed from step 3" in lines
-  assert _losses(tmp_path / "killed") == _losses(straight_dir)  # bit-identical
-  assert resumed["step"] == straight["step"] == 6
-  assert resumed["val_loss"] == straight["val_loss"]
+  killed, uninterrupted = _losses(tmp_path / "killed"), _losses(straight_dir)
+  assert resumed["step"] == straight["step"] == 6 and set(killed) == set(uninterrupted)
+  if jax.default_backend() == "cpu":  # bit-identical on CPU
+    assert killed == uninterrupted and resumed["val_loss"] == straight["val_loss"]
+  else:  # GPU reductions (atomics) are not bitwise deterministic from run to run
+    np.testing.assert_allclose([killed[s] for s in sorted(killed)],
+                               [uninterrupted[s] for s in sorted(killed)], rtol=1e-4)
 
 
 def test_loss_decreases_and_metrics_are_written(tmp_path):
