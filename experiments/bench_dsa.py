@@ -16,18 +16,14 @@ the time limit (marked "scaled"). Writes experiments/results/bench_dsa/{results.
 results.md, bench_dsa.png}.
 """
 
-import datetime
 import json
-import math
 import pathlib
-import statistics
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from experiments import bench_common
 from lca.attention import dsa, full
 from pallas_kernels import dsa_attention, dsa_indexer
 
@@ -42,26 +38,8 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 
 
-def bench(fn, *args, reps=5):
-  """Median wall seconds of fn(*args) after two warm-up calls (compile included there)."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def _try(label, fn, *args, reps):
-  try:
-    t = bench(fn, *args, reps=reps)
-    print(f"  {label}: {t * 1e3:.3f} ms", flush=True)
-    return t
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"  {label}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    return None
+bench = bench_common.bench
+_try = bench_common.try_bench
 
 
 def _causal_random_indices(length, top_k, q_positions):

@@ -17,13 +17,12 @@ Batch 1, 16 heads, head_dim 128 (q/k and v), bf16, causal. For each length:
 import datetime
 import json
 import pathlib
-import statistics
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from experiments import bench_common
 from lca.attention import linear
 from pallas_kernels import gated_delta
 
@@ -37,26 +36,13 @@ _BREAKDOWN = flags.DEFINE_integer("breakdown_length", 0, "If set: time each kern
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_linear", "Output directory.")
 
 
-def bench(fn, *args, reps=5):
-  """Median wall seconds of fn(*args) after two warm-up calls (compile included there)."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+bench = bench_common.bench
 
 
 def _try(label, fn, *args, reps):
-  try:
-    t = bench(fn, *args, reps=reps) * 1e3
-    print(f"  {label}: {t:.3f} ms", flush=True)
-    return t
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"  {label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
-    return None
+  """Like bench_common.try_bench, in milliseconds."""
+  t = bench_common.try_bench(label, fn, *args, reps=reps)
+  return None if t is None else t * 1e3
 
 
 def _inputs(length, seed=0):

@@ -14,16 +14,14 @@ bandwidth. Medians of block_until_ready wall times after warm-up. Writes
 experiments/results/bench_nsa/{results.json, results.md, bench_nsa.png}.
 """
 
-import datetime
 import json
 import pathlib
-import statistics
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from experiments import bench_common
 from lca.attention import full, nsa
 
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768", "65536"], "Context lengths.")
@@ -35,25 +33,8 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_nsa", "Output direc
 _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward part at this L and exit.")
 
 
-def bench(fn, *args, reps):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def _try(label, fn, *args, reps):
-  try:
-    t = bench(fn, *args, reps=reps)
-    print(f"  {label}: {t * 1e3:.3f} ms", flush=True)
-    return t
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"  {label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
-    return None
+bench = bench_common.bench
+_try = bench_common.try_bench
 
 
 def copy_bandwidth() -> float:
