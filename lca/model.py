@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lca import attention as attention_lib
-from lca.attention import mla
+from lca.attention import dsa, mla
 from lca.layers import mlp, moe, mtp, norms, rope
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -80,6 +80,7 @@ class ModelConfig:
   dsa_fp8: bool | None = None       # FP8 indexer for selection; None = on GPU only
   dsa_stage: int = 0                # 0 sparse; 1 dense warm-up + indexer KL; 2 sparse + KL
   dsa_chunk: int = 0                # queries per indexer chunk ([chunk, S] scores); 0 = all
+  dsa_kl_weight: float = 1.0        # stages 1, 2: loss += weight * sum over D layers of the indexer KL
   # NSA (lca.attention.nsa, layer letter "N"); paper: l=32, d=16, l'=64, n=16, w=512.
   nsa_block_len: int = 16           # l: compression block length (multiple of nsa_block_stride)
   nsa_block_stride: int = 8         # d: compression stride
@@ -210,7 +211,7 @@ class Transformer(nnx.Module):
 
     batch: "inputs", "targets" [B, L] int; optional "positions", "segment_ids" [B, L]
     and "weights" [B, L] float (0 drops a target, e.g. padding). Mechanisms that add
-    terms (MoE balance, MTP) add them here, so the train step stays generic.
+    terms (MoE balance, MTP, the DSA indexer KL) add them here, so the train step stays generic.
     """
     aux = []  # MoE stats; MoE layers also take their routing-bias step in this call
     tokens, positions = batch["inputs"], batch.get("positions")
@@ -234,6 +235,11 @@ class Transformer(nnx.Module):
       metrics["moe_balance_loss"] = balance / len(aux)
       metrics["moe_max_violation"] = sum(s["max_violation"] for s in aux) / len(aux)
       metrics["moe_max_violation_worst_layer"] = jnp.max(jnp.stack([s["max_violation"] for s in aux]))
+    kl_layers = [m for _, m in nnx.iter_graph(self) if isinstance(m, dsa.DSAttention) and m.stage > 0]
+    if kl_layers:  # DSA stages 1, 2: the indexer KL (it only reaches the indexer's parameters)
+      kl = sum(m.indexer_kl[...] for m in kl_layers)
+      loss = loss + self.cfg.dsa_kl_weight * kl
+      metrics["indexer_kl"] = kl
     metrics["loss"] = loss
     return loss, metrics
 

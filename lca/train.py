@@ -5,6 +5,11 @@ model's nnx.Param leaves (the only thing differentiated), `rest` every other NNX
 variable (e.g. MoE routing biases), carried and updated by the loss call itself.
 The batch of step i is a pure function of (seed, i) (`lca.data`), so restoring a
 checkpoint at step i continues the exact same loss curve.
+
+`train.init_from` (a workdir) starts a new run from another run's parameters, matched
+by path, e.g. a dense LM converted to DSA (configs/dsa_convert.py): parameters the
+other run lacks (a new indexer) keep their fresh init. A run that already has its own
+checkpoint resumes from it and ignores init_from.
 """
 
 import json
@@ -119,10 +124,57 @@ def restore_latest(manager: ocp.CheckpointManager, state: dict) -> dict | None:
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def init_from_run(model: nnx.Module, source: str, *, log=print) -> dict:
+  """Copies into `model` the parameters of the run in workdir `source` (its latest checkpoint).
+
+  Every parameter of `model` whose path exists in the source gets the source's value
+  (the shapes must agree); the others keep their initialization. Source parameters
+  with no counterpart in `model` are left out. Returns {"copied", "fresh", "unused"}:
+  lists of parameter paths ("blocks/0/mixer/wq").
+  """
+  source = pathlib.Path(source)
+  if not (source / "config.json").exists():
+    raise ValueError(f"train.init_from={str(source)!r} is not a training workdir (no config.json)")
+  try:
+    source_model, _ = load_model(source)
+  except ValueError as e:
+    raise ValueError(f"train.init_from={str(source)!r}: {e}") from e
+  theirs = dict(nnx.to_flat_state(nnx.state(source_model, nnx.Param)))
+  name = lambda path: "/".join(map(str, path))
+  report = {"copied": [], "fresh": [], "unused": []}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path not in theirs:
+      report["fresh"].append(name(path))
+      continue
+    value = theirs.pop(path).get_value()
+    if value.shape != var.get_value().shape:
+      raise ValueError(f"train.init_from={str(source)!r}: parameter {name(path)} has shape "
+                       f"{value.shape} there but {var.get_value().shape} in this model")
+    var.set_value(jnp.asarray(np.asarray(value)))  # uncommitted like a fresh init: one compile
+    report["copied"].append(name(path))
+  report["unused"] = [name(path) for path in theirs]
+  log(f"initialized from {source}: {len(report['copied'])} parameters copied, "
+      f"{len(report['fresh'])} left fresh" + (f" ({_summarize(report['fresh'])})" if report["fresh"] else "")
+      + (f", {len(report['unused'])} of the source unused" if report["unused"] else ""))
+  return report
+
+
+def _summarize(paths: list[str], most: int = 4) -> str:
+  return ", ".join(paths[:most]) + (", ..." if len(paths) > most else "")
+
+
 def _model_batch(batch: dict, document_mask: bool) -> dict:
   """Drops segment ids and per-document positions unless documents are kept apart."""
   keep = ("inputs", "targets") + (("segment_ids", "positions") if document_mask else ())
   return {k: jnp.asarray(batch[k]) for k in keep}
+
+
+def validation_batches(config, corpus) -> list[dict]:
+  """The fixed validation batches of `config` (train.eval_batches of data.batch_size)."""
+  dc = config.data
+  return [_model_batch(b, dc.document_mask) for b in data_lib.eval_batches(
+      corpus.val, num_batches=config.train.eval_batches, batch_size=dc.batch_size,
+      seq_len=dc.seq_len)]
 
 
 class _Progress:
@@ -153,7 +205,10 @@ def run(config, workdir: str, *, log=print) -> dict:
 
   Writes workdir/config.json, workdir/metrics.jsonl (one JSON object per log or
   eval step), workdir/checkpoints/. An interrupt (Ctrl-C, SIGTERM) saves a
-  checkpoint of the last finished step before leaving.
+  checkpoint of the last finished step before leaving. A fresh run starts from the
+  parameters of the run in `train.init_from` when set (`init_from_run`) and then
+  evaluates at step 0 (also when `train.eval_at_start`), so the summary holds the
+  validation metrics before training ("start_val_*") and after ("val_*").
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -165,16 +220,18 @@ def run(config, workdir: str, *, log=print) -> dict:
   model = build_model(config)
   log(f"model: {model_lib.num_params(model):,} parameters, layers "
       f"{''.join(model.cfg.layer_kinds)}")
+  manager = checkpoint_manager(workdir, tc.keep_checkpoints)
+  fresh_run = manager.latest_step() is None
+  if fresh_run and tc.get("init_from"):
+    init_from_run(model, tc.init_from, log=log)
   tx, schedule = make_optimizer(tc)
   graphdef, state = init_state(model, tx)
-  manager = checkpoint_manager(workdir, tc.keep_checkpoints)
   restored = restore_latest(manager, state)
   if restored is not None:
     state = restored
     log(f"resumed from step {int(state['step'])}")
   train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
-  val_batches = [_model_batch(b, dc.document_mask) for b in data_lib.eval_batches(
-      corpus.val, num_batches=tc.eval_batches, batch_size=dc.batch_size, seq_len=dc.seq_len)]
+  val_batches = validation_batches(config, corpus)
 
   metrics_file = (workdir / "metrics.jsonl").open("a")
   write = lambda record: (metrics_file.write(json.dumps(record) + "\n"), metrics_file.flush())
@@ -183,6 +240,17 @@ def run(config, workdir: str, *, log=print) -> dict:
   stop = {"signal": None}
   previous_handler = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
   summary = {}
+
+  def run_eval(step):
+    ev = evaluate(eval_step, state, val_batches)
+    write({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+    extra = f" (CE {ev['ce']:.4f} + indexer KL {ev['indexer_kl']:.4f})" if "indexer_kl" in ev else ""
+    log(f"  eval step {step}{' (before training)' if step == 0 else ''}: val loss "
+        f"{ev['loss']:.4f}{extra}, {ev['bpb']:.3f} bits/byte")
+    return ev
+
+  if fresh_run and (tc.get("init_from") or tc.get("eval_at_start")):
+    summary.update({f"start_val_{k}": v for k, v in run_eval(0).items()})
   try:
     for step in range(start, tc.num_steps):
       batch = _model_batch(data_lib.train_batch(corpus.train, step, batch_size=dc.batch_size,
@@ -200,10 +268,7 @@ def run(config, workdir: str, *, log=print) -> dict:
         log(progress.line(done, metrics))
         summary.update(record)
       if done % tc.eval_every == 0 or done == tc.num_steps:
-        ev = evaluate(eval_step, state, val_batches)
-        write({"step": done, **{f"val_{k}": v for k, v in ev.items()}})
-        log(f"  eval step {done}: val loss {ev['loss']:.4f}, {ev['bpb']:.3f} bits/byte")
-        summary.update({f"val_{k}": v for k, v in ev.items()})
+        summary.update({f"val_{k}": v for k, v in run_eval(done).items()})
       if done % tc.checkpoint_every == 0 or done == tc.num_steps:
         manager.save(done, args=ocp.args.StandardSave(state))
       if stop["signal"] is not None:

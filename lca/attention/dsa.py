@@ -305,20 +305,7 @@ def sparse_attention_reference(q, k, v, indices, *, scale: float | None = None) 
   """
   common.check_qkv(q, k, v)
   check_indices(q, k, indices)
-  batch, q_len, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
-  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-  mask = indices_to_mask(indices, k.shape[1])[:, None, None]       # [B, 1, 1, L, S]
-  qg = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
-  return out.reshape(batch, q_len, num_heads, v.shape[-1]).astype(q.dtype)
+  return full.masked_attention_reference(q, k, v, indices_to_mask(indices, k.shape[1]), scale=scale)
 
 
 def gather_rows(x, indices):
@@ -577,24 +564,15 @@ class DSAttention(full.Attention):
 
   def __call__(self, x, positions, *, cache: dict | None = None, segment_ids=None):
     """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
-    batch, length, _ = x.shape
     x = x.astype(self.dtype)
-    w = lambda param: param[...].astype(self.dtype)
-    q = (x @ w(self.wq)).reshape(batch, length, self.num_heads, self.head_dim)
-    k = (x @ w(self.wk)).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    v = (x @ w(self.wv)).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    freqs = rope.rope_frequencies(self.head_dim, self.rope_base)
-    q, k = rope.apply_rope(q, positions, freqs), rope.apply_rope(k, positions, freqs)
-
+    q, k, v = full.project_qkv(self, x, positions)
     x_idx = jax.lax.stop_gradient(x)          # the indexer never trains the main graph
     q_idx, weights = self.indexer.queries(x_idx, positions)
     k_idx = self.indexer.keys(x_idx, positions)
     mask_kw = dict(segment_ids=segment_ids)
     if cache is not None:
       slots = positions % cache["k"].shape[1]
-      bidx = jnp.arange(batch)[:, None]
+      bidx = jnp.arange(x.shape[0])[:, None]
       k_idx_all = cache["k_idx"].at[bidx, slots].set(k_idx.astype(cache["k_idx"].dtype))
       cache = dict(full.write_kv_cache(cache, k, v, positions), k_idx=k_idx_all)
       k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
@@ -613,10 +591,7 @@ class DSAttention(full.Attention):
       if self.stage == 2:
         scores = indexer_scores(q_idx, k_idx, weights, fp8=False, implementation="xla", **mask_kw)
         self.indexer_kl = IndexerKL(indexer_kl_sparse(q, k, scores, indices))
-    out = out.reshape(batch, length, self.num_heads * self.head_dim)
-    if self.wg is not None:
-      out = out * jax.nn.sigmoid(x @ w(self.wg))
-    return out @ w(self.wo), cache
+    return self.output(out, x), cache
 
 
 def indexer_kl(model: nnx.Module) -> jax.Array:

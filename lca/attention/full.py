@@ -7,7 +7,6 @@ Three faces, in order of trust:
 """
 
 from collections.abc import Sequence
-import functools
 import math
 
 import jax
@@ -37,19 +36,27 @@ def attention_reference(q, k, v, *, causal: bool = True, window: int | None = No
   """
   common.check_qkv(q, k, v)
   common.check_window(window)
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-  default_q, default_kv = common.default_positions(batch, q_len, kv_len)
+  batch, q_len = q.shape[:2]
+  default_q, default_kv = common.default_positions(batch, q_len, k.shape[1])
   q_positions = default_q if q_positions is None else q_positions
   kv_positions = default_kv if kv_positions is None else kv_positions
   if segment_ids is not None and kv_segment_ids is None:
     kv_segment_ids = segment_ids
   mask = common.attention_mask(q_positions, kv_positions, causal=causal, window=window,
                                q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+  return masked_attention_reference(q, k, v, mask, scale=scale)
 
-  group = num_heads // num_kv_heads
-  qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
+
+def masked_attention_reference(q, k, v, mask, *, scale: float | None = None) -> jax.Array:
+  """Softmax attention where mask [B, Lq, Lk] (bool) says which keys each query sees.
+
+  q: [B, Lq, H, D]; k: [B, Lk, H_kv, D]; v: [B, Lk, H_kv, Dv]; the same mask for every
+  head. Returns [B, Lq, H, Dv] in q's dtype (fp32 inside); rows that see no key are zeros.
+  """
+  batch, q_len, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+  qg = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   mask = mask[:, None, None]  # [B, 1, 1, Lq, Lk]
   logits = jnp.where(mask, logits, -jnp.inf)
@@ -247,6 +254,48 @@ def cached_attention(q, k, v, positions, cache: dict, *, window, scale, implemen
 # ----------------------------------------------------------------------------- module
 
 
+def init_projections(layer: nnx.Module, d_model: int, num_heads: int, num_kv_heads: int,
+                     head_dim: int, *, rngs: nnx.Rngs, qk_norm: bool) -> None:
+  """Gives `layer` what `project_qkv` reads, and W_o: wq, wk, wv, wo (LeCun normal, drawn
+  in that order), q_norm/k_norm (RMSNorm per head, or None) and the head counts."""
+  if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+    raise ValueError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
+  init = nnx.initializers.lecun_normal()
+  p = lambda *shape: nnx.Param(init(rngs.params(), shape))
+  layer.wq = p(d_model, num_heads * head_dim)
+  layer.wk = p(d_model, num_kv_heads * head_dim)
+  layer.wv = p(d_model, num_kv_heads * head_dim)
+  layer.wo = p(num_heads * head_dim, d_model)
+  layer.q_norm = norms.RMSNorm(head_dim) if qk_norm else None
+  layer.k_norm = norms.RMSNorm(head_dim) if qk_norm else None
+  layer.num_heads, layer.num_kv_heads, layer.head_dim = num_heads, num_kv_heads, head_dim
+
+
+def project_qkv(layer: nnx.Module, x, positions):
+  """The prologue of every softmax-attention layer: q/k/v projections, QK-norm, RoPE.
+
+  layer: holds nnx.Params wq [d_model, H*D], wk, wv [d_model, H_kv*D], q_norm/k_norm
+    (RMSNorm, or None for no QK-norm), num_heads, num_kv_heads, head_dim, rope_base,
+    dtype, and optionally rope_scaling = (scaling, factor, original_length) (default
+    plain RoPE; YaRN's temperature is folded into q).
+  x: [B, L, d_model] in layer.dtype; positions: [B, L].
+  Returns q [B, L, H, D], k, v [B, L, H_kv, D] in layer.dtype.
+  """
+  batch, length, _ = x.shape
+  w = lambda param: param[...].astype(layer.dtype)
+  q = (x @ w(layer.wq)).reshape(batch, length, layer.num_heads, layer.head_dim)
+  k = (x @ w(layer.wk)).reshape(batch, length, layer.num_kv_heads, layer.head_dim)
+  v = (x @ w(layer.wv)).reshape(batch, length, layer.num_kv_heads, layer.head_dim)
+  if layer.q_norm is not None:
+    q, k = layer.q_norm(q), layer.k_norm(k)
+  scaling = getattr(layer, "rope_scaling", ("none", 1.0, None))
+  freqs, mscale = rope.scaled_rope_frequencies(layer.head_dim, layer.rope_base, *scaling)
+  q, k = rope.apply_rope(q, positions, freqs), rope.apply_rope(k, positions, freqs)
+  if mscale != 1.0:  # YaRN temperature: logits * mscale^2
+    q = q * jnp.asarray(mscale ** 2, q.dtype)
+  return q, k, v
+
+
 class Attention(nnx.Module):
   """Causal self-attention layer: q/k/v/o projections, RoPE, optional QK-norm and gate.
 
@@ -260,19 +309,10 @@ class Attention(nnx.Module):
                qk_norm: bool = False, output_gate: bool = False,
                implementation=None, dtype=jnp.float32, rope_scaling: str = "none",
                rope_scaling_factor: float = 1.0, rope_original_length: int = 0):
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-      raise ValueError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
     common.check_window(window)
-    init = nnx.initializers.lecun_normal()
-    p = lambda *shape: nnx.Param(init(rngs.params(), shape))
-    self.wq = p(d_model, num_heads * head_dim)
-    self.wk = p(d_model, num_kv_heads * head_dim)
-    self.wv = p(d_model, num_kv_heads * head_dim)
-    self.wo = p(num_heads * head_dim, d_model)
-    self.wg = p(d_model, num_heads * head_dim) if output_gate else None
-    self.q_norm = norms.RMSNorm(head_dim) if qk_norm else None
-    self.k_norm = norms.RMSNorm(head_dim) if qk_norm else None
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    init_projections(self, d_model, num_heads, num_kv_heads, head_dim, rngs=rngs, qk_norm=qk_norm)
+    self.wg = nnx.Param(nnx.initializers.lecun_normal()(
+        rngs.params(), (d_model, num_heads * head_dim))) if output_gate else None
     self.window = window
     self.rope_base = rope_base
     # Context extension (rope.scaled_rope_frequencies); checked here, applied in __call__.
@@ -298,27 +338,21 @@ class Attention(nnx.Module):
     return attention(q, k, v, causal=True, window=self.window, segment_ids=segment_ids,
                      implementation=self.implementation)
 
+  def output(self, out, x):
+    """Attention output [B, L, H, D] -> [B, L, d_model]: the output gate (if any), W_o."""
+    w = lambda param: param[...].astype(self.dtype)
+    out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
+    if self.wg is not None:
+      out = out * jax.nn.sigmoid(x @ w(self.wg))
+    return out @ w(self.wo)
+
   def __call__(self, x, positions, *, cache: dict | None = None, segment_ids=None):
     """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
-    batch, length, _ = x.shape
     x = x.astype(self.dtype)
-    w = lambda param: param[...].astype(self.dtype)
-    q = (x @ w(self.wq)).reshape(batch, length, self.num_heads, self.head_dim)
-    k = (x @ w(self.wk)).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    v = (x @ w(self.wv)).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    freqs, mscale = rope.scaled_rope_frequencies(self.head_dim, self.rope_base, *self.rope_scaling)
-    q, k = rope.apply_rope(q, positions, freqs), rope.apply_rope(k, positions, freqs)
-    if mscale != 1.0:  # YaRN temperature: logits * mscale^2
-      q = q * jnp.asarray(mscale ** 2, q.dtype)
-
+    q, k, v = project_qkv(self, x, positions)
     if cache is None:
       out = self.attend(q, k, v, segment_ids)
     else:
       out, cache = cached_attention(q, k, v, positions, cache, window=self.window, scale=None,
                                     implementation=self.implementation)
-    out = out.reshape(batch, length, self.num_heads * self.head_dim)
-    if self.wg is not None:
-      out = out * jax.nn.sigmoid(x @ w(self.wg))
-    return out @ w(self.wo), cache
+    return self.output(out, x), cache

@@ -28,7 +28,6 @@ Faces:
 
 from collections.abc import Sequence
 import dataclasses
-import functools
 import math
 
 import jax
@@ -37,7 +36,6 @@ import numpy as np
 from flax import nnx
 
 from lca.attention import common, full, local
-from lca.layers import norms, rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,25 +487,17 @@ class NSAttention(nnx.Module):
                rngs: nnx.Rngs, sizes: NSASizes = NSASizes(), compress_hidden: int | None = None,
                gate_hidden: int = 64, rope_base: float = 10_000.0, qk_norm: bool = False,
                implementation=None, dtype=jnp.float32):
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-      raise ValueError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
     if not isinstance(sizes, NSASizes):
       raise TypeError(f"sizes must be an NSASizes, got {type(sizes).__name__}")
+    full.init_projections(self, d_model, num_heads, num_kv_heads, head_dim, rngs=rngs,
+                          qk_norm=qk_norm)
     init = nnx.initializers.lecun_normal()
-    p = lambda *shape: nnx.Param(init(rngs.params(), shape))
-    self.wq = p(d_model, num_heads * head_dim)
-    self.wk = p(d_model, num_kv_heads * head_dim)
-    self.wv = p(d_model, num_kv_heads * head_dim)
-    self.wo = p(num_heads * head_dim, d_model)
-    self.wg1 = p(d_model, gate_hidden)
+    self.wg1 = nnx.Param(init(rngs.params(), (d_model, gate_hidden)))
     self.wg2 = nnx.Param(0.1 * init(rngs.params(), (gate_hidden, num_heads * 3)))
     self.bg2 = nnx.Param(jnp.zeros((num_heads * 3,), jnp.float32))
     hidden = compress_hidden or 2 * head_dim
     self.phi_k = Compressor(sizes, head_dim, hidden, rngs=rngs)
     self.phi_v = Compressor(sizes, head_dim, hidden, rngs=rngs)
-    self.q_norm = norms.RMSNorm(head_dim) if qk_norm else None
-    self.k_norm = norms.RMSNorm(head_dim) if qk_norm else None
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.sizes = sizes
     self.rope_base = rope_base
     self.implementation = implementation
@@ -554,14 +544,7 @@ class NSAttention(nnx.Module):
       raise NotImplementedError("NSAttention does not support segment_ids (packed sequences)")
     batch, length, _ = x.shape
     x = x.astype(self.dtype)
-    w = lambda param: param[...].astype(self.dtype)
-    q = (x @ w(self.wq)).reshape(batch, length, self.num_heads, self.head_dim)
-    k = (x @ w(self.wk)).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    v = (x @ w(self.wv)).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    freqs = rope.rope_frequencies(self.head_dim, self.rope_base)
-    q, k = rope.apply_rope(q, positions, freqs), rope.apply_rope(k, positions, freqs)
+    q, k, v = full.project_qkv(self, x, positions)
     gates = self.gates(x)
 
     if cache is None:
@@ -572,4 +555,4 @@ class NSAttention(nnx.Module):
       out, cache = cached_nsa(q, k, v, gates, positions, cache, compress_fn=self.compress_blocks,
                               sizes=self.sizes)
     out = out.reshape(batch, length, self.num_heads * self.head_dim)
-    return out @ w(self.wo), cache
+    return out @ self.wo[...].astype(self.dtype), cache
