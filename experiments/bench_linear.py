@@ -14,7 +14,9 @@ Batch 1, 16 heads, head_dim 128 (q/k and v), bf16, causal. For each length:
   bench_linear.png}.
 """
 
+import dataclasses
 import datetime
+import functools
 import json
 import pathlib
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from experiments import bench_common
 from lca.attention import linear
 from pallas_kernels import gated_delta
+from pallas_kernels import gated_delta_bwd
 
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768", "65536", "131072"], "Sequence lengths.")
 _HEADS = flags.DEFINE_integer("heads", 16, "Heads.")
@@ -33,6 +36,12 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _SWEEP_LENGTH = flags.DEFINE_integer("sweep_length", 65536, "Length of the block_v sweep (0: no sweep).")
 _XLA_MAX = flags.DEFINE_integer("xla_max_length", 32768, "Longest length for the XLA chunked form.")
 _BREAKDOWN = flags.DEFINE_integer("breakdown_length", 0, "If set: time each kernel alone at this length and exit.")
+_BWD_BREAKDOWN = flags.DEFINE_integer(
+    "bwd_breakdown", 0, "If set: time the in-chunk backward (XLA batched vjp vs the Pallas kernel "
+    "of pallas_kernels.gated_delta_bwd, a config sweep) and forward+backward with each, at this "
+    "length, and exit (bwd_breakdown.json).")
+_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["32:8:1", "32:8:2", "64:8:1", "16:4:1"],
+                                  "--bwd_breakdown sweep: block_v:num_warps:num_stages of gated_delta_bwd.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_linear", "Output directory.")
 
 
@@ -189,30 +198,113 @@ _INTERP = lambda: gated_delta.resolve_interpret(None)
 
 
 def breakdown(length, reps):
-  """Each stage of the Pallas forward and backward alone (and the tf32 inverse variant)."""
+  """Each stage of the Pallas forward and backward alone, with launch-parameter variants."""
   q, k, v, beta, log_alpha, do = _inputs(length)
   g = jnp.cumsum(log_alpha.reshape(1, -1, gated_delta.CHUNK, _HEADS.value), axis=2).reshape(log_alpha.shape)
   scale, res = _DIM.value ** -0.5, {"length": length}
-  for mode in ("tf32x3", "tf32"):
-    cfg = gated_delta.Config(inverse_precision=mode)
-    prep = jax.jit(lambda *a, cfg=cfg: gated_delta._launch_prep(*a, scale=scale, delta=True, cfg=cfg,
-                                                                interpret=_INTERP()))
-    res[f"prep_{mode}_ms"] = _try(f"prep ({mode})", prep, q, k, v, beta, g, reps=reps)
-    res[f"fwd_{mode}_ms"] = _try(f"full fwd ({mode})", _gdn_fns(cfg)[0], q, k, v, beta, log_alpha, reps=reps)
-  cfg = gated_delta.Config()
-  p, w, u = jax.jit(lambda *a: gated_delta._launch_prep(*a, scale=scale, delta=True, cfg=cfg,
-                                                        interpret=_INTERP()))(q, k, v, beta, g)
+  base = gated_delta.Config()
   s0 = jnp.zeros((1, _HEADS.value, _DIM.value, _DIM.value), jnp.float32)
-  for store in (False, True):
-    f = jax.jit(lambda *a, store=store: gated_delta._launch_forward(
-        *a, scale=scale, delta=True, store_states=store, cfg=cfg, interpret=_INTERP()))
-    res[f"scan_store{int(store)}_ms"] = _try(f"scan (store states={store})", f, q, k, u, g, p, s0, w, reps=reps)
-  f = jax.jit(lambda *a: gated_delta._launch_backward(*a, scale=scale, delta=True, cfg=cfg, interpret=_INTERP()))
+  prep = lambda cfg: jax.jit(lambda *a: gated_delta._launch_prep(*a, scale=scale, delta=True, cfg=cfg,
+                                                                 interpret=_INTERP()))
+  for mode in ("fp16", "tf32", "tf32x3"):
+    cfg = dataclasses.replace(base, inverse_precision=mode)
+    res[f"prep_{mode}_ms"] = _try(f"prep ({mode} inverse)", prep(cfg), q, k, v, beta, g, reps=reps)
+  p, w, u = prep(base)(q, k, v, beta, g)
+  for block_v in (16, 32):
+    for stages in (2, 3):
+      for store in (False, True):
+        cfg = dataclasses.replace(base, block_v=block_v, num_stages=stages)
+        f = jax.jit(lambda *a, cfg=cfg, store=store: gated_delta._launch_forward(
+            *a, scale=scale, delta=True, store_states=store, cfg=cfg, interpret=_INTERP()))
+        name = f"scan_bv{block_v}_stages{stages}_store{int(store)}"
+        res[name + "_ms"] = _try(name, f, q, k, u, g, p, s0, w, reps=reps)
+  f = jax.jit(lambda *a: gated_delta._launch_backward(*a, scale=scale, delta=True, cfg=base, interpret=_INTERP()))
   res["bwd_scan_ms"] = _try("reverse scan", f, q, k, g, p, do, s0, w, reps=reps)
   for delta in (True, False):
     f = jax.jit(lambda q, k, v, b, la, delta=delta: gated_delta.chunk_gated_delta_rule(
-        q, k, v, b if delta else None, la, config=cfg))
+        q, k, v, b if delta else None, la, config=base))
     res[f"fwd_delta{int(delta)}_ms"] = _try(f"fwd delta={delta}", f, q, k, v, beta, log_alpha, reps=reps)
+  print(json.dumps(res), flush=True)
+  return res
+
+
+def _swapped_gdn(bwd_cfg):
+  """chunk_gated_delta_rule's custom_vjp with the XLA vjp replaced by gated_delta_bwd (L % 64 == 0)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+  def f(q, k, v, beta, log_alpha, s0, scale, delta, cfg, interpret):
+    return gated_delta._gated_delta(q, k, v, beta, log_alpha, s0, scale, delta, cfg, interpret)
+
+  def bwd(scale, delta, cfg, interpret, res, cotangents):
+    q, k, v, beta, log_alpha, g, p, w, states = res
+    do, ds_end = cotangents
+    dstates, ds0 = gated_delta._launch_backward(q, k, g, p, do.astype(q.dtype), ds_end.astype(jnp.float32),
+                                                w, scale=scale, delta=delta, cfg=cfg, interpret=interpret)
+    grads = gated_delta_bwd.chunk_local_grads(q, k, v, beta, log_alpha, states, dstates, do, scale=scale,
+                                              delta=delta, interpret=interpret, config=bwd_cfg)
+    return (*grads, ds0)
+
+  f.defvjp(gated_delta._gated_delta_fwd, bwd)
+  return f
+
+
+def bwd_breakdown(length, reps):
+  """The in-chunk backward alone: XLA batched vjp vs the Pallas kernel (sweep), and fwd+bwd with each."""
+  q, k, v, beta, log_alpha, do = _inputs(length)
+  h, d = _HEADS.value, _DIM.value
+  n = length // gated_delta.CHUNK
+  ks = jax.random.split(jax.random.key(7), 2)
+  states = jax.random.normal(ks[0], (1, h, n * d, d), jnp.float32) * 0.3
+  dstates = jax.random.normal(ks[1], (1, h, n * d, d), jnp.float32) * 0.3
+  scale, res = d ** -0.5, {"length": length, "sweep": []}
+  args = (q, k, v, beta, log_alpha, states, dstates, do)
+  err = lambda x, y: float(jnp.linalg.norm((x.astype(jnp.float32) - y.astype(jnp.float32)).ravel())
+                           / jnp.linalg.norm(y.astype(jnp.float32).ravel()))
+  best = {}
+  for delta in (True, False):
+    ref_fn = jax.jit(functools.partial(gated_delta_bwd.chunk_local_grads_reference, scale=scale, delta=delta))
+    res[f"xla_vjp_delta{int(delta)}_ms"] = _try(f"XLA batched vjp delta={delta}", ref_fn, *args, reps=reps)
+    want = ref_fn(*args)
+    for spec in _BWD_CONFIGS.value:
+      block_v, warps, stages = (int(x) for x in spec.split(":"))
+      cfg = gated_delta_bwd.Config(block_v=block_v, num_warps=warps, num_stages=stages)
+      fn = jax.jit(functools.partial(gated_delta_bwd.chunk_local_grads, scale=scale, delta=delta, config=cfg))
+      t = _try(f"pallas delta={delta} {cfg}", fn, *args, reps=reps)
+      row = dict(delta=delta, block_v=block_v, num_warps=warps, num_stages=stages, ms=t)
+      if t is not None:
+        got = fn(*args)
+        row["rel_err_vs_xla"] = {nm: err(x, y) for nm, x, y in zip(("dq", "dk", "dv", "dbeta", "dla"), got, want)
+                                 if float(jnp.max(jnp.abs(y))) > 0}
+        print("   rel err vs XLA:", row["rel_err_vs_xla"], flush=True)
+        if delta not in best or t < best[delta][0]:
+          best[delta] = (t, cfg)
+      res["sweep"].append(row)
+    del want
+  s0 = jnp.zeros((1, h, d, d), jnp.float32)
+  for delta in (True, False):
+    b = beta if delta else jnp.zeros_like(beta)
+    def loss(f, q, k, v, b, la, delta=delta):
+      o, _ = f(q, k, v, b, la, s0, scale, delta, gated_delta.Config(), _INTERP())
+      return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
+    grads = {}
+    for label, f in (("xla", gated_delta._gated_delta),
+                     ("pallas", _swapped_gdn(best[delta][1]) if delta in best else None)):
+      if f is None:
+        continue
+      g = jax.jit(jax.grad(functools.partial(loss, f), argnums=(0, 1, 2, 3, 4)))
+      res[f"fwdbwd_{label}_delta{int(delta)}_ms"] = _try(f"fwd+bwd delta={delta} local grads={label}",
+                                                         g, q, k, v, b, log_alpha, reps=reps)
+      if res[f"fwdbwd_{label}_delta{int(delta)}_ms"] is not None:
+        grads[label] = g(q, k, v, b, log_alpha)
+    if len(grads) == 2:
+      res[f"fwdbwd_rel_err_delta{int(delta)}"] = {
+          nm: err(x, y) for nm, x, y in zip(("dq", "dk", "dv", "dbeta", "dla"), grads["pallas"], grads["xla"])
+          if float(jnp.max(jnp.abs(y))) > 0}
+      print("   fwd+bwd grads rel err pallas vs xla:", res[f"fwdbwd_rel_err_delta{int(delta)}"], flush=True)
+  res["best"] = {str(k): str(v[1]) for k, v in best.items()}
+  cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  cudnn_grad = jax.grad(lambda q, k, v: jnp.sum(cudnn(q, k, v).astype(jnp.float32) * do), (0, 1, 2))
+  res["cudnn_fwdbwd_ms"] = _try("cudnn fwd+bwd", jax.jit(cudnn_grad), q, k, v, reps=reps)
+  res["meta"] = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__)
   print(json.dumps(res), flush=True)
   return res
 
@@ -220,6 +312,11 @@ def breakdown(length, reps):
 def main(argv):
   del argv
   reps = _REPS.value
+  if _BWD_BREAKDOWN.value:
+    out = pathlib.Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bwd_breakdown.json").write_text(json.dumps(bwd_breakdown(_BWD_BREAKDOWN.value, reps), indent=1))
+    return
   if _BREAKDOWN.value:
     out = pathlib.Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,25 +5,28 @@ D[t, j] = exp(g_t - g_j) for j <= t), see lca/attention/linear.py for the deriva
 
   prep  (parallel over chunks)  A = strict_lower(diag(b) K K^T * D), T = (I + A)^{-1},
                                 w = T diag(b e^g) K, u = T diag(b) V, P = scale Q K^T * D (causal)
-  scan  (sequential in chunks)  U = u - w S;  S <- e^{g_C} S + (e^{g_C - g} K)^T U
-  out   (parallel over chunks)  O = scale e^g Q S + P U
+  scan  (sequential in chunks)  U = u - w S;  O = scale e^g Q S + P U;
+                                S <- e^{g_C} S + (e^{g_C - g} K)^T U
 
 Kernels:
-  _prep_kernel     grid (B, H, N): the UT transform by doubling, w, u (and P for the backward);
-  _states_kernel   grid (B, H, V/block_v): the sequential chunk scan; S stays in registers;
-                   stores the state at each chunk start and the corrected values U;
-  _output_kernel   grid (B, H, N): O from each chunk's initial state and U, in parallel;
+  _prep_kernel     grid (B, H, N): the UT transform by doubling, w, u, P;
+  _forward_kernel  grid (B, H, V/block_v): the chunk scan; S stays in registers;
+                   optionally stores the state at each chunk start (for the backward);
   _backward_kernel grid (B, H, V/block_v): the reverse scan of the state adjoint,
                    dU = P^T dO + (e^{g_C - g} K) dS', dS <- e^{g_C} dS' + (scale e^g Q)^T dO - w^T dU;
                    stores dS at every chunk end.
-Only the scan is sequential, so it carries the least work per chunk (two small matmuls);
-everything else is parallel over chunks.
 The backward then has every chunk's initial state and its end-state adjoint, so the
 chunks are independent: the input gradients come from one Pallas program per chunk
 (pallas_kernels/gated_delta_bwd.py), whose reference is the batched XLA vjp of the
 per-chunk map (q, k, v, b, log a) -> (O, S_end) (`_chunk_local`).
 
-beta=None gives gated linear attention (U = v: no UT transform). NOTES_gated_delta.md
+The UT inverse's matmuls take fp16 operands by default: the same 10-bit mantissa as
+1-pass tf32 at twice the tensor-core rate, and the values are bounded (|A| <= 1 with
+unit-norm keys, b in (0, 1), decays <= 1). NOTES_gated_delta.md compares this with a
+split of the scan into a state-only scan and a parallel output kernel (slower: the
+states travel through HBM).
+
+beta=None gives gated linear attention (u = v, no prep beyond P). NOTES_gated_delta.md
 has the FLOP/byte counts and measurements.
 """
 
@@ -47,13 +50,12 @@ CHUNK = 64
 class Config:
   """Launch parameters. block_v: value columns per program of the scans (the state
   tile is [K, block_v] in registers)."""
-  block_v: int = 16               # best of 16/32/64 at 64k on H100 (NOTES_gated_delta.md)
-  inverse_precision: str = "tf32"  # UT-transform matmuls: "tf32" or "tf32x3" (~fp32); equal
-                                   # end-to-end error on H100 (NOTES_gated_delta.md), 1/3 the time
+  block_v: int = 16                # best of 16/32 at 64k on H100 (NOTES_gated_delta.md)
+  inverse_precision: str = "fp16"  # UT-transform matmuls: "fp16", "tf32" or "tf32x3" (~fp32); the
+                                   # three give equal end-to-end error on H100, fp16 in 1/5 the time
   num_warps_prep: int = 4
   num_warps_scan: int = 4
-  num_warps_output: int = 4
-  num_stages: int = 2
+  num_stages: int = 3              # the scan's load pipeline: 3 is 1.4x faster than 2 at 64k
 
 
 def _mm(a, b, dtype, *, trans_a=False, trans_b=False):
@@ -61,13 +63,16 @@ def _mm(a, b, dtype, *, trans_a=False, trans_b=False):
   return plgpu.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b)
 
 
-def _mm_f32(a, b, interpret, mode="tf32"):
-  """fp32 matmul for the UT transform on the GPU: 1-pass tf32, 3-pass tf32 (~fp32), or fp16
-  operands (the same 10-bit mantissa as tf32, at twice the tensor-core rate)."""
+def _mm_f32(a, b, interpret, mode="fp16"):
+  """fp32 matmul for the UT transform: fp16 operands (the same 10-bit mantissa as tf32, at
+  twice the tensor-core rate), 1-pass tf32, or 3-pass tf32 (~fp32) on the GPU; exact fp32
+  when interpreted."""
+  if interpret:
+    return plgpu.dot(a, b, precision=lax.Precision.HIGHEST)
   if mode == "fp16":
     return plgpu.dot(a.astype(jnp.float16), b.astype(jnp.float16))
-  precision = (lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-               if mode == "tf32x3" else lax.DotAlgorithmPreset.TF32_TF32_F32)
+  precision = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if mode == "tf32x3"
+               else lax.DotAlgorithmPreset.TF32_TF32_F32)
   return plgpu.dot(a, b, precision=precision)
 
 
@@ -83,27 +88,18 @@ def _last(x):
 # ----------------------------------------------------------------------------- kernels
 
 
-def _decay(g):
-  """[C] cumulative log decay -> [C, C] causal decay D[t, j] = exp(g_t - g_j) (0 above the diagonal)."""
-  rows, cols = _iota((CHUNK, CHUNK), 0), _iota((CHUNK, CHUNK), 1)
-  return jnp.where(rows >= cols, jnp.exp(jnp.where(rows >= cols, g[:, None] - g[None, :], 0.0)), 0.0)
-
-
-def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, *out_refs, scale, delta, with_p, interpret,
+def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, p_ref, *out_refs, scale, delta, interpret,
                  mode):
-  """One chunk of one head: w, u (delta) and P (with_p). Blocks: q, k [C, K], v [C, V], beta, g [C]."""
-  out_refs = list(out_refs)
-  k = k_ref[...]
-  dtype = k.dtype
+  """One chunk of one head: P (and w, u with delta). Blocks: q, k [C, K], v [C, V], beta, g [C]."""
+  q, k = q_ref[...], k_ref[...]
+  dtype = q.dtype
   g = g_ref[...]
-  decay = _decay(g)
-  if with_p:
-    p_ref = out_refs.pop()
-    p_ref[...] = (_mm(q_ref[...], k, dtype, trans_b=True) * (scale * decay)).astype(p_ref.dtype)
+  rows, cols = _iota((CHUNK, CHUNK), 0), _iota((CHUNK, CHUNK), 1)
+  decay = jnp.where(rows >= cols, jnp.exp(jnp.where(rows >= cols, g[:, None] - g[None, :], 0.0)), 0.0)
+  p_ref[...] = (_mm(q, k, dtype, trans_b=True) * (scale * decay)).astype(p_ref.dtype)
   if not delta:
     return
   w_ref, u_ref = out_refs
-  rows, cols = _iota((CHUNK, CHUNK), 0), _iota((CHUNK, CHUNK), 1)
   beta = beta_ref[...]
   a = jnp.where(rows > cols, _mm(k, k, dtype, trans_b=True) * beta[:, None] * decay, 0.0)
   # (I + A)^{-1} by doubling of the inverted diagonal blocks (see linear.unit_lower_inverse).
@@ -119,41 +115,33 @@ def _prep_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, *out_refs, scale, delta, 
   u_ref[...] = _mm_f32(t, vb, interpret, mode).astype(u_ref.dtype)
 
 
-def _states_kernel(k_ref, u_ref, g_ref, s0_ref, *refs, num_chunks, delta):
-  """The chunk scan for one (batch, head, value block): the state at every chunk start and,
-  with delta, the chunk's corrected values U = u - w S. Blocks are whole sequences."""
+def _forward_kernel(q_ref, k_ref, u_ref, g_ref, p_ref, s0_ref, *refs, num_chunks, scale, delta,
+                    store_states):
+  """The chunk scan for one (batch, head, value block). Blocks are whole sequences."""
   refs = list(refs)
   w_ref = refs.pop(0) if delta else None
-  states_ref, sT_ref = refs[:2]
-  uc_ref = refs[2] if delta else None
-  dtype = k_ref.dtype
-  head_k = k_ref.shape[-1]
+  o_ref, sT_ref = refs[:2]
+  states_ref = refs[2] if store_states else None
+  dtype = q_ref.dtype
+  head_k = q_ref.shape[-1]
 
   def body(n, state):
     rows = pl.ds(n * CHUNK, CHUNK)
-    states_ref[pl.ds(n * head_k, head_k), :] = state.astype(states_ref.dtype)
+    if store_states:
+      states_ref[pl.ds(n * head_k, head_k), :] = state.astype(states_ref.dtype)
     g = g_ref[rows]
     g_last = _last(g)
     u = u_ref[rows, :].astype(jnp.float32)
     if delta:
       u = u - _mm(w_ref[rows, :], state, dtype)
-      uc_ref[rows, :] = u.astype(uc_ref.dtype)
+    qg = q_ref[rows, :].astype(jnp.float32) * (scale * jnp.exp(g))[:, None]
+    o = _mm(qg, state, dtype) + _mm(p_ref[rows, :], u, dtype)
+    o_ref[rows, :] = o.astype(o_ref.dtype)
     kg = k_ref[rows, :].astype(jnp.float32) * jnp.exp(g_last - g)[:, None]
     return jnp.exp(g_last) * state + _mm(kg, u, dtype, trans_a=True)
 
-  sT_ref[...] = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
-
-
-def _output_kernel(q_ref, k_ref, u_ref, g_ref, s_ref, o_ref, *, scale):
-  """One chunk of one head, given its initial state: O = scale e^g Q S + (scale Q K^T * D) U.
-  Blocks: q, k [C, K], u [C, V] (the corrected values), g [C], s [K, V]."""
-  q = q_ref[...]
-  dtype = q.dtype
-  g = g_ref[...]
-  p = _mm(q, k_ref[...], dtype, trans_b=True) * (scale * _decay(g))
-  qg = q.astype(jnp.float32) * (scale * jnp.exp(g))[:, None]
-  o = _mm(qg, s_ref[...], dtype) + _mm(p, u_ref[...], dtype)
-  o_ref[...] = o.astype(o_ref.dtype)
+  state = lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+  sT_ref[...] = state
 
 
 def _backward_kernel(q_ref, k_ref, g_ref, p_ref, do_ref, dsT_ref, *refs, num_chunks, scale, delta):
@@ -185,25 +173,22 @@ def _backward_kernel(q_ref, k_ref, g_ref, p_ref, do_ref, dsT_ref, *refs, num_chu
 # ----------------------------------------------------------------------------- launchers
 
 
-def _launch_prep(q, k, v, beta, g, *, scale, delta, with_p, cfg, interpret):
-  """-> [w, u] (delta) + [P] (with_p): w [B, Lp, H, K], u [B, Lp, H, V], P [B, H, Lp, C]."""
+def _launch_prep(q, k, v, beta, g, *, scale, delta, cfg, interpret):
   batch, length, heads, head_k = q.shape
   head_v = v.shape[-1]
   n = length // CHUNK
   tile = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda b, h, c: (b, c, h, 0))
   vec = pl.BlockSpec((None, CHUNK, None), lambda b, h, c: (b, c, h))
-  out_shape, out_specs = [], []
+  p_spec = pl.BlockSpec((None, None, CHUNK, CHUNK), lambda b, h, c: (b, h, c, 0))
+  out_shape = [jax.ShapeDtypeStruct((batch, heads, length, CHUNK), q.dtype)]
+  out_specs = [p_spec]
   if delta:
     out_shape += [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(v.shape, q.dtype)]
     out_specs += [tile(head_k), tile(head_v)]
-  if with_p:
-    out_shape.append(jax.ShapeDtypeStruct((batch, heads, length, CHUNK), q.dtype))
-    out_specs.append(pl.BlockSpec((None, None, CHUNK, CHUNK), lambda b, h, c: (b, h, c, 0)))
-  if not out_shape:
-    return []
   return pl.pallas_call(
-      functools.partial(_prep_kernel, scale=scale, delta=delta, with_p=with_p, interpret=interpret,
-                        mode=cfg.inverse_precision),
+      functools.partial(_prep_kernel, scale=scale, delta=delta, interpret=interpret,
+                        # fp32 inputs ask for fp32 accuracy: 3-pass tf32
+                        mode="tf32x3" if q.dtype == jnp.float32 else cfg.inverse_precision),
       grid=(batch, heads, n),
       in_specs=[tile(head_k), tile(head_k), tile(head_v), vec, vec],
       out_specs=out_specs, out_shape=out_shape,
@@ -222,46 +207,28 @@ def _scan_specs(length, head_k, head_v, block_v, num_chunks):
   return whole, vcols, vec, p, state, states
 
 
-def _launch_states(k, u, g, s0, w, *, delta, states_dtype, cfg, interpret):
-  """-> (states [B, H, N*K, V] at every chunk start, final state [B, H, K, V] fp32,
-  corrected values U [B, Lp, H, V] (delta; else u itself))."""
-  batch, length, heads, head_k = k.shape
+def _launch_forward(q, k, u, g, p, s0, w, *, scale, delta, store_states, cfg, interpret):
+  batch, length, heads, head_k = q.shape
   head_v = u.shape[-1]
   n = length // CHUNK
   block_v = min(cfg.block_v, head_v)
-  whole, vcols, vec, _, state, states = _scan_specs(length, head_k, head_v, block_v, n)
-  in_specs = [whole(head_k), vcols, vec, state] + ([whole(head_k)] if delta else [])
-  out_shape = [jax.ShapeDtypeStruct((batch, heads, n * head_k, head_v), states_dtype),
+  whole, vcols, vec, p_spec, state, states = _scan_specs(length, head_k, head_v, block_v, n)
+  in_specs = [whole(head_k), whole(head_k), vcols, vec, p_spec, state] + ([whole(head_k)] if delta else [])
+  out_shape = [jax.ShapeDtypeStruct((batch, length, heads, head_v), q.dtype),
                jax.ShapeDtypeStruct((batch, heads, head_k, head_v), jnp.float32)]
-  out_specs = [states, state]
-  if delta:
-    out_shape.append(jax.ShapeDtypeStruct(u.shape, k.dtype))
-    out_specs.append(vcols)
-  outs = pl.pallas_call(
-      functools.partial(_states_kernel, num_chunks=n, delta=delta),
+  out_specs = [vcols, state]
+  if store_states:
+    out_shape.append(jax.ShapeDtypeStruct((batch, heads, n * head_k, head_v), jnp.float32))
+    out_specs.append(states)
+  args = [q, k, u, g, p, s0] + ([w] if delta else [])
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, num_chunks=n, scale=scale, delta=delta,
+                        store_states=store_states),
       grid=(batch, heads, head_v // block_v), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps_scan, num_stages=cfg.num_stages),
-      interpret=interpret, name="gated_delta_states",
-  )(*([k, u, g, s0] + ([w] if delta else [])))
-  return outs[0], outs[1], (outs[2] if delta else u)
-
-
-def _launch_output(q, k, uc, g, states, *, scale, cfg, interpret):
-  """-> O [B, Lp, H, V]; parallel over (batch, head, chunk)."""
-  batch, length, heads, head_k = q.shape
-  head_v = uc.shape[-1]
-  tile = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda b, h, c: (b, c, h, 0))
-  vec = pl.BlockSpec((None, CHUNK, None), lambda b, h, c: (b, c, h))
-  state = pl.BlockSpec((None, None, head_k, head_v), lambda b, h, c: (b, h, c, 0))
-  return pl.pallas_call(
-      functools.partial(_output_kernel, scale=scale),
-      grid=(batch, heads, length // CHUNK),
-      in_specs=[tile(head_k), tile(head_k), tile(head_v), vec, state],
-      out_specs=tile(head_v), out_shape=jax.ShapeDtypeStruct((batch, length, heads, head_v), q.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps_output, num_stages=1),
-      interpret=interpret, name="gated_delta_output",
-  )(q, k, uc, g, states)
+      interpret=interpret, name="gated_delta_forward",
+  )(*args)
 
 
 def _launch_backward(q, k, g, p, do, dsT, w, *, scale, delta, cfg, interpret):
@@ -332,24 +299,16 @@ def _unchunks(x):
 
 
 def _forward(q, k, v, beta, log_alpha, s0, *, scale, delta, store_states, cfg, interpret):
-  """Padded inputs [B, Lp, H, *] -> (o, final state, states or None, residual tensors).
-
-  store_states (differentiating): the chunk-start states are kept in fp32 and P is made
-  for the reverse scan; otherwise the states live only between the two kernels, in the
-  input dtype (the matmuls that read them round to it anyway).
-  """
+  """Padded inputs [B, Lp, H, *] -> (o, final state, states or None, residual tensors)."""
   batch, length, heads, _ = q.shape
   g = jnp.cumsum(log_alpha.astype(jnp.float32).reshape(batch, -1, CHUNK, heads), axis=2)
   g = g.reshape(batch, length, heads)
-  outs = _launch_prep(q, k, v, beta, g, scale=scale, delta=delta, with_p=store_states, cfg=cfg,
-                      interpret=interpret)
-  w, u = (outs[0], outs[1]) if delta else (None, v)
-  p = outs[-1] if store_states else None
-  states, s_end, uc = _launch_states(k, u, g, s0, w, delta=delta,
-                                     states_dtype=jnp.float32 if store_states else q.dtype,
-                                     cfg=cfg, interpret=interpret)
-  o = _launch_output(q, k, uc, g, states, scale=scale, cfg=cfg, interpret=interpret)
-  return o, s_end, (states if store_states else None), (g, p, w)
+  outs = _launch_prep(q, k, v, beta, g, scale=scale, delta=delta, cfg=cfg, interpret=interpret)
+  p, (w, u) = outs[0], (outs[1:] if delta else (None, v))
+  outs = _launch_forward(q, k, u, g, p, s0, w, scale=scale, delta=delta,
+                         store_states=store_states, cfg=cfg, interpret=interpret)
+  states = outs[2] if store_states else None
+  return outs[0], outs[1], states, (g, p, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
