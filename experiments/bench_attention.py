@@ -2,7 +2,14 @@
 
   python -m experiments.bench_attention                 # everything, ~6 min on an H100
   python -m experiments.bench_attention --mode=tune     # block-size sweeps (NOTES_flash.md)
+  python -m experiments.bench_attention --mode=tune_mosaic   # Mosaic forward tiles
   python -m experiments.bench_attention --mode=train --lengths=8192 --head_dims=128
+  python -m experiments.bench_attention --mode=train --impls=pallas,pallas_triton,cudnn \
+      --keep_from=experiments/results/bench_attention/results.jsonl   # rerun some, keep the rest
+
+Implementations: "pallas" is lca's flash_attention as training calls it
+(forward_kernel="auto": on an H100 the Mosaic GPU forward of flash_mgpu.py, then the
+Triton backward); "pallas_triton" forces the Triton forward (the whole op in Triton).
 
 Training: L = 1k..64k with batch * L = 16k tokens, 16 heads, bf16, causal and not,
 forward and forward+backward; TFLOP/s counts 4 B H L^2 D for the forward (half of it
@@ -31,11 +38,13 @@ import numpy as np
 from pallas_kernels import flash, flash_decode
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "all", ["all", "train", "decode", "memory", "tune"], "what to run")
+flags.DEFINE_enum("mode", "all", ["all", "train", "decode", "memory", "tune", "tune_mosaic"],
+                  "what to run")
 flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"],
                   "training sequence lengths")
 flags.DEFINE_list("head_dims", ["128", "64"], "head dims for the training benchmark")
-flags.DEFINE_list("impls", ["pallas", "cudnn", "xla", "jax_mha"], "training implementations")
+flags.DEFINE_list("impls", ["pallas", "pallas_triton", "cudnn", "xla", "jax_mha"],
+                  "training implementations")
 flags.DEFINE_integer("tokens", 16384, "batch * L for the training benchmark")
 flags.DEFINE_integer("heads", 16, "query (= KV) heads for the training benchmark")
 flags.DEFINE_list("contexts", ["8192", "16384", "32768", "65536", "131072"], "decode contexts")
@@ -43,6 +52,8 @@ flags.DEFINE_string("out_dir", "experiments/results/bench_attention", "where res
 flags.DEFINE_float("budget_ms", 40.0, "approximate time spent timing each case")
 flags.DEFINE_string("report_from", None, "only rebuild the report from this JSON-lines log")
 flags.DEFINE_string("device", None, "device name for a rebuilt report")
+flags.DEFINE_string("keep_from", None, "JSON-lines results of an earlier run (same device): "
+                    "its records that this run does not remeasure are kept in the report")
 
 DATE = "2026-11-23"
 
@@ -68,9 +79,13 @@ def bench(fn, *args, budget_ms=None):
 # ----------------------------------------------------------------------------- training
 
 
+TRAIN_IMPLS = ("pallas", "pallas_triton", "cudnn", "xla", "jax_mha")
+
+
 def _attn_fn(impl, causal, blocks=None):
-  if impl == "pallas":
-    return functools.partial(flash.flash_attention, causal=causal, block_sizes=blocks)
+  if impl in ("pallas", "pallas_triton"):
+    return functools.partial(flash.flash_attention, causal=causal, block_sizes=blocks,
+                             forward_kernel="auto" if impl == "pallas" else "triton")
   if impl in ("cudnn", "xla"):
     return functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation=impl)
   if impl == "jax_mha":
@@ -240,13 +255,69 @@ def run_tune(records):
                            (16, 128, 4, 3), (32, 128, 8, 3), (32, 32, 4, 4), (8, 64, 4, 3))])
 
 
+def run_tune_mosaic(records):
+  """Mosaic forward tiles (block_kv, num_stages) at L = 16k, causal, against cuDNN."""
+  from pallas_kernels import flash_mgpu  # pylint: disable=g-import-not-at-top
+  for head_dim, cfgs in ((128, ((64, 128, 2), (64, 64, 2), (64, 64, 3))),
+                         (64, ((64, 128, 2), (64, 128, 3), (64, 256, 2), (64, 64, 3)))):
+    q, k, v, _ = _train_inputs(1, 16384, 16, head_dim)
+    for causal in (True,):
+      flops = train_flops(1, 16384, 16, head_dim, causal)
+      for bq, bkv, stages in cfgs:
+        cfg = flash_mgpu.Config(block_q=bq, block_kv=bkv, num_stages=stages)
+        fwd = jax.jit(functools.partial(flash_mgpu.forward, causal=causal,
+                                        scale=head_dim ** -0.5, q_len=16384, kv_len=16384,
+                                        config=cfg))
+        rec = dict(kind="tune", what="fwd_mosaic", head_dim=head_dim, causal=causal,
+                   config=dict(block_q=bq, block_kv=bkv, num_stages=stages))
+        try:
+          ms = bench(fwd, q, k, v, budget_ms=30)
+          rec.update(ms=ms, tflops=flops / ms / 1e9)
+        except Exception as e:  # pylint: disable=broad-except
+          rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+      cudnn = jax.jit(_attn_fn("cudnn", causal))
+      ms = bench(cudnn, q, k, v, budget_ms=30)
+      rec = dict(kind="tune", what="fwd_mosaic", head_dim=head_dim, causal=causal,
+                 config="cudnn", ms=ms, tflops=flops / ms / 1e9)
+      records.append(rec)
+      print(json.dumps(rec), flush=True)
+
+
+def _record_key(r):
+  return tuple(r.get(f) for f in ("kind", "impl", "what", "length", "head_dim", "causal",
+                                  "context", "config")).__repr__()
+
+
+def keep_earlier(records, path):
+  """Records of an earlier results.jsonl that `records` does not remeasure, marked
+  with `from_earlier_run` (their run_at) so the report can say so."""
+  with open(path) as f:
+    old = [json.loads(line) for line in f if line.startswith("{")]
+  meta = next((r for r in old if r.get("kind") == "meta"), {})
+  run_at = meta.get("run_at")
+  if "pallas_forward" not in meta:  # a run from before forward_kernel: "pallas" was Triton
+    old = [dict(r, impl="pallas_triton") if r.get("kind") == "train" and r.get("impl") == "pallas"
+           else r for r in old]
+  new = {_record_key(r) for r in records}
+  # Each kept training record carries the cuDNN rate of its own run, for its ratio.
+  cudnn = {_record_key(dict(r, impl=None)): r.get("tflops") for r in old
+           if r.get("kind") == "train" and r.get("impl") == "cudnn"}
+  kept = [dict(r, from_earlier_run=r.get("from_earlier_run", run_at),
+               cudnn_tflops_same_run=r.get("cudnn_tflops_same_run",
+                                           cudnn.get(_record_key(dict(r, impl=None)))))
+          for r in old if r.get("kind") != "meta" and _record_key(r) not in new]
+  return kept + records
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def write_report(records, out_dir, device=None):
   os.makedirs(out_dir, exist_ok=True)
   meta = dict(kind="meta", device=device or str(jax.devices()[0].device_kind), date=DATE,
-              jax=jax.__version__, backend=jax.default_backend(),
+              jax=jax.__version__, backend=jax.default_backend(), pallas_forward="auto",
               run_at=datetime.datetime.now().isoformat(timespec="seconds"))
   with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
     for rec in [meta] + records:
@@ -255,19 +326,32 @@ def write_report(records, out_dir, device=None):
   train = [r for r in records if r["kind"] == "train" and "ms" in r]
   if train:
     lines += ["## Training attention (bf16, 16 heads, batch*L = 16k): TFLOP/s (ms), ratio to cuDNN",
-              "", "| head_dim | causal | pass | L | pallas | cudnn | xla | jax_mha | pallas/cudnn |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "", "pallas = lca flash_attention (forward_kernel=\"auto\": Mosaic GPU forward on "
+              "this GPU + Triton backward); pallas_triton = the all-Triton path.", ""]
+    earlier = sorted({r["impl"] for r in train if r.get("from_earlier_run")})
+    if earlier:
+      lines += [f"Columns {', '.join(earlier)}: kept from the earlier run of "
+                f"{next(r['from_earlier_run'] for r in train if r.get('from_earlier_run'))} "
+                "(same device and software; their ratio divides by that run's cuDNN); "
+                "the other columns were measured together.", ""]
+    lines += ["| head_dim | causal | pass | L | " + " | ".join(TRAIN_IMPLS)
+              + " | pallas/cudnn | pallas_triton/cudnn |",
+              "|---|---|---|---|" + "---|" * (len(TRAIN_IMPLS) + 2)]
     keys = sorted({(r["head_dim"], r["causal"], r["what"], r["length"]) for r in train},
                   key=lambda x: (-x[0], not x[1], x[2], x[3]))
     for hd, causal, what, length in keys:
-      cell, got = [], {}
-      for impl in ("pallas", "cudnn", "xla", "jax_mha"):
+      cell, got, base = [], {}, {}
+      for impl in TRAIN_IMPLS:
         r = [x for x in train if (x["head_dim"], x["causal"], x["what"], x["length"], x["impl"])
              == (hd, causal, what, length, impl)]
         got[impl] = r[0]["tflops"] if r else None
+        base[impl] = r[0].get("cudnn_tflops_same_run") if r else None
         cell.append(f"{r[0]['tflops']:.0f} ({r[0]['ms']:.2f})" if r else "-")
-      ratio = (f"{got['pallas'] / got['cudnn']:.2f}" if got["pallas"] and got["cudnn"] else "-")
-      lines.append(f"| {hd} | {causal} | {what} | {length} | " + " | ".join(cell) + f" | {ratio} |")
+      # Each ratio divides by the cuDNN rate measured in the same run as its numerator.
+      ratio = lambda a: (f"{got[a] / (base[a] or got['cudnn']):.2f}"
+                         if got[a] and (base[a] or got["cudnn"]) else "-")
+      lines.append(f"| {hd} | {causal} | {what} | {length} | " + " | ".join(cell)
+                   + f" | {ratio('pallas')} | {ratio('pallas_triton')} |")
     lines.append("")
   dec = [r for r in records if r["kind"] == "decode" and "ms" in r]
   if dec:
@@ -311,7 +395,7 @@ def _plot(train, dec, mem, meta, out_dir):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
   for ax, what in zip(axes[:2], ("fwd", "fwd+bwd")):
-    for impl in ("pallas", "cudnn", "xla", "jax_mha"):
+    for impl in TRAIN_IMPLS:
       rs = sorted((r["length"], r["tflops"]) for r in train if r["impl"] == impl
                   and r["what"] == what and r["head_dim"] == 128 and r["causal"])
       if rs:
@@ -348,6 +432,8 @@ def main(argv):
           rec = json.loads(line)
           if rec.get("kind") != "meta":
             records.append(rec)
+    if FLAGS.keep_from:
+      records = keep_earlier(records, FLAGS.keep_from)
     write_report(records, FLAGS.out_dir, device=FLAGS.device)
     return
   if FLAGS.mode in ("all", "memory"):
@@ -358,6 +444,10 @@ def main(argv):
     run_train(records)
   if FLAGS.mode == "tune":
     run_tune(records)
+  if FLAGS.mode == "tune_mosaic":
+    run_tune_mosaic(records)
+  if FLAGS.keep_from:
+    records = keep_earlier(records, FLAGS.keep_from)
   write_report(records, FLAGS.out_dir)
 
 

@@ -22,6 +22,13 @@ where every pair is visible: only the blocks at the edges of the band pay for a
 mask, and blocks outside the band are never loaded, so a window of w costs
 O(L * w). Lengths that are not a multiple of the block size and head dims that
 are not a power of two are zero-padded by the launcher (padded keys are masked).
+
+Forward kernel choice (`forward_kernel=`): on an sm_90 GPU, "auto" runs the Mosaic GPU
+forward of flash_mgpu.py (TMA + wgmma, warp-specialized, the softmax overlapped with the
+MMAs) when it supports the case (bf16/fp16, head_dim 64/128, no window, no segment ids),
+else this file's Triton forward; the backward is always the Triton kernels below, which
+read the same (out, LSE2). "triton" and "mosaic" force one ("mosaic" raises a ValueError
+naming the reason when it cannot run the case). CPU/interpret mode always uses Triton.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
+from pallas_kernels import flash_mgpu
 from pallas_kernels import resolve_interpret
 
 LOG2E = math.log2(math.e)
@@ -115,6 +123,8 @@ class _Static:
   segments: bool
   blocks: BlockSizes
   interpret: bool
+  forward: str = "triton"  # "triton" or "mosaic" (flash_mgpu.py); the backward is Triton
+  mosaic: flash_mgpu.Config | None = None
 
   @property
   def offset(self) -> int:  # query row i sits at key position i + offset
@@ -277,8 +287,11 @@ def _fwd(q, k, v, seg_q, seg_k, st: _Static, *, out=None, lse=None):
   """Padded inputs -> (out [B, Lq_pad, H, D], lse2 [B, H, Lq_pad] fp32).
 
   `out`/`lse`, when given, are aliased to the outputs (tests prefill them with NaN
-  to prove that every element is written).
+  to prove that every element is written; Triton forward only).
   """
+  if st.forward == "mosaic":
+    return flash_mgpu.forward(q, k, v, causal=st.causal, scale=st.scale, q_len=st.q_len,
+                              kv_len=st.kv_len, config=st.mosaic)
   batch, q_pad, num_heads, head_dim = q.shape
   kv_pad, num_kv_heads = k.shape[1], k.shape[2]
   bq, g = st.blocks.block_q, st.group
@@ -539,9 +552,33 @@ def check_args(q, k, v, *, window, scale, segment_ids, kv_segment_ids, block_siz
     block_sizes.validate()
 
 
+FORWARD_KERNELS = ("auto", "triton", "mosaic")
+
+
+def choose_forward_kernel(q, k, v, *, forward_kernel: str = "auto", causal: bool = True,
+                          window: int | None = None, scale: float | None = None,
+                          segment_ids=None, interpret: bool | None = None) -> str:
+  """-> "triton" or "mosaic" for `flash_attention(..., forward_kernel=)` (see the module
+  docstring). ValueError for an unknown name, or "mosaic" on a case it cannot run."""
+  if forward_kernel not in FORWARD_KERNELS:
+    raise ValueError(f"forward_kernel must be one of {FORWARD_KERNELS}, got {forward_kernel!r}")
+  if forward_kernel == "triton":
+    return "triton"
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+  reason = flash_mgpu.supported(q, k, v, causal=causal, window=window, scale=scale,
+                                segment_ids=segment_ids,
+                                interpret=resolve_interpret(interpret))
+  if reason is None:
+    return "mosaic"
+  if forward_kernel == "mosaic":
+    raise ValueError(f"forward_kernel='mosaic' cannot run this case: {reason}")
+  return "triton"
+
+
 def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
                     scale: float | None = None, segment_ids=None, kv_segment_ids=None,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                    forward_kernel: str = "auto"):
   """Exact softmax attention in O(L) memory, differentiable (Pallas dK/dV and dQ kernels).
 
   Args:
@@ -556,11 +593,16 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
       default segment_ids).
     block_sizes: tiles and launch parameters, default `BlockSizes.default(D, dtype)`.
     interpret: None = interpret mode when the default backend is CPU.
+    forward_kernel: "auto" (Mosaic GPU forward on sm_90 when it supports the case, else
+      Triton), "triton" or "mosaic" (ValueError naming the reason if it cannot run).
   Returns:
     [B, Lq, H, D] in q's dtype; a row that sees no key is zeros.
   """
   check_args(q, k, v, window=window, scale=scale, segment_ids=segment_ids,
              kv_segment_ids=kv_segment_ids, block_sizes=block_sizes)
+  forward = choose_forward_kernel(q, k, v, forward_kernel=forward_kernel, causal=causal,
+                                  window=window, scale=scale, segment_ids=segment_ids,
+                                  interpret=interpret)
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -570,11 +612,16 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
   st = _Static(causal=bool(causal), window=None if window is None else int(window), scale=scale,
                q_len=q_len, kv_len=kv_len, group=num_heads // num_kv_heads,
                segments=segment_ids is not None, blocks=blocks,
-               interpret=resolve_interpret(interpret))
-  q_pad = pl.cdiv(q_len, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
-  q_pad *= max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-  kv_pad = pl.cdiv(kv_len, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
-  kv_pad *= max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+               interpret=resolve_interpret(interpret), forward=forward,
+               mosaic=(flash_mgpu.Config.default(flash_mgpu.padded_head_dim(head_dim))
+                       if forward == "mosaic" else None))
+  # Pad to a multiple of every tile that walks the axis (all powers of two: the max).
+  q_tile = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq,
+               st.mosaic.q_tile if st.mosaic else 1)
+  kv_tile = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq,
+                st.mosaic.block_kv if st.mosaic else 1)
+  q_pad = pl.cdiv(q_len, q_tile) * q_tile
+  kv_pad = pl.cdiv(kv_len, kv_tile) * kv_tile
   d_pad = _pow2_at_least(head_dim)
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, d_pad)
   seg_q = _pad_axis(None if segment_ids is None else segment_ids.astype(jnp.int32), 1, q_pad, -1)
@@ -586,9 +633,10 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
 
 def flash_reference(q, k, v, *, causal: bool = True, window: int | None = None,
                     scale: float | None = None, segment_ids=None, kv_segment_ids=None,
-                    block_sizes=None, interpret=None):
-  """The plain-jnp twin of `flash_attention` (block_sizes, interpret ignored)."""
-  del block_sizes, interpret
+                    block_sizes=None, interpret=None, forward_kernel=None):
+  """The plain-jnp twin of `flash_attention` (block_sizes, interpret, forward_kernel
+  ignored)."""
+  del block_sizes, interpret, forward_kernel
   from lca.attention import full  # pylint: disable=g-import-not-at-top
   return full.attention_reference(q, k, v, causal=causal, window=window, scale=scale,
                                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
