@@ -33,7 +33,6 @@ import warnings
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import flash, flash_decode
 
@@ -222,14 +221,8 @@ def run_tune(records):
     for cfg in fwd_cfgs:
       blocks = dataclasses.replace(base, **cfg)
       fwd, _ = _train_fns("pallas", True, blocks)
-      rec = dict(kind="tune", what="fwd", head_dim=head_dim, config=cfg)
-      try:
-        ms = bench(fwd, q, k, v, budget_ms=30)
-        rec.update(ms=ms, tflops=flops / ms / 1e9)
-      except Exception as e:  # pylint: disable=broad-except
-        rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-      records.append(rec)
-      print(json.dumps(rec), flush=True)
+      _tune_record(records, dict(kind="tune", what="fwd", head_dim=head_dim, config=cfg),
+                   fwd, (q, k, v), flops)
     bwd_cfgs = [dict(block_q_dkv=a, block_k_dkv=b, num_warps_dkv=w, num_stages_dkv=s,
                      block_q_dq=c, block_k_dq=d, num_warps_dq=w2, num_stages_dq=s2)
                 for a, b, w, s, c, d, w2, s2 in (
@@ -240,19 +233,24 @@ def run_tune(records):
     for cfg in bwd_cfgs:
       blocks = dataclasses.replace(base, **cfg)
       _, fwd_bwd = _train_fns("pallas", True, blocks)
-      rec = dict(kind="tune", what="fwd+bwd", head_dim=head_dim, config=cfg)
-      try:
-        ms = bench(fwd_bwd, q, k, v, do, budget_ms=30)
-        rec.update(ms=ms, tflops=3.5 * flops / ms / 1e9)
-      except Exception as e:  # pylint: disable=broad-except
-        rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-      records.append(rec)
-      print(json.dumps(rec), flush=True)
+      _tune_record(records, dict(kind="tune", what="fwd+bwd", head_dim=head_dim, config=cfg),
+                   fwd_bwd, (q, k, v, do), 3.5 * flops)
   FLAGS.contexts = ["32768", "131072"]
   run_decode(records, configs=[("cudnn", {})] + [
       ("pallas", dict(num_splits=s, block_k=bk, num_warps=w, num_stages=st))
       for s, bk, w, st in ((None, 64, 4, 3), (16, 64, 4, 4), (32, 64, 4, 3), (64, 64, 4, 3),
                            (16, 128, 4, 3), (32, 128, 8, 3), (32, 32, 4, 4), (8, 64, 4, 3))])
+
+
+def _tune_record(records, rec, fn, args, flops):
+  """Times fn(*args) for a tuning sweep into `rec` (ms, TFLOP/s, or the error); appends and prints it."""
+  try:
+    ms = bench(fn, *args, budget_ms=30)
+    rec.update(ms=ms, tflops=flops / ms / 1e9)
+  except Exception as e:  # pylint: disable=broad-except
+    rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+  records.append(rec)
+  print(json.dumps(rec), flush=True)
 
 
 def run_tune_mosaic(records):
@@ -268,15 +266,9 @@ def run_tune_mosaic(records):
         fwd = jax.jit(functools.partial(flash_mgpu.forward, causal=causal,
                                         scale=head_dim ** -0.5, q_len=16384, kv_len=16384,
                                         config=cfg))
-        rec = dict(kind="tune", what="fwd_mosaic", head_dim=head_dim, causal=causal,
-                   config=dict(block_q=bq, block_kv=bkv, num_stages=stages))
-        try:
-          ms = bench(fwd, q, k, v, budget_ms=30)
-          rec.update(ms=ms, tflops=flops / ms / 1e9)
-        except Exception as e:  # pylint: disable=broad-except
-          rec.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-        records.append(rec)
-        print(json.dumps(rec), flush=True)
+        _tune_record(records, dict(kind="tune", what="fwd_mosaic", head_dim=head_dim, causal=causal,
+                                   config=dict(block_q=bq, block_kv=bkv, num_stages=stages)),
+                     fwd, (q, k, v), flops)
       cudnn = jax.jit(_attn_fn("cudnn", causal))
       ms = bench(cudnn, q, k, v, budget_ms=30)
       rec = dict(kind="tune", what="fwd_mosaic", head_dim=head_dim, causal=causal,
