@@ -228,25 +228,6 @@ def breakdown(length, reps):
   return res
 
 
-def _swapped_gdn(bwd_cfg):
-  """chunk_gated_delta_rule's custom_vjp with the XLA vjp replaced by gated_delta_bwd (L % 64 == 0)."""
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-  def f(q, k, v, beta, log_alpha, s0, scale, delta, cfg, interpret):
-    return gated_delta._gated_delta(q, k, v, beta, log_alpha, s0, scale, delta, cfg, interpret)
-
-  def bwd(scale, delta, cfg, interpret, res, cotangents):
-    q, k, v, beta, log_alpha, g, p, w, states = res
-    do, ds_end = cotangents
-    dstates, ds0 = gated_delta._launch_backward(q, k, g, p, do.astype(q.dtype), ds_end.astype(jnp.float32),
-                                                w, scale=scale, delta=delta, cfg=cfg, interpret=interpret)
-    grads = gated_delta_bwd.chunk_local_grads(q, k, v, beta, log_alpha, states, dstates, do, scale=scale,
-                                              delta=delta, interpret=interpret, config=bwd_cfg)
-    return (*grads, ds0)
-
-  f.defvjp(gated_delta._gated_delta_fwd, bwd)
-  return f
-
-
 def bwd_breakdown(length, reps):
   """The in-chunk backward alone: XLA batched vjp vs the Pallas kernel (sweep), and fwd+bwd with each."""
   q, k, v, beta, log_alpha, do = _inputs(length)
@@ -282,15 +263,15 @@ def bwd_breakdown(length, reps):
   s0 = jnp.zeros((1, h, d, d), jnp.float32)
   for delta in (True, False):
     b = beta if delta else jnp.zeros_like(beta)
-    def loss(f, q, k, v, b, la, delta=delta):
-      o, _ = f(q, k, v, b, la, s0, scale, delta, gated_delta.Config(), _INTERP())
+    def loss(cfg, q, k, v, b, la, delta=delta):
+      o, _ = gated_delta._gated_delta(q, k, v, b, la, s0, scale, delta, cfg, _INTERP())
       return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
     grads = {}
-    for label, f in (("xla", gated_delta._gated_delta),
-                     ("pallas", _swapped_gdn(best[delta][1]) if delta in best else None)):
-      if f is None:
+    for label, local in (("xla", "xla"), ("pallas", best[delta][1] if delta in best else None)):
+      if local is None:
         continue
-      g = jax.jit(jax.grad(functools.partial(loss, f), argnums=(0, 1, 2, 3, 4)))
+      cfg = gated_delta.Config(local_grads=local)
+      g = jax.jit(jax.grad(functools.partial(loss, cfg), argnums=(0, 1, 2, 3, 4)))
       res[f"fwdbwd_{label}_delta{int(delta)}_ms"] = _try(f"fwd+bwd delta={delta} local grads={label}",
                                                          g, q, k, v, b, log_alpha, reps=reps)
       if res[f"fwdbwd_{label}_delta{int(delta)}_ms"] is not None:

@@ -56,6 +56,9 @@ class Config:
   num_warps_prep: int = 4
   num_warps_scan: int = 4
   num_stages: int = 3              # the scan's load pipeline: 3 is 1.4x faster than 2 at 64k
+  # The backward's in-chunk gradients: the Pallas kernel's launch parameters, or "xla" for
+  # its reference (one batched jax.vjp of `_chunk_local`, the path before the kernel).
+  local_grads: gated_delta_bwd.Config | str = gated_delta_bwd.Config()
 
 
 def _mm(a, b, dtype, *, trans_a=False, trans_b=False):
@@ -331,8 +334,13 @@ def _gated_delta_bwd(scale, delta, cfg, interpret, res, cotangents):
                                   scale=scale, delta=delta, cfg=cfg, interpret=interpret)
   # Every chunk now has its initial state and its end-state adjoint: the chunks are
   # independent, one Pallas program each (gated_delta_bwd; `_chunk_local` is its reference).
-  dq, dk, dv, dbeta, dlog_alpha = gated_delta_bwd.chunk_local_grads(
-      q, k, v, beta, log_alpha, states, dstates, do, scale=scale, delta=delta, interpret=interpret)
+  if cfg.local_grads == "xla":
+    local_grads, local_cfg = gated_delta_bwd.chunk_local_grads_reference, gated_delta_bwd.Config()
+  else:
+    local_grads, local_cfg = gated_delta_bwd.chunk_local_grads, cfg.local_grads
+  dq, dk, dv, dbeta, dlog_alpha = local_grads(q, k, v, beta, log_alpha, states, dstates, do,
+                                              scale=scale, delta=delta, interpret=interpret,
+                                              config=local_cfg)
   return dq, dk, dv, dbeta, dlog_alpha, ds0
 
 
