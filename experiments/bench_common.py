@@ -4,6 +4,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def bench(fn, *args, reps: int = 5) -> float:
@@ -27,3 +28,22 @@ def try_bench(label: str, fn, *args, reps: int) -> float | None:
   except Exception as e:  # pylint: disable=broad-except
     print(f"  {label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
     return None
+
+
+def bench_in_loop(fn, first, *rest, inner: int = 64, reps: int = 5) -> float:
+  """Median device seconds per call of fn(first, *rest), for kernels of a few microseconds.
+
+  `bench` times one dispatched call, so below ~0.1 ms it measures host dispatch, not the
+  GPU. Here `inner` calls run inside one jitted `lax.map` over `inner` distinct copies of
+  the float array `first` (distinct, so XLA cannot hoist the call out of the loop); the
+  loop's own cost (slicing one copy, storing one output) is measured with an identity
+  body of the same shapes and subtracted.
+  """
+  firsts = jnp.stack([first + jnp.asarray(i * 1e-3, first.dtype) for i in range(inner)])
+
+  def run(f):
+    return jax.jit(lambda xs, *r: jax.lax.map(lambda x: f(x, *r), xs))
+
+  timed = bench(run(fn), firsts, *rest, reps=reps)
+  overhead = bench(run(lambda x, *r: x), firsts, *rest, reps=reps)
+  return max(timed - overhead, 0.0) / inner
