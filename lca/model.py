@@ -37,6 +37,7 @@ class ModelConfig:
   global_rope_base: float | None = None  # global layers' RoPE base (ModernBERT: 160k); None = rope_base
   qk_norm: bool = False            # RMSNorm on q and k per head (Qwen3)
   output_gate: bool = False        # sigmoid output gate per head (Qwen3-Next gated attention)
+  attn_conv_size: int = 0          # G/L layers: x + short causal conv(x) first (Canon-A); 0 = off
   tie_embeddings: bool = True
   dtype: str = "float32"           # compute dtype; parameters stay float32
   implementation: str | None = None  # attention implementation; None = fastest available

@@ -30,8 +30,9 @@ def test_logits_shape_and_finite():
   chex.assert_tree_all_finite(logits)
 
 
-def test_model_is_causal():
-  m = _model()
+@pytest.mark.parametrize("conv", [0, 4])
+def test_model_is_causal(conv):
+  m = _model(attn_conv_size=conv)
   tokens = _tokens(jax.random.key(1))
   changed = tokens.at[:, 17:].set((tokens[:, 17:] + 1) % 256)
   f = jax.jit(lambda t: m(t))
@@ -40,10 +41,11 @@ def test_model_is_causal():
   assert not np.allclose(a[:, 17:], b[:, 17:])
 
 
-@pytest.mark.parametrize("pattern", ["G", "L", "GLL"])
-def test_cached_decoding_reproduces_forward_logits(pattern):
-  """A prompt longer than the window, then one token at a time (ring buffers wrap)."""
-  m = _model(layer_pattern=pattern)
+@pytest.mark.parametrize("pattern,conv", [("G", 0), ("L", 0), ("GLL", 0), ("GLL", 4)])
+def test_cached_decoding_reproduces_forward_logits(pattern, conv):
+  """A prompt longer than the window, then one token at a time (ring buffers wrap; the
+  short conv's tail crosses from the prompt into the steps)."""
+  m = _model(layer_pattern=pattern, attn_conv_size=conv)
   tokens = _tokens(jax.random.key(2), length=23)
   graphdef, state = nnx.split(m)
 
@@ -107,8 +109,9 @@ def test_local_layers_bound_the_cache():
   assert lg.cache_bytes_per_token(1024) == pytest.approx(expected)
 
 
-def test_segment_ids_keep_packed_documents_apart():
-  m = _model()
+@pytest.mark.parametrize("conv", [0, 3])
+def test_segment_ids_keep_packed_documents_apart(conv):
+  m = _model(attn_conv_size=conv)
   a, b = _tokens(jax.random.key(7), 1, 12), _tokens(jax.random.key(8), 1, 17)
   packed = jnp.concatenate([a, b], axis=1)
   seg = jnp.asarray([[0] * 12 + [1] * 17])
@@ -129,6 +132,7 @@ def test_layer_pattern_by_letters_or_names():
     ({"num_heads": 6, "num_kv_heads": 4}, "num_heads=6 must be a multiple of model.num_kv_heads=4"),
     ({"window": 0}, "window must be positive"),
     ({"dtype": "float64"}, "model.dtype must be one of"),
+    ({"attn_conv_size": 1}, "conv_size must be 0 \\(off\\) or >= 2, got 1"),
 ])
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ValueError, match=match):

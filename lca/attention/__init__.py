@@ -28,14 +28,16 @@ def _global(cfg, rngs):
                         output_gate=cfg.output_gate, implementation=cfg.implementation,
                         dtype=cfg.compute_dtype, rope_scaling=cfg.rope_scaling,
                         rope_scaling_factor=cfg.rope_scaling_factor,
-                        rope_original_length=cfg.rope_original_length)
+                        rope_original_length=cfg.rope_original_length,
+                        conv_size=cfg.attn_conv_size)
 
 
 def _local(cfg, rngs):
   return local.LocalAttention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               rngs=rngs, window=cfg.window, rope_base=cfg.rope_base,
                               qk_norm=cfg.qk_norm, output_gate=cfg.output_gate,
-                              implementation=cfg.implementation, dtype=cfg.compute_dtype)
+                              implementation=cfg.implementation, dtype=cfg.compute_dtype,
+                              conv_size=cfg.attn_conv_size)
 
 
 def _mla(cfg, rngs):

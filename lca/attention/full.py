@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lca.attention import common
+from lca.layers import conv as conv_lib
 from lca.layers import norms, rope
 
 
@@ -301,15 +302,27 @@ class Attention(nnx.Module):
 
   With `window` set it is a sliding-window (local) layer whose decode cache is a
   ring buffer of `window` slots. `output_gate` is Qwen3-Next's gated attention:
-  o <- o * sigmoid(x W_g) per head and channel, before W_o.
+  o <- o * sigmoid(x W_g) per head and channel, before W_o. `conv_size` > 0 first mixes
+  the last `conv_size` tokens into each position, x <- x + causal_conv(x) (depthwise; a
+  Canon-A layer, Allen-Zhu 2025): what the short conv of Qwen3-Next's linear layers gives
+  them, so a position sees its predecessor without learning a previous-token head first
+  (it speeds up learning induction/recall several-fold; the cache then keeps the last
+  conv_size - 1 inputs).
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rngs: nnx.Rngs, window: int | None = None, rope_base: float = 10_000.0,
                qk_norm: bool = False, output_gate: bool = False,
                implementation=None, dtype=jnp.float32, rope_scaling: str = "none",
-               rope_scaling_factor: float = 1.0, rope_original_length: int = 0):
+               rope_scaling_factor: float = 1.0, rope_original_length: int = 0,
+               conv_size: int = 0):
     common.check_window(window)
+    if conv_size < 0 or conv_size == 1:
+      raise ValueError(f"conv_size must be 0 (off) or >= 2, got {conv_size}")
+    self.conv_size = conv_size
+    self.conv = nnx.Param(jax.random.uniform(
+        rngs.params(), (conv_size, d_model), minval=-1.0, maxval=1.0) / math.sqrt(conv_size)
+    ) if conv_size else None
     init_projections(self, d_model, num_heads, num_kv_heads, head_dim, rngs=rngs, qk_norm=qk_norm)
     self.wg = nnx.Param(nnx.initializers.lecun_normal()(
         rngs.params(), (d_model, num_heads * head_dim))) if output_gate else None
@@ -325,12 +338,16 @@ class Attention(nnx.Module):
     """Cache for `capacity` tokens; a local layer keeps only min(window, capacity)."""
     if self.window is not None:
       capacity = min(capacity, self.window)
-    return init_kv_cache(batch, capacity, self.num_kv_heads, self.head_dim, dtype or self.dtype)
+    cache = init_kv_cache(batch, capacity, self.num_kv_heads, self.head_dim, dtype or self.dtype)
+    if self.conv is not None:
+      cache["conv"] = jnp.zeros((batch, self.conv_size - 1, self.conv.shape[1]), dtype or self.dtype)
+    return cache
 
   def cache_bytes_per_token(self, context: int, bytes_per_value: int = 2) -> float:
     """KV-cache bytes per token at a given context length (bounded for local layers)."""
     kept = context if self.window is None else min(context, self.window)
-    return 2 * self.num_kv_heads * self.head_dim * bytes_per_value * kept / context
+    conv = 0 if self.conv is None else (self.conv_size - 1) * self.conv.shape[1] * bytes_per_value
+    return (2 * self.num_kv_heads * self.head_dim * bytes_per_value * kept + conv) / context
 
   def attend(self, q, k, v, segment_ids):
     """Training-time attention. Packed documents: RoPE positions restart per
@@ -349,10 +366,18 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, *, cache: dict | None = None, segment_ids=None):
     """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
     x = x.astype(self.dtype)
+    if self.conv is not None:
+      tail = (jnp.zeros((x.shape[0], self.conv_size - 1, x.shape[2]), x.dtype) if cache is None
+              else cache["conv"])
+      mixed, tail = conv_lib.causal_conv(x, self.conv[...], tail, segment_ids)
+      x = x + mixed
     q, k, v = project_qkv(self, x, positions)
     if cache is None:
       out = self.attend(q, k, v, segment_ids)
     else:
-      out, cache = cached_attention(q, k, v, positions, cache, window=self.window, scale=None,
+      kv_cache = {name: value for name, value in cache.items() if name != "conv"}
+      out, cache = cached_attention(q, k, v, positions, kv_cache, window=self.window, scale=None,
                                     implementation=self.implementation)
+      if self.conv is not None:
+        cache["conv"] = tail.astype(kv_cache["k"].dtype)
     return self.output(out, x), cache

@@ -18,30 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lca.attention import linear
+from lca.layers import conv as conv_lib
 from lca.layers import norms
 
 # log a at the first token of a packed document: e^-60 wipes the previous document's state.
 _RESET_LOG_ALPHA = -60.0
-
-
-def causal_conv(x, weight, tail, segment_ids=None):
-  """Causal depthwise conv over time.
-
-  x: [B, L, C]; weight: [W, C] (tap W-1 multiplies the current token); tail: [B, W-1, C],
-  the inputs before x (zeros at the start). segment_ids [B, L]: taps never cross a
-  document boundary. Returns (y [B, L, C], new tail [B, W-1, C]).
-  """
-  width, length = weight.shape[0], x.shape[1]
-  xp = jnp.concatenate([tail.astype(x.dtype), x], axis=1)
-  if segment_ids is not None:
-    segp = jnp.pad(segment_ids, [(0, 0), (width - 1, 0)], constant_values=-1)
-  y = jnp.zeros(x.shape, jnp.float32)
-  for i in range(width):
-    tap = xp[:, i:i + length].astype(jnp.float32) * weight[i].astype(jnp.float32)
-    if segment_ids is not None:
-      tap = jnp.where((segp[:, i:i + length] == segment_ids)[..., None], tap, 0.0)
-    y = y + tap
-  return y.astype(x.dtype), xp[:, xp.shape[1] - (width - 1):]
 
 
 def document_starts(segment_ids):
@@ -112,7 +93,7 @@ class GatedDeltaNet(nnx.Module):
     w = lambda param: param[...].astype(self.dtype)
     tail = (jnp.zeros((batch, self.conv_size - 1, self.channels), self.dtype) if cache is None
             else cache["conv"])
-    qkv, tail = causal_conv(x @ w(self.w_qkv), self.conv[...], tail, segment_ids)
+    qkv, tail = conv_lib.causal_conv(x @ w(self.w_qkv), self.conv[...], tail, segment_ids)
     qkv = jax.nn.silu(qkv)
     q, k, v = jnp.split(qkv, [heads * dk, 2 * heads * dk], axis=-1)
     q = linear.l2_normalize(q.reshape(batch, length, heads, dk))
