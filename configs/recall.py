@@ -42,6 +42,7 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.model.window = 64                    # local layers: far shorter than the recall distance
   c.model.output_gate = True             # Qwen3-Next gated attention on G layers
   c.model.qk_norm = True
+  c.model.attn_conv_size = 4             # G/L layers get the short conv E/R layers have (Canon-A)
   c.model.dtype = "bfloat16" if gpu else "float32"
 
   # --- recall tasks ---------------------------------------------------------------------
@@ -49,15 +50,15 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.recall.models = ",".join(MODELS)     # subset of MODELS, comma-separated
   c.recall.tasks = "mqar"               # also "passkey"
   c.recall.lengths = "256,1024" if gpu else "128"  # the sweep: 256,512,1024,2048,4096
-  c.recall.pairs_per_token = 1 / 16      # MQAR key-value pairs = length / 16 (256 -> 16 pairs)
+  c.recall.pairs_per_token = 1 / 32      # MQAR key-value pairs = length / 32 (256 -> 8, 2048 -> 64)
   c.recall.max_pairs = 64                # cap: keys and values come from 64-token ranges
-  c.recall.num_queries = 16              # MQAR queries at the end of each sequence
   c.recall.passkey_digits = 5
   c.recall.eval_sequences = 256
+  c.recall.tokens_per_step = 32768 if gpu else 2048  # batch = tokens_per_step // length
 
   # --- train (the same budget for every model) ------------------------------------------
   c.data.batch_size = 32 if gpu else 16
-  c.train.num_steps = 3000 if gpu else 150  # CPU: a smoke run, too short to learn recall
+  c.train.num_steps = 1500 if gpu else 150  # CPU: a smoke run, too short to learn recall
   c.train.learning_rate = 3e-3
   c.train.warmup_steps = 50
   c.train.weight_decay = 0.0
