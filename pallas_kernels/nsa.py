@@ -82,8 +82,16 @@ class Tuning:
   block_kc: int = 64        # compressed keys per step
   importance_rows: int = 16  # positions per importance / top-n program
   dkdv_items: int = 256     # queries per dK/dV work item (selection branch)
+  # importance's sum over a group's heads: "reshape" ([16·Gp, bk] -> [16, Gp, bk], sum),
+  # "bf16" (0/1 matmul with P in q's dtype) or "tf32" (0/1 matmul in fp32, the first version)
+  importance_sum: str = "reshape"
   num_warps: int = 4
   num_stages: int = 2
+
+  def __post_init__(self):
+    if self.importance_sum not in ("reshape", "bf16", "tf32"):
+      raise ValueError(f"Tuning.importance_sum must be 'reshape', 'bf16' or 'tf32', "
+                       f"got importance_sum={self.importance_sum!r}")
 
 
 def _params(t: Tuning, warps=None):
@@ -288,7 +296,7 @@ _cmp_rows.defvjp(_cmp_rows_fwd, _cmp_rows_bwd)
 # ----------------------------------------------------------------------------- importance + top-n
 
 
-def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: int):
+def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: int, head_sum: str):
   """One program: `bt` positions x all heads of a group; NB selection blocks per step."""
   bh, tile = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
@@ -324,7 +332,12 @@ def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: 
     k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=(i < geo.num_compressed)[:, None],
                    other=0.0)
     p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
-    per_pos = plgpu.dot(sel, p)                       # [bt, bk]
+    if head_sum == "reshape":
+      per_pos = p.reshape(bt, gp, bk).sum(axis=1)     # [bt, bk]
+    elif head_sum == "bf16":
+      per_pos = plgpu.dot(sel.astype(q.dtype), p.astype(q.dtype))
+    else:
+      per_pos = plgpu.dot(sel, p)
     imp = plgpu.dot(per_pos, overlap)                 # [bt, nb]
     imp = imp + jnp.where(cols[None, :] == 0, carry[:, None], 0.0)
     j = step * nb + cols
@@ -346,7 +359,7 @@ def _importance(q_rows, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
   bt = geo_bt(geo)
   ns = geo.num_select_blocks
   return pl.pallas_call(
-      functools.partial(_importance_kernel, geo=geo, nb=nb),
+      functools.partial(_importance_kernel, geo=geo, nb=nb, head_sum=tuning.importance_sum),
       grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=jax.ShapeDtypeStruct((bh, geo.length, ns), jnp.float32),
       compiler_params=_params(tuning, warps=8), interpret=interpret, name="nsa_importance",

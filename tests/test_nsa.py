@@ -167,3 +167,21 @@ def test_too_many_selected_blocks_raise():
   with pytest.raises(ValueError, match="must be a multiple of model.nsa_block_stride|block_len=12"):
     cfg = model_lib.ModelConfig(layer_pattern="N", nsa_block_len=12, nsa_block_stride=8)
     model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("head_sum", ["reshape", "bf16", "tf32"])
+def test_gpu_importance_head_sum_variants(head_sum):
+  """pallas_kernels.nsa's importance kernel, each way of summing a group's heads, bf16."""
+  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
+  sizes = nsa.NSASizes()
+  ks = jax.random.split(jax.random.key(3), 2)
+  q = jax.random.normal(ks[0], (1, 2000, 64, 128), jnp.bfloat16)
+  kc = jax.random.normal(ks[1], (1, sizes.num_compressed(2000), 4, 128), jnp.bfloat16)
+  imp = kernels.block_importance(q, kc, sizes=sizes, tuning=kernels.Tuning(importance_sum=head_sum))
+  ref = nsa.block_importance_reference(q.astype(jnp.float32), kc.astype(jnp.float32), sizes=sizes,
+                                       num_select=sizes.num_select_blocks(2000))
+  visible = jnp.arange(ref.shape[-1])[None, :] <= (jnp.arange(2000) // 64)[:, None]
+  err = jnp.linalg.norm(jnp.where(visible, imp - ref, 0.0)) / jnp.linalg.norm(ref)
+  assert float(err) < 1e-2, float(err)

@@ -23,6 +23,9 @@ Faces:
   nsa_reference(q, k, v, kc, vc, gates, ...)  dense masks, plain jnp
   nsa(..., implementation=)                 "xla" (gathers selected blocks), "pallas"
                                             (pallas_kernels/nsa.py), "reference"
+  decode_attention(q, gates, positions, cache, implementation=)
+                                            one step over the caches: "pallas" (fused,
+                                            pallas_kernels/nsa_decode.py, T = 1) or "xla"
   NSAttention(nnx.Module)                   the layer (letter "N"), with a decode cache
 """
 
@@ -422,20 +425,44 @@ def update_compressed(cache: dict, positions, compress_fn, sizes: NSASizes) -> d
   return dict(cache, **new)
 
 
-def cached_nsa(q, k, v, gates, positions, cache: dict, *, compress_fn, sizes: NSASizes, scale=None):
+def cached_nsa(q, k, v, gates, positions, cache: dict, *, compress_fn, sizes: NSASizes, scale=None,
+               implementation=None):
   """NSA of T new tokens over the cache plus themselves -> (out [B, T, H, Dv], new cache).
 
   Reads only what NSA needs: compressed KV, the n selected blocks (gathered) and the
   last w + T - 1 raw tokens. Equals the forward at the same positions.
+  implementation: as `decode_attention`.
   """
   cache = dict(cache, **full.write_kv_cache(cache, k, v, positions))
   cache = update_compressed(cache, positions, compress_fn, sizes)
-  return decode_attention(q, gates, positions, cache, sizes=sizes, scale=scale), cache
+  return decode_attention(q, gates, positions, cache, sizes=sizes, scale=scale,
+                          implementation=implementation), cache
 
 
-def decode_attention(q, gates, positions, cache: dict, *, sizes: NSASizes, scale=None) -> jax.Array:
-  """NSA of queries at `positions` [B, T] over a filled cache (reads only) -> [B, T, H, Dv]."""
+def _decode_pallas(q, gates, positions, cache, *, sizes, scale):
+  from pallas_kernels import nsa_decode  # pylint: disable=g-import-not-at-top
+  if cache["k"].dtype != q.dtype or cache["kc"].dtype != q.dtype:
+    cache = {name: cache[name].astype(q.dtype) for name in ("k", "v", "kc", "vc")}
+  return nsa_decode.nsa_decode(q, gates, positions, cache, sizes=sizes, scale=scale)
+
+
+def decode_attention(q, gates, positions, cache: dict, *, sizes: NSASizes, scale=None,
+                     implementation: str | Sequence[str] | None = None) -> jax.Array:
+  """NSA of queries at `positions` [B, T] over a filled cache (reads only) -> [B, T, H, Dv].
+
+  implementation: "pallas" (pallas_kernels/nsa_decode.py: one token per sequence,
+  3 launches), "xla", a sequence tried in order, or None (GPU: pallas then xla;
+  CPU: xla). "pallas" raises NotImplementedError for T > 1 (a prompt chunk).
+  """
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  if implementation is None:
+    implementation = ("pallas", "xla") if jax.default_backend() == "gpu" else "xla"
+  return full.dispatch(DECODE_IMPLEMENTATIONS, implementation, q, gates, positions, cache,
+                       what="nsa decode", sizes=sizes, scale=scale)
+
+
+def _decode_xla(q, gates, positions, cache: dict, *, sizes: NSASizes, scale) -> jax.Array:
+  """`decode_attention` in XLA: compressed attention, importance, top-n, gathered blocks, window."""
   capacity = cache["k"].shape[1]
   k_all, v_all = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
   kc, vc = cache["kc"].astype(q.dtype), cache["vc"].astype(q.dtype)
@@ -455,6 +482,9 @@ def decode_attention(q, gates, positions, cache: dict, *, sizes: NSASizes, scale
                                    window=sizes.window, scale=scale, q_positions=positions,
                                    kv_positions=kv_pos)
   return combine(gates, o_cmp, o_slc, o_win)
+
+
+DECODE_IMPLEMENTATIONS = {"xla": _decode_xla, "pallas": _decode_pallas}
 
 
 # ----------------------------------------------------------------------------- module
@@ -480,7 +510,8 @@ class NSAttention(nnx.Module):
   """NSA layer: q/k/v/o projections, RoPE, φ for keys and values, per-head gate MLP.
 
   Training: `nsa(...)` on the whole sequence (segment_ids are not supported).
-  Decoding: a raw KV cache of `capacity` tokens plus the compressed KV.
+  Decoding: a raw KV cache of `capacity` tokens plus the compressed KV; one-token steps
+  go through the fused Pallas decode on GPU (`decode_attention`'s default).
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
