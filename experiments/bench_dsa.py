@@ -10,12 +10,18 @@ One DeepSeek-V3.2-like attention layer, batch 1, 128 query heads:
   dense    cuDNN (jax.nn.dot_product_attention) and lca flash (Pallas), causal MHA
            128 heads x 128 (prefill); decode: the same absorbed MQA attention densely
            over the whole latent cache (XLA), and cuDNN-size MHA 128 x 128 for reference.
-Times are medians of block_until_ready wall times after warm-up. Prefill top-k is
-timed on one query chunk and scaled to all chunks where a full pass would not fit
-the time limit (marked "scaled"). Writes experiments/results/bench_dsa/{results.json,
+Prefill times are medians of block_until_ready wall times after warm-up (`bench`).
+Prefill top-k: the threshold-search kernel (pallas_kernels/dsa_topk.py) on all query
+chunks, as (indexer + top-k over all chunks) - (indexer over all chunks), and both
+implementations (kernel, `lax.top_k`) on the last chunk alone; "DSA total" is one
+jitted prefill (chunked indexer + top-k, then sparse attention). Decode times are
+device time per call (`bench_common.bench_in_loop`: 64 calls inside one jitted loop,
+loop cost subtracted), not one dispatched call. `--parts=topk` sweeps the top-k
+kernel's launch parameters. Writes experiments/results/bench_dsa/{results.json,
 results.md, bench_dsa.png}.
 """
 
+import functools
 import json
 import pathlib
 
@@ -25,7 +31,7 @@ import jax.numpy as jnp
 
 from experiments import bench_common
 from lca.attention import dsa, full
-from pallas_kernels import dsa_attention, dsa_indexer
+from pallas_kernels import dsa_attention, dsa_indexer, dsa_topk
 
 _LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768", "65536", "131072"], "Context lengths.")
 _HEADS = flags.DEFINE_integer("heads", 128, "Query heads.")
@@ -36,6 +42,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 2048, "Selected tokens per query.")
 _CHUNK = flags.DEFINE_integer("chunk", 2048, "Queries per indexer chunk at prefill.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
+_PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
+_INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
 
 
 bench = bench_common.bench
@@ -51,6 +59,17 @@ def _causal_random_indices(length, top_k, q_positions):
       else ((n.astype(jnp.float32) * (t + 1).astype(jnp.float32) / top_k)).astype(jnp.int32)
   idx = jnp.where(t + 1 >= top_k, spread, n)
   return jnp.where(n <= t, idx, -1).astype(jnp.int32)
+
+
+def _in_loop(label, fn, first, *rest, inner, reps):
+  """Device ms per call (`bench_in_loop`: `inner` calls in one jitted loop), None on failure."""
+  try:
+    t = bench_common.bench_in_loop(fn, first, *rest, inner=inner, reps=reps)
+    print(f"  {label}: {t * 1e3:.4f} ms (device, in loop)", flush=True)
+    return t * 1e3
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"  {label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    return None
 
 
 def prefill_case(length, reps):
@@ -80,18 +99,36 @@ def prefill_case(length, reps):
         (qi.reshape(n_chunks, 1, chunk, hi, di), w.reshape(n_chunks, 1, chunk, hi),
          pos.reshape(n_chunks, 1, chunk))))
     res[f"indexer_{name}_ms"] = _ms(_try(f"indexer scores {name} (all chunks)", f, qi, ki, w, reps=reps))
-  # top-k of one chunk (the last one: most visible keys), scaled by the number of chunks
+  lengths = lambda p: jnp.clip(p + 1, 0, length)
+  # top-k on the last chunk (most visible keys): the kernel and lax.top_k
   sc = dsa_indexer.indexer_scores(qi[:, -chunk:], ki, w[:, -chunk:], pos[:, -chunk:], pos, fp8=True)
-  t_topk = _try("top-k, one chunk", jax.jit(lambda s: dsa.top_k_indices(s, top_k)), sc, reps=reps)
-  res["topk_ms_scaled"] = _ms(None if t_topk is None else t_topk * n_chunks)
+  for impl in ("pallas", "xla"):
+    f = jax.jit(lambda s, impl=impl: dsa.top_k_select(s, top_k, lengths=lengths(pos[:, -chunk:]),
+                                                        implementation=impl))
+    t = _try(f"top-k {impl}, last chunk", f, sc, reps=reps)
+    res[f"topk_{impl}_chunk_ms"] = _ms(t)
+    if impl == "xla":
+      res["topk_xla_ms_scaled"] = _ms(None if t is None else t * n_chunks)
   del sc
+
+  def index_top_k(qi, ki, w):
+    return dsa.indexer_top_k(qi, ki, w, top_k=top_k, fp8=True, chunk=chunk, implementation="pallas",
+                             topk_implementation="pallas")
+  t = _try("indexer fp8 + top-k (all chunks)", jax.jit(index_top_k), qi, ki, w, reps=reps)
+  res["indexer_topk_ms"] = _ms(t)
+  if t is not None and res.get("indexer_fp8_ms") is not None:
+    res["topk_ms"] = res["indexer_topk_ms"] - res["indexer_fp8_ms"]
   latent = jax.random.normal(keys[6], (1, length, 1, lat), bf)
   qs = jax.random.normal(keys[7], (1, length, h, lat), bf)
   idx = _causal_random_indices(length, top_k, pos[0])
   f = jax.jit(lambda q, kv, i: dsa.sparse_attention(q, kv, kv, i, implementation="pallas"))
   res["sparse_attention_ms"] = _ms(_try("sparse attention (MQA, pallas)", f, qs, latent, idx, reps=reps))
-  parts = [res.get("indexer_fp8_ms"), res.get("topk_ms_scaled"), res.get("sparse_attention_ms")]
-  res["dsa_total_ms"] = sum(parts) if all(p is not None for p in parts) else None
+  del idx
+
+  def prefill(q, kv, qi, ki, w):
+    return dsa.sparse_attention(q, kv, kv, index_top_k(qi, ki, w), implementation="pallas")
+  res["dsa_total_ms"] = _ms(_try("DSA prefill (end to end)", jax.jit(prefill), qs, latent, qi, ki, w,
+                                 reps=reps))
   return res
 
 
@@ -100,39 +137,78 @@ def decode_case(length, reps):
   keys = jax.random.split(jax.random.key(length + 1), 8)
   bf = jnp.bfloat16
   res = {"length": length}
+  loop = functools.partial(_in_loop, inner=_INNER.value, reps=reps)
+
   latent = jax.random.normal(keys[0], (1, length, 1, lat), bf)
   q = jax.random.normal(keys[1], (1, 1, h, lat), bf)
   qpos = jnp.full((1, 1), length - 1, jnp.int32)
   kvpos = jnp.arange(length, dtype=jnp.int32)[None]
-  f = jax.jit(lambda q, kv: full.attention_reference(q, kv, kv, causal=True, q_positions=qpos,
-                                                     kv_positions=kvpos))
-  res["dense_mqa_xla_ms"] = _ms(_try("dense absorbed-MQA decode (XLA)", f, q, latent, reps=reps))
-  try:
-    qm = jax.random.normal(keys[2], (1, 1, h, 128), bf)
-    km = jax.random.normal(keys[3], (1, length, h, 128), bf)
-    f = jax.jit(lambda q, k: jax.nn.dot_product_attention(q, k, k, implementation="cudnn"))
-    res["dense_mha_cudnn_ms"] = _ms(_try("dense MHA 128x128 decode (cuDNN)", f, qm, km, reps=reps))
-    del km
-  except Exception as e:  # pylint: disable=broad-except
-    print("  MHA decode skipped:", e)
+  res["dense_mqa_xla_ms"] = loop("dense absorbed-MQA decode (XLA)", lambda q, kv: full.attention_reference(
+      q, kv, kv, causal=True, q_positions=qpos, kv_positions=kvpos), q, latent)
+  qm = jax.random.normal(keys[2], (1, 1, h, 128), bf)
+  km = jax.random.normal(keys[3], (1, length, h, 128), bf)
+  res["dense_mha_cudnn_ms"] = loop("dense MHA 128x128 decode (cuDNN)", lambda q, k: jax.nn.dot_product_attention(
+      q, k, k, implementation="cudnn"), qm, km)
+  del km
   qi = jax.random.normal(keys[4], (1, 1, hi, di), bf)
   ki = jax.random.normal(keys[5], (1, length, di), bf)
   w = jax.random.normal(keys[6], (1, 1, hi), jnp.float32)
   for fp8 in (True, False):
     name = "fp8" if fp8 else "bf16"
-    f = jax.jit(lambda qi, ki, w, fp8=fp8: dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, fp8=fp8))
-    res[f"indexer_{name}_ms"] = _ms(_try(f"indexer {name}", f, qi, ki, w, reps=reps))
+    res[f"indexer_{name}_ms"] = loop(f"indexer {name}", lambda qi, ki, w, fp8=fp8: dsa_indexer.indexer_scores(
+        qi, ki, w, qpos, kvpos, fp8=fp8), qi, ki, w)
   sc = dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, fp8=True)
-  res["topk_ms"] = _ms(_try("top-k", jax.jit(lambda s: dsa.top_k_indices(s, top_k)), sc, reps=reps))
-  idx = dsa.top_k_indices(sc, top_k)
-  f = jax.jit(lambda q, kv, i: dsa.sparse_attention(q, kv, kv, i, implementation="pallas"))
-  res["sparse_attention_ms"] = _ms(_try("sparse attention (split-K)", f, q, latent, idx, reps=reps))
+  for impl, key in (("pallas", "topk_ms"), ("xla", "topk_xla_ms")):
+    res[key] = loop(f"top-k {impl}", lambda s, impl=impl: dsa.top_k_select(s, top_k, implementation=impl), sc)
+  idx = dsa.top_k_select(sc, top_k, implementation="xla")
+  res["sparse_attention_ms"] = loop("sparse attention (split-K)", lambda q, kv, i: dsa.sparse_attention(
+      q, kv, kv, i, implementation="pallas"), q, latent, idx)
 
-  def step(q, qi, ki, w, kv):
-    i = dsa.top_k_indices(dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, fp8=True), top_k)
+  def step(qi, q, ki, w, kv, fp8=False, topk=None):   # the indexer query first: nothing hoisted
+    i = dsa.top_k_select(dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, fp8=fp8), top_k,
+                         implementation=topk)
     return dsa.sparse_attention(q, kv, kv, i, implementation="pallas")
-  res["dsa_total_ms"] = _ms(_try("DSA decode step (end to end)", jax.jit(step), q, qi, ki, w, latent,
-                                 reps=reps))
+  # default: bf16 indexer (decode kernel), top_k_select's default (lax.top_k for one row)
+  for key, kw in (("dsa_total_ms", {}), ("dsa_total_fp8_ms", dict(fp8=True)),
+                  ("dsa_total_kernel_topk_ms", dict(topk="pallas"))):
+    res[key] = loop(f"DSA decode step {kw or '(bf16 indexer, default top-k)'}",
+                    functools.partial(step, **kw), qi, q, ki, w, latent)
+  return res
+
+
+TOPK_CONFIGS = {
+    "b1024_bits4_w4": dsa_topk.TopKBlocks(),
+    "b2048_bits4_w8": dsa_topk.TopKBlocks(block=2048, num_warps=8),
+    "b1024_bits2_w8_acc": dsa_topk.TopKBlocks(block=1024, bits=2, num_warps=8, accumulate=True),
+    "b512_bits4_w8_acc": dsa_topk.TopKBlocks(block=512, num_warps=8, accumulate=True),
+}
+ROW_SPLITS = (1, 4, 16, 32)
+
+
+def topk_case(length, reps):
+  """Top-k kernel launch parameters vs lax.top_k: a causal [chunk, S] chunk and one row."""
+  top_k, chunk = _TOP_K.value, min(_CHUNK.value, length)
+  res = {"length": length}
+  sc = jax.random.normal(jax.random.key(length), (1, chunk, length), jnp.float32)
+  lens = jnp.arange(length - chunk, length, dtype=jnp.int32)[None] + 1
+  sc = jnp.where(jnp.arange(length)[None, None] < lens[..., None], sc, -jnp.inf)
+  row = sc[:, -1:]
+  ref = jax.jit(lambda s: dsa.top_k_select(s, top_k, implementation="xla"))
+  res["xla_chunk_ms"] = _ms(_try("lax.top_k chunk", ref, sc, reps=reps))
+  res["xla_row_ms"] = _in_loop("lax.top_k row", ref, row, inner=16, reps=reps)
+  want = jnp.sort(ref(sc), axis=-1)
+  for name, blocks in TOPK_CONFIGS.items():
+    f = jax.jit(lambda s, n, blocks=blocks: dsa_topk.top_k(s, top_k, lengths=n, blocks=blocks))
+    got = _try(f"pallas {name} chunk", f, sc, lens, reps=reps)
+    res[f"{name}_chunk_ms"] = _ms(got)
+    if got is not None:
+      res[f"{name}_exact"] = bool(jnp.all(jnp.sort(f(sc, lens), axis=-1) == want))
+      g = jax.jit(lambda s, blocks=blocks: dsa_topk.top_k(s, top_k, blocks=blocks))
+      res[f"{name}_row_ms"] = _in_loop(f"pallas {name} row", g, row, inner=16, reps=reps)
+      print(f"    exact {res[f'{name}_exact']}", flush=True)
+  for split in ROW_SPLITS:
+    g = jax.jit(lambda s, split=split: dsa_topk.top_k(s, top_k, split=split))
+    res[f"row_split{split}_ms"] = _in_loop(f"pallas row, split {split}", g, row, inner=16, reps=reps)
   return res
 
 
@@ -144,50 +220,81 @@ def _ratio(a, b):
   return None if a is None or b is None or b == 0 else a / b
 
 
-def write(results, out: pathlib.Path):
+def _table(head, rows, cols):
+  f = lambda x: "-" if x is None else (str(x) if isinstance(x, (bool, int, str)) else f"{x:.3g}")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(f(c(r)) for c in cols) + " |" for r in rows]
+  return lines
+
+
+def write(results, out: pathlib.Path, **meta_extra):
   out.mkdir(parents=True, exist_ok=True)
   meta = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__,
               heads=_HEADS.value, latent=_LATENT.value, index_heads=_INDEX_HEADS.value,
-              index_dim=_INDEX_DIM.value, top_k=_TOP_K.value, chunk=_CHUNK.value)
+              index_dim=_INDEX_DIM.value, top_k=_TOP_K.value, chunk=_CHUNK.value,
+              decode_timing=f"device time per call, bench_in_loop(inner={_INNER.value})",
+              prefill_timing="bench (median wall time of one call)")
+  meta.update(meta_extra)
   (out / "results.json").write_text(json.dumps(dict(meta=meta, **results), indent=1))
-  f = lambda x: "-" if x is None else f"{x:.2f}"
+  g = lambda key: lambda r: r.get(key)
   lines = [f"device {meta['device']}, jax {meta['jax']}, {meta['date']}; batch 1, {meta['heads']} heads, "
-           f"top-k {meta['top_k']}, indexer {meta['index_heads']}x{meta['index_dim']}", "",
-           "| prefill L | dense cuDNN ms | dense flash ms | indexer fp8 ms | indexer bf16 ms | top-k ms | "
-           "sparse attn ms | DSA total ms | speed-up vs cuDNN | indexer share |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in results["prefill"]:
-    idx_share = _ratio(r.get("indexer_fp8_ms"), r.get("dsa_total_ms"))
-    lines.append(f"| {r['length']} | {f(r.get('dense_cudnn_ms'))} | {f(r.get('dense_pallas_ms'))} | "
-                 f"{f(r.get('indexer_fp8_ms'))} | {f(r.get('indexer_bf16_ms'))} | {f(r.get('topk_ms_scaled'))} | "
-                 f"{f(r.get('sparse_attention_ms'))} | {f(r.get('dsa_total_ms'))} | "
-                 f"{f(_ratio(r.get('dense_cudnn_ms'), r.get('dsa_total_ms')))} | {f(idx_share)} |")
-  lines += ["", "| decode L | dense MQA (XLA) ms | dense MHA cuDNN ms | indexer fp8 ms | indexer bf16 ms | "
-            "top-k ms | sparse attn ms | DSA step ms | speed-up vs dense MQA |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in results["decode"]:
-    lines.append(f"| {r['length']} | {f(r.get('dense_mqa_xla_ms'))} | {f(r.get('dense_mha_cudnn_ms'))} | "
-                 f"{f(r.get('indexer_fp8_ms'))} | {f(r.get('indexer_bf16_ms'))} | {f(r.get('topk_ms'))} | "
-                 f"{f(r.get('sparse_attention_ms'))} | {f(r.get('dsa_total_ms'))} | "
-                 f"{f(_ratio(r.get('dense_mqa_xla_ms'), r.get('dsa_total_ms')))} |")
+           f"top-k {meta['top_k']}, indexer {meta['index_heads']}x{meta['index_dim']}, chunk {meta['chunk']}. "
+           "Prefill: wall ms of one call; top-k = (indexer fp8 + top-k, all chunks) - indexer fp8. "
+           "Decode: device ms per call (bench_in_loop).", ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
+  lines += _table(
+      ["prefill L", "dense cuDNN", "dense flash", "indexer fp8", "indexer bf16", "top-k (kernel, all chunks)",
+       "top-k lax (1 chunk x n)", "top-k kernel / lax, last chunk", "sparse attn", "DSA total",
+       "speed-up vs cuDNN", "indexer share"], results.get("prefill", []),
+      [g("length"), g("dense_cudnn_ms"), g("dense_pallas_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+       g("topk_ms"), g("topk_xla_ms_scaled"),
+       lambda r: None if r.get("topk_pallas_chunk_ms") is None else
+       f"{r['topk_pallas_chunk_ms']:.3g} / {r.get('topk_xla_chunk_ms') or float('nan'):.3g}",
+       g("sparse_attention_ms"), g("dsa_total_ms"),
+       lambda r: _ratio(r.get("dense_cudnn_ms"), r.get("dsa_total_ms")),
+       lambda r: _ratio(r.get("indexer_fp8_ms"), r.get("dsa_total_ms"))])
+  lines += [""] + _table(
+      ["decode L", "dense MQA (XLA)", "dense MHA cuDNN", "indexer fp8", "indexer bf16", "top-k kernel",
+       "top-k lax", "sparse attn", "DSA step", "DSA step, fp8 indexer", "DSA step, top-k kernel",
+       "speed-up vs dense MQA", "vs MHA cuDNN"],
+      results.get("decode", []),
+      [g("length"), g("dense_mqa_xla_ms"), g("dense_mha_cudnn_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+       g("topk_ms"), g("topk_xla_ms"), g("sparse_attention_ms"), g("dsa_total_ms"),
+       g("dsa_total_fp8_ms"), g("dsa_total_kernel_topk_ms"),
+       lambda r: _ratio(r.get("dense_mqa_xla_ms"), r.get("dsa_total_ms")),
+       lambda r: _ratio(r.get("dense_mha_cudnn_ms"), r.get("dsa_total_ms"))])
+  if results.get("topk"):
+    names = list(TOPK_CONFIGS)
+    lines += ["", "top-k kernel launch parameters (ms; chunk = causal [chunk, L] scores, wall; row = one "
+              "row, device time in loop; exact = same sets as lax.top_k)", ""]
+    lines += _table(["L", "lax chunk", "lax row"] + [f"{n} chunk / row / exact" for n in names],
+                    results["topk"], [g("length"), g("xla_chunk_ms"), g("xla_row_ms")] + [
+                        (lambda r, n=n: None if r.get(f"{n}_chunk_ms") is None else
+                         f"{r[f'{n}_chunk_ms']:.3g} / {r.get(f'{n}_row_ms') or float('nan'):.3g} / "
+                         f"{r.get(f'{n}_exact')}") for n in names])
+    lines += ["", "one row (decode), default blocks, by segments per row (split; device ms)", ""]
+    lines += _table(["L", "lax row"] + [f"split {n}" for n in ROW_SPLITS], results["topk"],
+                    [g("length"), g("xla_row_ms")] + [g(f"row_split{n}_ms") for n in ROW_SPLITS])
   (out / "results.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  print("\n".join(lines), flush=True)
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, series in ((axes[0], "prefill", ("dense_cudnn_ms", "dense_pallas_ms", "indexer_fp8_ms",
-                                                  "topk_ms_scaled", "sparse_attention_ms", "dsa_total_ms")),
+                                                  "topk_ms", "topk_xla_ms_scaled", "sparse_attention_ms",
+                                                  "dsa_total_ms")),
                             (axes[1], "decode", ("dense_mqa_xla_ms", "dense_mha_cudnn_ms", "indexer_fp8_ms",
-                                                 "topk_ms", "sparse_attention_ms", "dsa_total_ms"))):
+                                                 "topk_ms", "topk_xla_ms", "sparse_attention_ms",
+                                                 "dsa_total_ms"))):
       for s in series:
-        pts = [(r["length"], r[s]) for r in results[key] if r.get(s) is not None]
+        pts = [(r["length"], r[s]) for r in results.get(key, []) if r.get(s) is not None]
         if pts:
           ax.plot(*zip(*pts), marker="o", label=s.replace("_ms", ""))
       ax.set_xscale("log", base=2)
       ax.set_yscale("log")
       ax.set_xlabel("context length")
-      ax.set_ylabel("ms")
+      ax.set_ylabel("ms" + (" (device, in loop)" if key == "decode" else ""))
       ax.set_title(f"{key}, {meta['device']}")
       ax.legend(fontsize=7)
     fig.tight_layout()
@@ -199,16 +306,17 @@ def write(results, out: pathlib.Path):
 def main(argv):
   del argv
   print(jax.devices(), flush=True)
-  results = {"prefill": [], "decode": []}
   out = pathlib.Path(_OUT.value)
-  for length in map(int, _LENGTHS.value):
-    print(f"decode L={length}", flush=True)
-    results["decode"].append(decode_case(length, _REPS.value))
-    write(results, out)
-  for length in map(int, _LENGTHS.value):
-    print(f"prefill L={length}", flush=True)
-    results["prefill"].append(prefill_case(length, _REPS.value))
-    write(results, out)
+  results = {}
+  cases = {"topk": topk_case, "decode": decode_case, "prefill": prefill_case}
+  for part in _PARTS.value:
+    if part not in cases:
+      raise ValueError(f"--parts: unknown part {part!r}; known: {sorted(cases)}")
+    results[part] = []
+    for length in map(int, _LENGTHS.value):
+      print(f"{part} L={length}", flush=True)
+      results[part].append(cases[part](length, _REPS.value))
+      write(results, out)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ end), as DeepSeek's fp8_index does, so the MMAs run on fp8 operands.
 
 The scores of a chunk of queries go to HBM ([chunk, S] float32) and top-k runs on
 them (see `lca.attention.dsa.indexer_top_k`): memory O(chunk * S), not O(L * S).
+Decode (at most DECODE_MAX_QUERIES queries): one program per (query, key tile) with
+the H_I heads as the rows of a single [H_I, d] x [d, block_k] MMA, instead of a query
+tile padded to block_q rows (16x the MMA work and 64x the q reads at one query).
+
 No VJP: the indexer's training loss uses the differentiable XLA scores.
 """
 
@@ -103,6 +107,54 @@ def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
   return out[:, :q_len, :kv_len]
 
 
+def _decode_kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref):
+  """One query: q_ref [Hp, d] (heads as the MMA's rows); k_ref [bk, d]; w_ref [Hp]; o [bk]."""
+  q_pos, k_pos = qpos_ref[...], kpos_ref[...]
+  logits = plgpu.dot(q_ref[...], k_ref[...], trans_b=True)        # [Hp, bk] f32
+  acc = jnp.sum(jnp.maximum(logits, 0.0) * w_ref[...][:, None], axis=0)
+  visible = (k_pos >= 0) & (k_pos <= q_pos)
+  o_ref[...] = jnp.where(visible, acc * kscale_ref[...], -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "num_warps", "interpret"))
+def indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions, *, block_k: int = 256,
+                                 num_warps: int = 4, interpret: bool = False):
+  """Few queries (decode): one program per (query, key tile), the H_I heads as the rows of
+  one [H_I, d] x [d, block_k] MMA (the tile kernel would pad one query to block_q rows).
+  Same arguments and result as `indexer_scores_kernel`."""
+  batch, q_len, num_heads, dim = q.shape
+  kv_len = k.shape[1]
+  bk = min(block_k, max(16, pl.next_power_of_2(kv_len)))
+  hp = max(16, pl.next_power_of_2(num_heads))
+  qh = _pad_to(q, 2, hp, 0)                                        # [B, L, Hp, d]
+  wh = _pad_to(w.astype(jnp.float32), 2, hp, 0)                    # zero weight: no contribution
+  kp = _pad_to(kv_positions.astype(jnp.int32), 1, bk, -1)
+  kk = _pad_to(k, 1, bk, 0)
+  ks = _pad_to(k_scale.astype(jnp.float32), 1, bk, 0)
+  sp = kp.shape[1]
+  out = pl.pallas_call(
+      _decode_kernel,
+      grid=(batch, q_len, sp // bk),
+      in_specs=[
+          pl.BlockSpec((None, None, hp, dim), lambda b, t, j: (b, t, 0, 0)),
+          pl.BlockSpec((None, bk, dim), lambda b, t, j: (b, j, 0)),
+          pl.BlockSpec((None, None, hp), lambda b, t, j: (b, t, 0)),
+          pl.BlockSpec((None, None), lambda b, t, j: (b, t)),
+          pl.BlockSpec((None, bk), lambda b, t, j: (b, j)),
+          pl.BlockSpec((None, bk), lambda b, t, j: (b, j)),
+      ],
+      out_specs=pl.BlockSpec((None, None, bk), lambda b, t, j: (b, t, j)),
+      out_shape=jax.ShapeDtypeStruct((batch, q_len, sp), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+      interpret=interpret,
+      name="dsa_indexer_scores_decode",
+  )(qh, kk, wh, q_positions.astype(jnp.int32), kp, ks)
+  return out[:, :, :kv_len]
+
+
+DECODE_MAX_QUERIES = 4    # up to this many queries: the decode kernel (heads as MMA rows)
+
+
 def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: bool = False,
                    blocks: IndexerBlocks | None = None, interpret: bool | None = None):
   """Indexer scores [B, L, S] f32, the math of `lca.attention.dsa.indexer_scores_reference`.
@@ -123,5 +175,8 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
     k_scale = jnp.ones(k_idx.shape[:2], jnp.float32)
   if q_idx.shape[-1] < 16 or q_idx.shape[-1] & (q_idx.shape[-1] - 1):
     raise NotImplementedError(f"the indexer kernel needs a power-of-two index_dim >= 16, got {q_idx.shape[-1]}")
+  if q_idx.shape[1] <= DECODE_MAX_QUERIES:
+    return indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions,
+                                        interpret=resolve_interpret(interpret))
   return indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, blocks=blocks,
                                interpret=resolve_interpret(interpret))

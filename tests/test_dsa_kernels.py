@@ -95,3 +95,14 @@ def test_kernels_on_gpu_bf16():
     fin = np.isfinite(np.asarray(ref))
     err = np.linalg.norm(np.asarray(got)[fin] - np.asarray(ref)[fin]) / np.linalg.norm(np.asarray(ref)[fin])
     assert err < 3e-2, (fp8, err)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_decode_kernel_matches_reference(fp8):
+  """Few queries: heads as the MMA rows (5 heads padded to 16), odd cache length, batch 2."""
+  q, k, w = _normal(50, (2, 2, 5, 32)), _normal(51, (2, 45, 32)), _normal(52, (2, 2, 5))
+  q_pos = jnp.array([[30, 31], [43, 44]], jnp.int32)
+  kv_pos = jnp.broadcast_to(jnp.arange(45, dtype=jnp.int32), (2, 45))
+  got = dsa_indexer.indexer_scores(q, k, w, q_pos, kv_pos, fp8=fp8)
+  ref = dsa.indexer_scores_reference(q, k, w, q_positions=q_pos, kv_positions=kv_pos, fp8=fp8)
+  _assert_scores_close(got, ref, 1e-4)

@@ -1,0 +1,98 @@
+"""DSA top-k by threshold search (pallas_kernels/dsa_topk.py, interpret mode on CPU) vs lax.top_k."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lca.attention import dsa
+from pallas_kernels import dsa_topk
+
+
+def _normal(seed, shape):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _assert_top_k_sets(got, scores, k, lengths=None):
+  """Each row of got holds the top-k positions (as a set) of the finite entries, then -1s."""
+  s = np.asarray(scores, np.float32).reshape(-1, scores.shape[-1]).copy()
+  got = np.asarray(got).reshape(s.shape[0], -1)
+  assert got.shape[1] == min(k, s.shape[1])
+  if lengths is not None:
+    lens = np.broadcast_to(np.asarray(lengths), scores.shape[:-1]).reshape(-1)
+    for r, n in enumerate(lens):
+      s[r, n:] = -np.inf
+  _, want = jax.lax.top_k(jnp.asarray(s), got.shape[1])
+  want = np.asarray(want)
+  for r in range(s.shape[0]):
+    n = min(got.shape[1], int(np.isfinite(s[r]).sum()))
+    assert set(got[r, :n].tolist()) == set(want[r, :n].tolist()), f"row {r}"
+    assert (got[r, n:] == -1).all(), f"row {r}: slots beyond the {n} finite entries"
+
+
+def test_float_keys_preserve_order():
+  x = jnp.sort(jnp.concatenate([_normal(0, (200,)) * 1e3, _normal(1, (200,)) * 1e-3,
+                                jnp.array([-jnp.inf, -0.0, 0.0, 3.4e38, -3.4e38])]))
+  keys = np.asarray(dsa_topk.float_keys(x)).astype(np.int64)
+  assert (np.diff(keys) >= 0).all() and keys[0] == dsa_topk._NEG_INF_KEY
+
+
+def test_top_k_kernel_matches_lax_top_k_as_sets():
+  # odd sizes; causal-like rows of lengths 0 .. S (some shorter than k), and -inf entries
+  x = _normal(2, (2, 3, 333))
+  lengths = jnp.array([[0, 1, 36], [37, 200, 333]])
+  _assert_top_k_sets(dsa_topk.top_k(x, 37, lengths=lengths), x, 37, lengths)
+  holes = jnp.where(_normal(3, x.shape) > 1.0, -jnp.inf, x)          # few finite in some rows
+  _assert_top_k_sets(dsa_topk.top_k(holes[:, :, :70], 64), holes[:, :, :70], 64)
+
+
+def test_top_k_split_rows_match_lax_top_k():
+  """Decode form: each row split into segments, their candidates reduced by a second call;
+  the other counting variant (2 bits a pass, per-lane counters) over several blocks a row."""
+  x = _normal(4, (2, 300))
+  lengths = jnp.array([100, 300])
+  blocks = dsa_topk.TopKBlocks(block=32, bits=2, accumulate=True)
+  _assert_top_k_sets(dsa_topk.top_k(x, 40, lengths=lengths, split=4, blocks=blocks), x, 40, lengths)
+
+
+def test_top_k_with_ties_takes_exactly_k():
+  x = jnp.round(_normal(5, (3, 200)) * 2) / 2                        # many equal values
+  got = np.asarray(dsa_topk.top_k(x, 50))
+  xs = np.asarray(x)
+  for r in range(3):
+    kth = np.sort(xs[r])[-50]
+    assert len(set(got[r].tolist())) == 50 and (got[r] >= 0).all()
+    assert (xs[r, got[r]] >= kth).all()
+    assert set(np.flatnonzero(xs[r] > kth)) <= set(got[r].tolist())
+
+
+def test_indexer_top_k_pallas_selects_the_xla_sets():
+  """Chunked indexer + top-k: the kernel path (with causal lengths) picks the same keys."""
+  b, length, heads, dim = 1, 21, 2, 16
+  qi, ki = _normal(6, (b, length, heads, dim)), _normal(7, (b, length, dim))
+  w = _normal(8, (b, length, heads))
+  kw = dict(top_k=6, fp8=False, chunk=8, implementation="xla")
+  want = dsa.indexer_top_k(qi, ki, w, topk_implementation="xla", **kw)
+  got = dsa.indexer_top_k(qi, ki, w, topk_implementation="pallas", **kw)
+  chex.assert_equal(got.shape, want.shape)
+  np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(np.asarray(want), -1))
+
+
+def test_top_k_select_rejects_bad_k():
+  with pytest.raises(ValueError, match="top_k"):
+    dsa.top_k_select(_normal(9, (1, 2, 8)), 0, implementation="pallas")
+  with pytest.raises(ValueError, match="unknown DSA top-k implementation"):
+    dsa.top_k_select(_normal(9, (1, 2, 8)), 2, implementation="sort")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton kernel)")
+def test_top_k_kernel_on_gpu_at_dsa_sizes():
+  """A causal prefill chunk ([64, 32k], k = 2048) and a split decode row (128k)."""
+  width, k = 32768, 2048
+  x = _normal(10, (64, width))
+  lengths = jnp.linspace(0, width, 64).astype(jnp.int32)
+  _assert_top_k_sets(jax.jit(lambda x, n: dsa_topk.top_k(x, k, lengths=n))(x, lengths), x, k, lengths)
+  row = _normal(11, (1, 4 * width))
+  _assert_top_k_sets(jax.jit(lambda x: dsa_topk.top_k(x, k))(row), row, k)
