@@ -40,8 +40,19 @@ LOG2E = math.log2(math.e)
 _NEG = -1e30
 
 
-def _pow2(n: int, floor: int = 1) -> int:
+def pow2(n: int, floor: int = 1) -> int:
+  """Smallest power of two >= n (and >= floor)."""
   return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def num_compressed_blocks(length: int, block_len: int, block_stride: int) -> int:
+  """Compressed blocks (length l, stride d) that fit in `length` tokens."""
+  return max(0, (length - block_len) // block_stride + 1)
+
+
+def num_select_blocks(length: int, select_block: int) -> int:
+  """Selection blocks of l' tokens covering `length` tokens (the last one may be partial)."""
+  return -(-length // select_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +72,15 @@ class NSAGeometry:
 
   @property
   def gp(self) -> int:
-    return _pow2(self.group)
+    return pow2(self.group)
 
   @property
   def num_compressed(self) -> int:
-    return max(0, (self.length - self.block_len) // self.block_stride + 1)
+    return num_compressed_blocks(self.length, self.block_len, self.block_stride)
 
   @property
   def num_select_blocks(self) -> int:
-    return -(-self.length // self.select_block)
+    return num_select_blocks(self.length, self.select_block)
 
   @property
   def rows_per_tile(self) -> int:
@@ -104,7 +115,7 @@ def _params(t: Tuning, warps=None):
 def to_rows(x, group: int) -> jax.Array:
   """[B, L, H, D] -> [B·H_kv, L·Gp, D], heads of a group padded to Gp rows per position."""
   batch, length, heads, dim = x.shape
-  kv_heads, gp = heads // group, _pow2(group)
+  kv_heads, gp = heads // group, pow2(group)
   x = x.reshape(batch, length, kv_heads, group, dim)
   if gp != group:
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, gp - group), (0, 0)))
@@ -114,7 +125,7 @@ def to_rows(x, group: int) -> jax.Array:
 def from_rows(x, batch: int, group: int) -> jax.Array:
   """Inverse of `to_rows` -> [B, L, H, D]."""
   bh, rows, dim = x.shape
-  kv_heads, gp = bh // batch, _pow2(group)
+  kv_heads, gp = bh // batch, pow2(group)
   x = x.reshape(batch, kv_heads, rows // gp, gp, dim)[:, :, :, :group]
   return x.transpose(0, 2, 1, 3, 4).reshape(batch, rows // gp, kv_heads * group, dim)
 
@@ -388,7 +399,7 @@ def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int):
 def _topn(imp, geo: NSAGeometry, tuning: Tuning, interpret):
   bh = imp.shape[0]
   bt = tuning.importance_rows
-  ns_pad = _pow2(geo.num_select_blocks, 16)
+  ns_pad = pow2(geo.num_select_blocks, 16)
   return pl.pallas_call(
       functools.partial(_topn_kernel, geo=geo, bt=bt, ns_pad=ns_pad),
       grid=(bh, pl.cdiv(geo.length, bt)),
@@ -603,7 +614,7 @@ def geometry(q, k, *, sizes, scale=None) -> NSAGeometry:
       raise NotImplementedError(f"NSA kernels need a power-of-two {name} >= 16, got {dim}")
   if sizes.select_block < 16 or sizes.select_block & (sizes.select_block - 1):
     raise NotImplementedError(f"NSA kernels need a power-of-two select_block >= 16, got {sizes.select_block}")
-  if _pow2(q.shape[2] // k.shape[2]) > 64:
+  if pow2(q.shape[2] // k.shape[2]) > 64:
     raise NotImplementedError(f"NSA kernels take at most 64 query heads per group, got {q.shape[2] // k.shape[2]}")
   return NSAGeometry(
       length=q.shape[1], num_kv_heads=k.shape[2], group=q.shape[2] // k.shape[2],

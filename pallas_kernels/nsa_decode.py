@@ -4,7 +4,7 @@
 
 Same output as `lca.attention.nsa.decode_attention` (T = 1) over the same cache
 (raw k, v [B, C, H_kv, D] and compressed kc, vc [B, Nc, H_kv, D]). Every program
-owns all query heads of one GQA group as rows (R = max(16, next_pow2(G)) rows), so
+owns all query heads of one GQA group as rows (R = max(16, nextpow2(G)) rows), so
 each KV row is read once per group, and the work is split along the keys so that
 the whole GPU reads the bytes (flash-decoding's split-K):
 
@@ -44,14 +44,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import resolve_interpret
+from pallas_kernels.nsa import num_compressed_blocks, num_select_blocks, pow2
 
 LOG2E = math.log2(math.e)
 _NEG = -1e30
 _SPLIT_BLOCKS = 16  # selection blocks per compressed split (the overlap matmul's N)
-
-
-def _pow2(n: int, floor: int = 1) -> int:
-  return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +71,15 @@ class DecodeGeometry:
 
   @property
   def rows(self) -> int:
-    return max(16, _pow2(self.group))
+    return max(16, pow2(self.group))
 
   @property
   def num_compressed(self) -> int:
-    return max(0, (self.capacity - self.block_len) // self.block_stride + 1)
+    return num_compressed_blocks(self.capacity, self.block_len, self.block_stride)
 
   @property
   def num_select_blocks(self) -> int:
-    return -(-self.capacity // self.select_block)
+    return num_select_blocks(self.capacity, self.select_block)
 
   @property
   def per_s(self) -> int:
@@ -185,7 +182,7 @@ def _slc_win_kernel(pos_ref, q_ref, k_ref, v_ref, m1_ref, l1_ref, part_ref, o_re
   h_ok = h < geo.group
 
   # exact LSE of the compression branch per head, from the S1 partials
-  s1, s1p = geo.num_splits, _pow2(geo.num_splits)
+  s1, s1p = geo.num_splits, pow2(geo.num_splits)
   s_ok = jnp.arange(s1p) < s1
   m1 = plgpu.load(m1_ref.at[bh, pl.ds(0, s1p), :], mask=s_ok[:, None], other=_NEG)   # [S1p, R]
   l1 = plgpu.load(l1_ref.at[bh, pl.ds(0, s1p), :], mask=s_ok[:, None], other=0.0)
@@ -194,7 +191,7 @@ def _slc_win_kernel(pos_ref, q_ref, k_ref, v_ref, m1_ref, l1_ref, part_ref, o_re
   lse = jnp.where(tot > 0, mx + jnp.log2(jnp.where(tot > 0, tot, 1.0)), jnp.inf)  # [R]
 
   # importance of every selection block, summed over the group's heads
-  nsp = _pow2(s1 * _SPLIT_BLOCKS, 16)
+  nsp = pow2(s1 * _SPLIT_BLOCKS, 16)
   j = jnp.arange(nsp)
   j_ok = j < s1 * _SPLIT_BLOCKS
   ok2 = h_ok[:, None] & j_ok[None, :]
@@ -271,9 +268,9 @@ def _merge_kernel(gates_ref, o1_ref, m1_ref, l1_ref, o2_ref, m2_ref, l2_ref, out
     return jnp.sum(w[:, None] * o, axis=0) / jnp.where(tot > 0, tot, 1.0)
 
   n, pieces = geo.num_selected, geo.num_selected + geo.num_window_chunks
-  o_cmp = merge(o1_ref, m1_ref, l1_ref, 0, geo.num_splits, _pow2(geo.num_splits))
-  o_slc = merge(o2_ref, m2_ref, l2_ref, 0, n, _pow2(pieces))
-  o_win = merge(o2_ref, m2_ref, l2_ref, n, pieces, _pow2(pieces))
+  o_cmp = merge(o1_ref, m1_ref, l1_ref, 0, geo.num_splits, pow2(geo.num_splits))
+  o_slc = merge(o2_ref, m2_ref, l2_ref, 0, n, pow2(pieces))
+  o_win = merge(o2_ref, m2_ref, l2_ref, n, pieces, pow2(pieces))
   c = jnp.arange(4)
   gv = plgpu.load(gates_ref.at[b, jnp.int32(0), head, pl.ds(0, 4)], mask=c < 3, other=0.0).astype(jnp.float32)
   gate = lambda i: jnp.sum(jnp.where(c == i, gv, 0.0))
@@ -312,7 +309,7 @@ def geometry(q, cache: dict, *, sizes, scale=None) -> DecodeGeometry:
     raise NotImplementedError(f"nsa_decode needs block_len - block_stride <= select_block "
                               f"(one spill block), got l={sizes.block_len}, d={sizes.block_stride}, "
                               f"l'={sizes.select_block}")
-  if _pow2(heads // k.shape[2]) > 64:
+  if pow2(heads // k.shape[2]) > 64:
     raise NotImplementedError(f"nsa_decode takes at most 64 query heads per group, got {heads // k.shape[2]}")
   return DecodeGeometry(
       capacity=k.shape[1], num_kv_heads=k.shape[2], group=heads // k.shape[2], head_dim=dim,
@@ -337,6 +334,6 @@ def nsa_decode(q, gates, positions, cache: dict, *, sizes, scale=None, num_warps
   interpret = resolve_interpret(interpret)
   positions = positions.astype(jnp.int32)
   o1, m1, l1, part = _cmp(positions, q, cache["kc"], cache["vc"], geo, num_warps, interpret)
-  warps2 = 8 if geo.rows * _pow2(geo.num_splits * _SPLIT_BLOCKS) >= 8192 else num_warps
+  warps2 = 8 if geo.rows * pow2(geo.num_splits * _SPLIT_BLOCKS) >= 8192 else num_warps
   o2, m2, l2 = _slc_win(positions, q, cache["k"], cache["v"], m1, l1, part, geo, warps2, interpret)
   return _merge(gates, o1, m1, l1, o2, m2, l2, geo, q.dtype, num_warps, interpret)
