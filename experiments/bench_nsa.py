@@ -91,14 +91,20 @@ def _try_loop(label, timer, *args, **kw):
     return None
 
 
+def _qkv(ks, length):
+  """Random bf16 q [1, L, H, D], k and v [1, L, H_kv, D] from keys ks[0:3]."""
+  h, hkv, d = _HEADS.value, _KV_HEADS.value, _DIM.value
+  return (jax.random.normal(ks[0], (1, length, h, d), jnp.bfloat16),
+          jax.random.normal(ks[1], (1, length, hkv, d), jnp.bfloat16),
+          jax.random.normal(ks[2], (1, length, hkv, d), jnp.bfloat16))
+
+
 def case(length, reps, bandwidth):
   sizes = nsa.NSASizes()
   h, hkv, d = _HEADS.value, _KV_HEADS.value, _DIM.value
   ks = jax.random.split(jax.random.key(length), 8)
   bf = jnp.bfloat16
-  q = jax.random.normal(ks[0], (1, length, h, d), bf)
-  k = jax.random.normal(ks[1], (1, length, hkv, d), bf)
-  v = jax.random.normal(ks[2], (1, length, hkv, d), bf)
+  q, k, v = _qkv(ks, length)
   gates = jax.nn.sigmoid(jax.random.normal(ks[3], (1, length, h, 3))).astype(bf)
   phi_k = jax.tree.map(lambda a: a.astype(bf), nsa.init_compress_params(ks[4], sizes.block_len, d, 2 * d))
   phi_v = jax.tree.map(lambda a: a.astype(bf), nsa.init_compress_params(ks[5], sizes.block_len, d, 2 * d))
@@ -240,12 +246,10 @@ def breakdown(length, reps):
   from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
   from lca.attention import local  # pylint: disable=g-import-not-at-top
   sizes = nsa.NSASizes()
-  h, hkv, d = _HEADS.value, _KV_HEADS.value, _DIM.value
+  d = _DIM.value
   ks = jax.random.split(jax.random.key(length), 6)
   bf = jnp.bfloat16
-  q = jax.random.normal(ks[0], (1, length, h, d), bf)
-  k = jax.random.normal(ks[1], (1, length, hkv, d), bf)
-  v = jax.random.normal(ks[2], (1, length, hkv, d), bf)
+  q, k, v = _qkv(ks, length)
   phi = jax.tree.map(lambda a: a.astype(bf), nsa.init_compress_params(ks[3], sizes.block_len, d, 2 * d))
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
   kc = nsa.compress(k, phi, **kw)
