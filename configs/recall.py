@@ -23,6 +23,8 @@ MODELS = {
     "linear": "R",      # gated linear attention (scalar decay), lca.attention.gated_deltanet
     "gdn": "E",         # Gated DeltaNet
     "hybrid": "EEEG",   # Qwen3-Next: 3 Gated DeltaNet : 1 gated attention
+    "nsa": "N",         # Native Sparse Attention (model.nsa_* sizes)
+    "dsa": "D",         # DeepSeek Sparse Attention, top-k = model.dsa_top_k tokens
 }
 
 
@@ -43,11 +45,15 @@ def get_config(arg: str = "cpu") -> config_dict.ConfigDict:
   c.model.output_gate = True             # Qwen3-Next gated attention on G layers
   c.model.qk_norm = True
   c.model.attn_conv_size = 4             # G/L layers get the short conv E/R layers have (Canon-A)
+  c.model.dsa_index_heads = 4            # D layers: a small indexer, top-64 tokens
+  c.model.dsa_index_dim = 32
+  c.model.dsa_rope_dim = 16
+  c.model.dsa_top_k = 64
   c.model.dtype = "bfloat16" if gpu else "float32"
 
   # --- recall tasks ---------------------------------------------------------------------
   c.recall = config_dict.ConfigDict()
-  c.recall.models = ",".join(MODELS)     # subset of MODELS, comma-separated
+  c.recall.models = "full,local,linear,gdn,hybrid"  # comma-separated names of MODELS
   c.recall.tasks = "mqar"               # also "passkey"
   c.recall.lengths = "256,1024" if gpu else "128"  # the sweep: 256,512,1024,2048,4096
   c.recall.pairs_per_token = 1 / 32      # MQAR key-value pairs = length / 32 (256 -> 8, 2048 -> 64)
