@@ -82,15 +82,14 @@ class NSAGeometry:
   def num_select_blocks(self) -> int:
     return num_select_blocks(self.length, self.select_block)
 
-  @property
-  def rows_per_tile(self) -> int:
-    """BT positions per compressed-attention program: BT·Gp ~ 64 rows."""
-    return max(1, 64 // self.gp) if self.gp <= 64 else 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
+  """Launch parameters (hashable). `None` per-kernel warps/stages fall back to num_warps/num_stages."""
+
   block_kc: int = 64        # compressed keys per step
+  cmp_rows: int = 128       # rows (positions x Gp heads) per compressed-attention program
   importance_rows: int = 16  # positions per importance / top-n program
   dkdv_items: int = 256     # queries per dK/dV work item (selection branch)
   # importance's sum over a group's heads: "reshape" ([16·Gp, bk] -> [16, Gp, bk], sum),
@@ -98,15 +97,29 @@ class Tuning:
   importance_sum: str = "reshape"
   num_warps: int = 4
   num_stages: int = 2
+  cmp_warps: int | None = None        # nsa_cmp_fwd
+  cmp_stages: int | None = None
+  importance_warps: int = 8
+  sel_warps: int | None = None        # nsa_sel_fwd
+  sel_stages: int | None = None
+  sel_unroll: bool = False            # unroll nsa_sel_fwd's loop over the n selected blocks
+  cmp_dkdv_rows: int = 64             # rows per query tile in nsa_cmp_dkdv's loop
+  cmp_dkdv_splits: int | None = None  # programs per compressed chunk in nsa_cmp_dkdv (None: auto)
 
   def __post_init__(self):
     if self.importance_sum not in ("reshape", "bf16", "tf32"):
       raise ValueError(f"Tuning.importance_sum must be 'reshape', 'bf16' or 'tf32', "
                        f"got importance_sum={self.importance_sum!r}")
+    if self.cmp_rows < 1 or self.cmp_rows & (self.cmp_rows - 1):
+      raise ValueError(f"Tuning.cmp_rows must be a power of two, got cmp_rows={self.cmp_rows}")
+
+  def cmp_positions(self, geo: NSAGeometry, rows: int | None = None) -> int:
+    """BT positions per compressed-attention tile (BT·Gp = cmp_rows, at least one position)."""
+    return max(1, (rows or self.cmp_rows) // geo.gp)
 
 
-def _params(t: Tuning, warps=None):
-  return plgpu.CompilerParams(num_warps=warps or t.num_warps, num_stages=t.num_stages)
+def _params(t: Tuning, warps=None, stages=None):
+  return plgpu.CompilerParams(num_warps=warps or t.num_warps, num_stages=stages or t.num_stages)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -138,9 +151,9 @@ def _rows_to_vec(x, batch: int, group: int) -> jax.Array:
 # ----------------------------------------------------------------------------- compressed attention
 
 
-def _tile_rows(geo: NSAGeometry, tile):
-  """-> first row, rows [R], their positions [R], row valid [R] of a BT-position tile."""
-  bt, gp = geo.rows_per_tile, geo.gp
+def _tile_rows(geo: NSAGeometry, tile, bt: int):
+  """-> first row, rows [R], their positions [R], row valid [R] of a BT-position tile (R = BT·Gp)."""
+  gp = geo.gp
   row0 = tile * (bt * gp)
   rows = row0 + jnp.arange(bt * gp)
   t = rows // gp
@@ -160,48 +173,84 @@ def _num_visible(geo: NSAGeometry, t_last):
   return jnp.clip(n, 0, geo.num_compressed)
 
 
-def _cmp_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: NSAGeometry, bk: int):
+def _cmp_steps(geo: NSAGeometry, tile, bt: int, bk: int):
+  """-> (steps of bk compressed blocks seen by every position of the tile, steps seen by any).
+
+  The first steps need no causal mask (as in flash attention's off-diagonal tiles). The
+  first is None (no unmasked loop at all) when fewer than bk compressed blocks exist."""
+  t_first = tile * bt
+  t_last = jnp.minimum(t_first + bt - 1, geo.length - 1)
+  steps = pl.cdiv(_num_visible(geo, t_last), bk)
+  if geo.num_compressed < bk:   # an unmasked [bk] slice would not even fit the array
+    return None, steps
+  return _num_visible(geo, t_first) // bk, steps
+
+
+def _softmax_init(rows: int, dim_v: int):
+  """Online-softmax carry (acc [R, Dv], running max m [R], running sum l [R]), log2 domain."""
+  return (jnp.zeros((rows, dim_v), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def _softmax_step(carry, s, visible, v):
+  """Adds keys with log2 scores s [R, bk] (only where `visible`, [R, bk] or [1, bk]; None = all),
+  values v [bk, Dv]."""
+  acc, m, l = carry
+  if visible is not None:
+    s = jnp.where(visible, s, _NEG)
+  m_new = jnp.maximum(m, s.max(axis=1))
+  p = jnp.exp2(s - m_new[:, None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  alpha = jnp.exp2(m - m_new)
+  return acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v), m_new, l * alpha + p.sum(axis=1)
+
+
+def _softmax_finish(carry):
+  """-> normalized output [R, Dv] fp32 and LSE2 [R] (+inf for a row that saw no key)."""
+  acc, m, l = carry
+  seen = l > 0
+  return acc / jnp.where(seen, l, 1.0)[:, None], jnp.where(seen, m + jnp.log2(l), jnp.inf)
+
+
+def _cmp_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: NSAGeometry, bk: int, bt: int):
   bh, tile = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
-  row0, rows, t, ok = _tile_rows(geo, tile)
+  row0, rows, t, ok = _tile_rows(geo, tile, bt)
   r = rows.shape[0]
   q = plgpu.load(q_ref.at[bh, pl.ds(row0, r), :], mask=ok[:, None], other=0.0)
-  t_last = jnp.minimum(tile * geo.rows_per_tile + geo.rows_per_tile - 1, geo.length - 1)
-  steps = pl.cdiv(_num_visible(geo, t_last), bk)
+  full_steps, steps = _cmp_steps(geo, tile, bt, bk)
   qk_scale = geo.scale * LOG2E
 
-  def body(step, carry):
-    acc, m, l = carry
+  def body(step, carry, masked):
+    if not masked:      # every block of the step is visible to every row, and in range
+      k = k_ref[b, pl.ds(step * bk, bk), g, :]
+      v = v_ref[b, pl.ds(step * bk, bk), g, :]
+      return _softmax_step(carry, plgpu.dot(q, k.T) * qk_scale, None, v)
     i, vis = _cmp_visible(geo, step * bk, t, bk)
     in_range = (i < geo.num_compressed)[:, None]
     k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
     v = plgpu.load(v_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
-    s = jnp.where(vis, plgpu.dot(q, k.T) * qk_scale, _NEG)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
-    alpha = jnp.exp2(m - m_new)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-    return acc, m_new, l * alpha + p.sum(axis=1)
+    return _softmax_step(carry, plgpu.dot(q, k.T) * qk_scale, vis, v)
 
-  acc = jnp.zeros((r, v_ref.shape[-1]), jnp.float32)
-  m = jnp.full((r,), _NEG, jnp.float32)
-  l = jnp.zeros((r,), jnp.float32)
-  acc, m, l = lax.fori_loop(0, steps, body, (acc, m, l))
-  seen = l > 0
-  o = acc / jnp.where(seen, l, 1.0)[:, None]
+  carry, start = _softmax_init(r, v_ref.shape[-1]), 0
+  if full_steps is not None:
+    carry, start = lax.fori_loop(0, full_steps, functools.partial(body, masked=False), carry), full_steps
+  o, lse = _softmax_finish(lax.fori_loop(start, steps, functools.partial(body, masked=True), carry))
   plgpu.store(o_ref.at[bh, pl.ds(row0, r), :], o.astype(o_ref.dtype), mask=ok[:, None])
-  plgpu.store(lse_ref.at[bh, pl.ds(row0, r)], jnp.where(seen, m + jnp.log2(l), jnp.inf), mask=ok)
+  plgpu.store(lse_ref.at[bh, pl.ds(row0, r)], lse, mask=ok)
 
 
 def _cmp_fwd(q_rows, kc, vc, geo: NSAGeometry, tuning: Tuning, interpret):
   bh, nrows, _ = q_rows.shape
-  tiles = pl.cdiv(geo.length, geo.rows_per_tile)
+  bt = tuning.cmp_positions(geo)
   return pl.pallas_call(
-      functools.partial(_cmp_fwd_kernel, geo=geo, bk=tuning.block_kc),
-      grid=(bh, tiles),
+      functools.partial(_cmp_fwd_kernel, geo=geo, bk=tuning.block_kc, bt=bt),
+      grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=[jax.ShapeDtypeStruct((bh, nrows, vc.shape[-1]), q_rows.dtype),
                  jax.ShapeDtypeStruct((bh, nrows), jnp.float32)],
-      compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_fwd",
+      compiler_params=_params(tuning, tuning.cmp_warps, tuning.cmp_stages), interpret=interpret,
+      name="nsa_cmp_fwd",
   )(q_rows, kc, vc)
 
 
@@ -209,47 +258,61 @@ def _load_rows(ref, bh, start, r, ok):
   return plgpu.load(ref.at[bh, pl.ds(start, r), :], mask=ok[:, None], other=0.0)
 
 
-def _cmp_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo, bk):
+def _cmp_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo, bk, bt):
   bh, tile = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
-  row0, rows, t, ok = _tile_rows(geo, tile)
+  row0, rows, t, ok = _tile_rows(geo, tile, bt)
   r = rows.shape[0]
   q = _load_rows(q_ref, bh, row0, r, ok)
   do = _load_rows(do_ref, bh, row0, r, ok)
   lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, r)], mask=ok, other=jnp.inf)
   delta = plgpu.load(delta_ref.at[bh, pl.ds(row0, r)], mask=ok, other=0.0)
-  t_last = jnp.minimum(tile * geo.rows_per_tile + geo.rows_per_tile - 1, geo.length - 1)
-  steps = pl.cdiv(_num_visible(geo, t_last), bk)
+  full_steps, steps = _cmp_steps(geo, tile, bt, bk)
   qk_scale = geo.scale * LOG2E
 
-  def body(step, dq):
-    i, vis = _cmp_visible(geo, step * bk, t, bk)
-    in_range = (i < geo.num_compressed)[:, None]
-    k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
-    v = plgpu.load(v_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
-    p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
+  def body(step, dq, masked):
+    if masked:
+      i, vis = _cmp_visible(geo, step * bk, t, bk)
+      in_range = (i < geo.num_compressed)[:, None]
+      k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
+      v = plgpu.load(v_ref.at[b, pl.ds(step * bk, bk), g, :], mask=in_range, other=0.0)
+    else:   # all visible; padded rows have LSE2 = +inf, so their p is 0 anyway
+      k = k_ref[b, pl.ds(step * bk, bk), g, :]
+      v = v_ref[b, pl.ds(step * bk, bk), g, :]
+    p = jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None])
+    if masked:
+      p = jnp.where(vis & ok[:, None], p, 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-  dq = lax.fori_loop(0, steps, body, jnp.zeros((r, q_ref.shape[-1]), jnp.float32))
+  dq, start = jnp.zeros((r, q_ref.shape[-1]), jnp.float32), 0
+  if full_steps is not None:
+    dq, start = lax.fori_loop(0, full_steps, functools.partial(body, masked=False), dq), full_steps
+  dq = lax.fori_loop(start, steps, functools.partial(body, masked=True), dq)
   plgpu.store(dq_ref.at[bh, pl.ds(row0, r), :], (dq * geo.scale).astype(dq_ref.dtype), mask=ok[:, None])
 
 
-def _cmp_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, geo, bk):
-  bh, kb = pl.program_id(0), pl.program_id(1)
+def _cmp_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, geo, bk, bt,
+                     splits):
+  """dK, dV of a chunk of bk compressed blocks from split s of the query tiles that see it
+  (an equal share of them, whatever the chunk's causal start): fp32 partials [splits, ...]."""
+  bh, kb, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   i = kb * bk + jnp.arange(bk)
   in_range = i < geo.num_compressed
   k = plgpu.load(k_ref.at[b, pl.ds(kb * bk, bk), g, :], mask=in_range[:, None], other=0.0)
   v = plgpu.load(v_ref.at[b, pl.ds(kb * bk, bk), g, :], mask=in_range[:, None], other=0.0)
   first_t = kb * bk * geo.block_stride + geo.block_len - 1   # first position seeing this chunk
-  first_tile = first_t // geo.rows_per_tile
-  tiles = pl.cdiv(geo.length, geo.rows_per_tile)
+  first_tile = first_t // bt
+  tiles = pl.cdiv(geo.length, bt)
+  per_split = pl.cdiv(jnp.maximum(tiles - first_tile, 0), splits)
+  lo = jnp.minimum(first_tile + split * per_split, tiles)
+  hi = jnp.minimum(lo + per_split, tiles)
   qk_scale = geo.scale * LOG2E
 
   def body(tile, carry):
     dk, dv = carry
-    row0, rows, t, ok = _tile_rows(geo, tile)
+    row0, rows, t, ok = _tile_rows(geo, tile, bt)
     r = rows.shape[0]
     _, vis = _cmp_visible(geo, kb * bk, t, bk)
     q = _load_rows(q_ref, bh, row0, r, ok)
@@ -264,10 +327,9 @@ def _cmp_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv
 
   dk = jnp.zeros((bk, k_ref.shape[-1]), jnp.float32)
   dv = jnp.zeros((bk, v_ref.shape[-1]), jnp.float32)
-  dk, dv = lax.fori_loop(first_tile, tiles, body, (dk, dv))
-  plgpu.store(dk_ref.at[b, pl.ds(kb * bk, bk), g, :], (dk * geo.scale).astype(dk_ref.dtype),
-              mask=in_range[:, None])
-  plgpu.store(dv_ref.at[b, pl.ds(kb * bk, bk), g, :], dv.astype(dv_ref.dtype), mask=in_range[:, None])
+  dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
+  plgpu.store(dk_ref.at[split, b, pl.ds(kb * bk, bk), g, :], dk * geo.scale, mask=in_range[:, None])
+  plgpu.store(dv_ref.at[split, b, pl.ds(kb * bk, bk), g, :], dv, mask=in_range[:, None])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -285,20 +347,25 @@ def _cmp_rows_bwd(geo, tuning, interpret, res, cts):
   do = cts[0].astype(q_rows.dtype)   # the LSE output is for selection only: no gradient
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   bh, nrows, _ = q_rows.shape
-  bk = tuning.block_kc
+  bk, bt = tuning.block_kc, tuning.cmp_positions(geo)
   dq = pl.pallas_call(
-      functools.partial(_cmp_dq_kernel, geo=geo, bk=bk),
-      grid=(bh, pl.cdiv(geo.length, geo.rows_per_tile)),
+      functools.partial(_cmp_dq_kernel, geo=geo, bk=bk, bt=bt),
+      grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
       compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dq",
   )(q_rows, kc, vc, do, lse, delta)
+  chunks = pl.cdiv(geo.num_compressed, bk)
+  # Nc = L/d chunks are few (256 programs at 64k): split each chunk's query tiles over programs
+  splits = tuning.cmp_dkdv_splits or max(1, min(32, pl.cdiv(2048, bh * chunks)))
+  bt_kv = tuning.cmp_positions(geo, tuning.cmp_dkdv_rows)
   dk, dv = pl.pallas_call(
-      functools.partial(_cmp_dkdv_kernel, geo=geo, bk=bk),
-      grid=(bh, pl.cdiv(geo.num_compressed, bk)),
-      out_shape=[jax.ShapeDtypeStruct(kc.shape, kc.dtype), jax.ShapeDtypeStruct(vc.shape, vc.dtype)],
+      functools.partial(_cmp_dkdv_kernel, geo=geo, bk=bk, bt=bt_kv, splits=splits),
+      grid=(bh, chunks, splits),
+      out_shape=[jax.ShapeDtypeStruct((splits, *kc.shape), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, *vc.shape), jnp.float32)],
       compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dkdv",
   )(q_rows, kc, vc, do, lse, delta)
-  return dq, dk, dv
+  return dq, dk.sum(0).astype(kc.dtype), dv.sum(0).astype(vc.dtype)
 
 
 _cmp_rows.defvjp(_cmp_rows_fwd, _cmp_rows_bwd)
@@ -373,7 +440,8 @@ def _importance(q_rows, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
       functools.partial(_importance_kernel, geo=geo, nb=nb, head_sum=tuning.importance_sum),
       grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=jax.ShapeDtypeStruct((bh, geo.length, ns), jnp.float32),
-      compiler_params=_params(tuning, warps=8), interpret=interpret, name="nsa_importance",
+      compiler_params=_params(tuning, warps=tuning.importance_warps), interpret=interpret,
+      name="nsa_importance",
   )(q_rows, kc, lse)
 
 
@@ -417,7 +485,7 @@ def _sel_tile(geo: NSAGeometry):
   return r, h < geo.group
 
 
-def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeometry):
+def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeometry, unroll: bool):
   bh, t = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   r, ok = _sel_tile(geo)
@@ -427,37 +495,33 @@ def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeo
   qk_scale = geo.scale * LOG2E
 
   def body(n, carry):
-    acc, m, l = carry
     blk = plgpu.load(idx_ref.at[bh, t, n])
     s_pos = jnp.maximum(blk, 0) * lb + jnp.arange(lb)
     key_ok = (s_pos <= t) & (blk >= 0)
     k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
     v = plgpu.load(v_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
-    s = jnp.where(key_ok[None, :], plgpu.dot(q, k.T) * qk_scale, _NEG)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(key_ok[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
-    alpha = jnp.exp2(m - m_new)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-    return acc, m_new, l * alpha + p.sum(axis=1)
+    return _softmax_step(carry, plgpu.dot(q, k.T) * qk_scale, key_ok[None, :], v)
 
-  acc = jnp.zeros((r, v_ref.shape[-1]), jnp.float32)
-  m = jnp.full((r,), _NEG, jnp.float32)
-  l = jnp.zeros((r,), jnp.float32)
-  acc, m, l = lax.fori_loop(0, geo.num_selected, body, (acc, m, l))
-  seen = l > 0
-  o = acc / jnp.where(seen, l, 1.0)[:, None]
+  carry = _softmax_init(r, v_ref.shape[-1])
+  if unroll:   # straight-line code: the compiler may issue later blocks' loads early
+    for n in range(geo.num_selected):
+      carry = body(jnp.int32(n), carry)
+  else:
+    carry = lax.fori_loop(0, geo.num_selected, body, carry)
+  o, lse = _softmax_finish(carry)
   plgpu.store(o_ref.at[bh, pl.ds(start, r), :], o.astype(o_ref.dtype), mask=ok[:, None])
-  plgpu.store(lse_ref.at[bh, pl.ds(start, r)], jnp.where(seen, m + jnp.log2(l), jnp.inf), mask=ok)
+  plgpu.store(lse_ref.at[bh, pl.ds(start, r)], lse, mask=ok)
 
 
 def _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret):
   bh, nrows, _ = q_rows.shape
   return pl.pallas_call(
-      functools.partial(_sel_fwd_kernel, geo=geo),
+      functools.partial(_sel_fwd_kernel, geo=geo, unroll=tuning.sel_unroll),
       grid=(bh, geo.length),
       out_shape=[jax.ShapeDtypeStruct((bh, nrows, v.shape[-1]), q_rows.dtype),
                  jax.ShapeDtypeStruct((bh, nrows), jnp.float32)],
-      compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_fwd",
+      compiler_params=_params(tuning, tuning.sel_warps, tuning.sel_stages), interpret=interpret,
+      name="nsa_sel_fwd",
   )(q_rows, k, v, idx)
 
 

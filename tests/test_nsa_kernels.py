@@ -32,10 +32,15 @@ def _reference_branches(q, k, v, kc, vc, sizes=SIZES):
   return o_cmp, nsa.selected_attention_reference(q, k, v, idx, select_block=sizes.select_block), idx
 
 
-def test_cmp_and_slc_kernels_match_reference_forward_and_grads():
+# small tiles: unmasked compressed steps (block_kc <= Nc), dK/dV split 3 ways, unrolled selection
+SMALL_TILES = kernels.Tuning(block_kc=8, cmp_rows=16, cmp_dkdv_rows=32, cmp_dkdv_splits=3, sel_unroll=True)
+
+
+@pytest.mark.parametrize("tuning", [kernels.Tuning(), SMALL_TILES], ids=["default", "small_tiles"])
+def test_cmp_and_slc_kernels_match_reference_forward_and_grads(tuning):
   """Compressed attention, importance, top-n and selected attention, GQA group of 3 (padded to 4)."""
   args = _inputs(jax.random.key(0), 75, 6, 2)
-  fast = jax.jit(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES, return_selection=True))
+  fast = jax.jit(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES, tuning=tuning, return_selection=True))
   o_cmp, o_slc, idx = fast(*args)
   r_cmp, r_slc, r_idx = jax.jit(_reference_branches)(*args)
   sort = lambda i: jnp.sort(jnp.where(i < 0, 99, i), axis=-1)
@@ -46,7 +51,8 @@ def test_cmp_and_slc_kernels_match_reference_forward_and_grads():
   w1, w2 = jax.random.normal(jax.random.key(1), (2, *o_cmp.shape))
   def loss(branches):
     return lambda *a: jnp.sum(branches(*a)[0] * w1) + jnp.sum(branches(*a)[1] * w2)
-  g = jax.jit(jax.grad(loss(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES)), argnums=(0, 1, 2, 3, 4)))(*args)
+  g = jax.jit(jax.grad(loss(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES, tuning=tuning)),
+                      argnums=(0, 1, 2, 3, 4)))(*args)
   g_ref = jax.jit(jax.grad(loss(_reference_branches), argnums=(0, 1, 2, 3, 4)))(*args)
   for name, a, b in zip(("q", "k", "v", "kc", "vc"), g, g_ref):
     assert float(jnp.abs(b).max()) > 0, name
