@@ -17,13 +17,21 @@ implementations (kernel, `lax.top_k`) on the last chunk alone; "DSA total" is on
 jitted prefill (chunked indexer + top-k, then sparse attention). Decode times are
 device time per call (`bench_common.bench_in_loop`: 64 calls inside one jitted loop,
 loop cost subtracted), not one dispatched call. `--parts=topk` sweeps the top-k
-kernel's launch parameters. Writes experiments/results/bench_dsa/{results.json,
-results.md, bench_dsa.png}.
+kernel's launch parameters. FP8 indexer: keys quantized once (`dsa.FP8Keys`, as the
+decode cache and `indexer_top_k` do), q per call; "kernel" columns time the scoring
+kernel alone on pre-quantized operands. Writes experiments/results/bench_dsa/{results.json,
+results.md, bench_dsa.png}; rows of lengths not rerun are kept from the existing
+results.json (`run` says which run measured a row). `--parts=sparse,indexer` sweep the
+sparse-attention and indexer kernels' variants into sweep_<part>.{json,md};
+`--sparse_from=.../sweep_sparse.json` runs the prefill's sparse attention with that
+sweep's fastest variant (default: `dsa_attention.default_blocks`), `--dense=cudnn` skips
+the Pallas flash baseline.
 """
 
 import functools
 import json
 import pathlib
+import time
 
 from absl import app, flags
 import jax
@@ -31,7 +39,7 @@ import jax.numpy as jnp
 
 from experiments import bench_common
 from lca.attention import dsa, full
-from pallas_kernels import dsa_attention, dsa_indexer, dsa_topk
+from pallas_kernels import dsa_attention, dsa_indexer, dsa_topk, resolve_interpret
 
 _LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768", "65536", "131072"], "Context lengths.")
 _HEADS = flags.DEFINE_integer("heads", 128, "Query heads.")
@@ -44,6 +52,11 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 _PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
+_RUN = flags.DEFINE_string("run", "s4", "Label of this run, stored in each row.")
+_DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
+_SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
+                                   "its longest length runs the sparse attention (default: default_blocks).")
+_SWEEP_TOP = flags.DEFINE_integer("sweep_top", 4, "Sparse sweep: variants rerun at the longer lengths.")
 
 
 bench = bench_common.bench
@@ -72,6 +85,41 @@ def _in_loop(label, fn, first, *rest, inner, reps):
     return None
 
 
+def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None):
+  """Indexer scores of every query chunk (max over keys kept: the [chunk, S] buffer is not
+  written to the output); ki bf16 or FP8Keys."""
+  _, length, hi, di = qi.shape
+  chunk = length // n_chunks
+  return jax.lax.map(
+      lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos, fp8=fp8, blocks=blocks),
+                        axis=-1),
+      (qi.reshape(n_chunks, 1, chunk, hi, di), w.reshape(n_chunks, 1, chunk, hi),
+       pos.reshape(n_chunks, 1, chunk)))
+
+
+def _kernel_all_chunks(q8, k, w8, k_scale, pos, n_chunks, blocks):
+  """The scoring kernel alone on pre-quantized operands (q8 [1, L, H, d], k [1, S, d] or [1, d, S])."""
+  _, length, hi, di = q8.shape
+  chunk = length // n_chunks
+  return jax.lax.map(
+      lambda a: jnp.max(dsa_indexer.indexer_scores_kernel(a[0], k, a[1], k_scale, a[2], pos, blocks=blocks,
+                                                          interpret=resolve_interpret(None)), axis=-1),
+      (q8.reshape(n_chunks, 1, chunk, hi, di), w8.reshape(n_chunks, 1, chunk, hi),
+       pos.reshape(n_chunks, 1, chunk)))
+
+
+def _sparse_variant():
+  """(name, SparseBlocks or None) for the prefill's sparse attention (see --sparse_from)."""
+  if not _SPARSE_FROM.value or not pathlib.Path(_SPARSE_FROM.value).exists():
+    return "default_blocks", None
+  rows = json.loads(pathlib.Path(_SPARSE_FROM.value).read_text())["sparse"]
+  last = rows[-1]
+  timed = sorted((last[f"{n}_ms"], n) for n in SPARSE_VARIANTS if last.get(f"{n}_ms") and SPARSE_VARIANTS[n][0])
+  if not timed:
+    return "default_blocks", None
+  return timed[0][1], SPARSE_VARIANTS[timed[0][1]][1]
+
+
 def prefill_case(length, reps):
   h, lat, hi, di, top_k = _HEADS.value, _LATENT.value, _INDEX_HEADS.value, _INDEX_DIM.value, _TOP_K.value
   keys = jax.random.split(jax.random.key(length), 8)
@@ -81,7 +129,7 @@ def prefill_case(length, reps):
   q = jax.random.normal(keys[0], (1, length, h, 128), bf)
   kd = jax.random.normal(keys[1], (1, length, h, 128), bf)
   vd = jax.random.normal(keys[2], (1, length, h, 128), bf)
-  for impl in ("cudnn", "pallas"):
+  for impl in _DENSE.value:
     f = jax.jit(lambda q, k, v, impl=impl: full.attention(q, k, v, causal=True, implementation=impl))
     res[f"dense_{impl}_ms"] = _ms(_try(f"dense {impl}", f, q, kd, vd, reps=reps))
   del q, kd, vd
@@ -92,13 +140,23 @@ def prefill_case(length, reps):
   pos = jnp.arange(length, dtype=jnp.int32)[None]
   chunk = min(_CHUNK.value, length)
   n_chunks = length // chunk
-  for fp8 in (True, False):
+  for fp8 in (True, False):   # fp8: keys quantized once (outside the chunk loop), q per chunk
     name = "fp8" if fp8 else "bf16"
-    f = jax.jit(lambda qi, ki, w, fp8=fp8: jax.lax.map(
-        lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos, fp8=fp8), axis=-1),
-        (qi.reshape(n_chunks, 1, chunk, hi, di), w.reshape(n_chunks, 1, chunk, hi),
-         pos.reshape(n_chunks, 1, chunk))))
+    f = jax.jit(lambda qi, ki, w, fp8=fp8: _indexer_all_chunks(
+        qi, dsa.quantize_index_keys(ki) if fp8 else ki, w, pos, n_chunks, fp8=fp8))
     res[f"indexer_{name}_ms"] = _ms(_try(f"indexer scores {name} (all chunks)", f, qi, ki, w, reps=reps))
+  # fp8: the quantization alone, and the scoring kernel alone on pre-quantized operands
+  res["quantize_q_ms"] = _ms(_try("fp8 quantize q (all)", jax.jit(dsa_indexer.fp8_query_operands), qi, w, reps=reps))
+  res["quantize_k_ms"] = _ms(_try("fp8 quantize k (all)", jax.jit(dsa.quantize_index_keys), ki, reps=reps))
+  q8, w8 = jax.jit(dsa_indexer.fp8_query_operands)(qi, w)
+  k8, ks = jax.jit(dsa.quantize_index_keys)(ki)
+  for key, blocks in (("indexer_fp8_kernel_ms", dsa_indexer.IndexerBlocks()),
+                      ("indexer_fp8_kernel_kT_ms", dsa_indexer.IndexerBlocks(k_transposed=True)),
+                      ("indexer_fp8_kernel_q128w8_ms", dsa_indexer.IndexerBlocks(block_q=128, num_warps=8))):
+    kk = jnp.swapaxes(k8, 1, 2) if blocks.k_transposed else k8
+    f = jax.jit(lambda q8, kk, w8, ks, blocks=blocks: _kernel_all_chunks(q8, kk, w8, ks, pos, n_chunks, blocks))
+    res[key] = _ms(_try(f"{key[:-3]} (pre-quantized, all chunks)", f, q8, kk, w8, ks[..., 0], reps=reps))
+  del q8, w8, k8, ks
   lengths = lambda p: jnp.clip(p + 1, 0, length)
   # top-k on the last chunk (most visible keys): the kernel and lax.top_k
   sc = dsa_indexer.indexer_scores(qi[:, -chunk:], ki, w[:, -chunk:], pos[:, -chunk:], pos, fp8=True)
@@ -121,12 +179,15 @@ def prefill_case(length, reps):
   latent = jax.random.normal(keys[6], (1, length, 1, lat), bf)
   qs = jax.random.normal(keys[7], (1, length, h, lat), bf)
   idx = _causal_random_indices(length, top_k, pos[0])
-  f = jax.jit(lambda q, kv, i: dsa.sparse_attention(q, kv, kv, i, implementation="pallas"))
-  res["sparse_attention_ms"] = _ms(_try("sparse attention (MQA, pallas)", f, qs, latent, idx, reps=reps))
+  variant, blocks = _sparse_variant()
+  res["sparse_variant"] = variant
+  f = jax.jit(lambda q, kv, i: dsa_attention.sparse_attention(q, kv, kv, i, blocks=blocks))
+  res["sparse_attention_ms"] = _ms(_try(f"sparse attention (MQA, pallas, {variant})", f, qs, latent, idx,
+                                        reps=reps))
   del idx
 
   def prefill(q, kv, qi, ki, w):
-    return dsa.sparse_attention(q, kv, kv, index_top_k(qi, ki, w), implementation="pallas")
+    return dsa_attention.sparse_attention(q, kv, kv, index_top_k(qi, ki, w), blocks=blocks)
   res["dsa_total_ms"] = _ms(_try("DSA prefill (end to end)", jax.jit(prefill), qs, latent, qi, ki, w,
                                  reps=reps))
   return res
@@ -153,26 +214,27 @@ def decode_case(length, reps):
   qi = jax.random.normal(keys[4], (1, 1, hi, di), bf)
   ki = jax.random.normal(keys[5], (1, length, di), bf)
   w = jax.random.normal(keys[6], (1, 1, hi), jnp.float32)
-  for fp8 in (True, False):
-    name = "fp8" if fp8 else "bf16"
-    res[f"indexer_{name}_ms"] = loop(f"indexer {name}", lambda qi, ki, w, fp8=fp8: dsa_indexer.indexer_scores(
-        qi, ki, w, qpos, kvpos, fp8=fp8), qi, ki, w)
-  sc = dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, fp8=True)
+  k8 = jax.jit(dsa.quantize_index_keys)(ki)     # the FP8 key cache: quantized when written
+  res["indexer_fp8_ms"] = loop("indexer fp8 (quantized key cache)", lambda qi, k8, w: dsa_indexer.indexer_scores(
+      qi, k8, w, qpos, kvpos, fp8=True), qi, k8, w)
+  res["indexer_fp8_requant_ms"] = loop("indexer fp8 (quantizing all keys each step)", lambda qi, ki, w: (
+      dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, fp8=True)), qi, ki, w)
+  res["indexer_bf16_ms"] = loop("indexer bf16", lambda qi, ki, w: dsa_indexer.indexer_scores(
+      qi, ki, w, qpos, kvpos, fp8=False), qi, ki, w)
+  sc = dsa_indexer.indexer_scores(qi, k8, w, qpos, kvpos, fp8=True)
   for impl, key in (("pallas", "topk_ms"), ("xla", "topk_xla_ms")):
     res[key] = loop(f"top-k {impl}", lambda s, impl=impl: dsa.top_k_select(s, top_k, implementation=impl), sc)
   idx = dsa.top_k_select(sc, top_k, implementation="xla")
   res["sparse_attention_ms"] = loop("sparse attention (split-K)", lambda q, kv, i: dsa.sparse_attention(
       q, kv, kv, i, implementation="pallas"), q, latent, idx)
 
-  def step(qi, q, ki, w, kv, fp8=False, topk=None):   # the indexer query first: nothing hoisted
-    i = dsa.top_k_select(dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, fp8=fp8), top_k,
-                         implementation=topk)
+  def step(qi, q, ki, w, kv, topk=None):   # the indexer query first: nothing hoisted
+    i = dsa.top_k_select(dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos), top_k, implementation=topk)
     return dsa.sparse_attention(q, kv, kv, i, implementation="pallas")
   # default: bf16 indexer (decode kernel), top_k_select's default (lax.top_k for one row)
-  for key, kw in (("dsa_total_ms", {}), ("dsa_total_fp8_ms", dict(fp8=True)),
-                  ("dsa_total_kernel_topk_ms", dict(topk="pallas"))):
-    res[key] = loop(f"DSA decode step {kw or '(bf16 indexer, default top-k)'}",
-                    functools.partial(step, **kw), qi, q, ki, w, latent)
+  for key, keys, kw in (("dsa_total_ms", ki, {}), ("dsa_total_fp8_ms", k8, {}),
+                        ("dsa_total_kernel_topk_ms", ki, dict(topk="pallas"))):
+    res[key] = loop(f"DSA decode step {key}", functools.partial(step, **kw), qi, q, keys, w, latent)
   return res
 
 
@@ -212,6 +274,124 @@ def topk_case(length, reps):
   return res
 
 
+SB = dsa_attention.SparseBlocks
+SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
+    "sep_h32_k32_w8_s2": (False, SB(block_h=32, block_k=32, num_warps=8, num_stages=2)),
+    "sh_h32_k32_w8_s2": (True, SB(block_h=32, block_k=32, num_warps=8, num_stages=2)),
+    "sh_h32_k64_w8_s2": (True, SB(block_h=32, block_k=64, num_warps=8, num_stages=2)),
+    "sh_h32_k32_w8_s3": (True, SB(block_h=32, block_k=32, num_warps=8, num_stages=3)),
+    "sh_h32_k32_w4_s2": (True, SB(block_h=32, block_k=32, num_warps=4, num_stages=2)),
+    "sh_h64_k16_w8_s2": (True, SB(block_h=64, block_k=16, num_warps=8, num_stages=2)),
+    "sh_h64_k32_w8_s2": (True, SB(block_h=64, block_k=32, num_warps=8, num_stages=2)),
+    "sh_h64_k16_w16_s2": (True, SB(block_h=64, block_k=16, num_warps=16, num_stages=2)),
+    "sh_h64_k32_w16_s2": (True, SB(block_h=64, block_k=32, num_warps=16, num_stages=2)),
+    "sh_h128_k16_w16_s2": (True, SB(block_h=128, block_k=16, num_warps=16, num_stages=2)),
+}
+
+
+def _sparse_check(name, shared, blocks):
+  """Relative error vs the XLA gather path (fp32 math on the bf16 inputs), MQA 128 x 512."""
+  keys = jax.random.split(jax.random.key(7), 2)
+  q = jax.random.normal(keys[0], (1, 300, _HEADS.value, _LATENT.value), jnp.bfloat16)
+  kv = jax.random.normal(keys[1], (1, 300, 1, _LATENT.value), jnp.bfloat16)
+  idx = _causal_random_indices(300, 256, jnp.arange(300, dtype=jnp.int32))
+  f = jax.jit(lambda q, kv: dsa_attention.sparse_attention(q, kv, kv if shared else kv + 0, idx, blocks=blocks))
+  got = f(q, kv).astype(jnp.float32)
+  ref = dsa.sparse_attention_gather(q.astype(jnp.float32), kv.astype(jnp.float32), kv.astype(jnp.float32), idx)
+  return float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+
+
+def sparse_case(length, reps, state):
+  """Sparse attention variants (MQA 128 x 512, top-k 2048): at the first length all of them,
+  later lengths the `--sweep_top` fastest of the first plus the first variant (baseline)."""
+  res = {"length": length}
+  keys = jax.random.split(jax.random.key(length + 2), 2)
+  q = jax.random.normal(keys[0], (1, length, _HEADS.value, _LATENT.value), jnp.bfloat16)
+  kv = jax.random.normal(keys[1], (1, length, 1, _LATENT.value), jnp.bfloat16)
+  idx = _causal_random_indices(length, _TOP_K.value, jnp.arange(length, dtype=jnp.int32))
+  names = state.get("sparse_order") or list(SPARSE_VARIANTS)
+  for name in names:
+    shared, blocks = SPARSE_VARIANTS[name]
+    if "sparse_order" not in state:
+      try:
+        res[f"{name}_err"] = _sparse_check(name, shared, blocks)
+        print(f"  {name}: rel err {res[f'{name}_err']:.2e}", flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  {name}: check failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+    f = jax.jit(lambda q, kv, i, shared=shared, blocks=blocks: dsa_attention.sparse_attention(
+        q, kv, kv if shared else kv + 0, i, blocks=blocks))
+    try:   # one call first: a variant 3x slower than the fastest so far gets no repetitions
+      jax.block_until_ready(f(q, kv, idx))
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(q, kv, idx))
+      once = time.perf_counter() - t0
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  sparse {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
+    best = min([res[f"{n}_ms"] for n in names if res.get(f"{n}_ms")] or [1e9])
+    if once * 1e3 > 3 * best:
+      res[f"{name}_ms"] = once * 1e3
+      print(f"  sparse {name}: {once * 1e3:.3f} ms (one call, > 3x the best: not repeated)", flush=True)
+    else:
+      res[f"{name}_ms"] = _ms(_try(f"sparse {name}", f, q, kv, idx, reps=reps))
+  if "sparse_order" not in state:
+    timed = sorted((res[f"{n}_ms"], n) for n in names if res.get(f"{n}_ms") is not None)
+    top = [n for _, n in timed[:_SWEEP_TOP.value]]
+    state["sparse_order"] = [names[0]] + [n for n in top if n != names[0]]
+  return res
+
+
+INDEXER_KERNEL_VARIANTS = {   # fp8 scoring kernel alone on pre-quantized operands
+    "fp8_q64_k128_w4": dsa_indexer.IndexerBlocks(),
+    "fp8_q64_k128_w4_kT": dsa_indexer.IndexerBlocks(k_transposed=True),
+    "fp8_q128_k128_w8": dsa_indexer.IndexerBlocks(block_q=128, block_k=128, num_warps=8),
+    "fp8_q64_k256_w8": dsa_indexer.IndexerBlocks(block_q=64, block_k=256, num_warps=8),
+    "fp8_q128_k64_w4": dsa_indexer.IndexerBlocks(block_q=128, block_k=64, num_warps=4),
+    "fp8_q64_k128_w4_s3": dsa_indexer.IndexerBlocks(num_stages=3),
+}
+
+
+def indexer_case(length, reps, state):
+  """Prefill indexer over all chunks: bf16; fp8 quantizing q and k per chunk (session 2-3);
+  fp8 with keys quantized once; the quantization alone; the fp8 kernel alone (variants)."""
+  del state
+  hi, di = _INDEX_HEADS.value, _INDEX_DIM.value
+  keys = jax.random.split(jax.random.key(length + 3), 3)
+  qi = jax.random.normal(keys[0], (1, length, hi, di), jnp.bfloat16)
+  ki = jax.random.normal(keys[1], (1, length, di), jnp.bfloat16)
+  w = jax.random.normal(keys[2], (1, length, hi), jnp.float32) * (hi * di) ** -0.5
+  pos = jnp.arange(length, dtype=jnp.int32)[None]
+  n = length // min(_CHUNK.value, length)
+  res = {"length": length}
+  cases = {
+      "bf16": lambda qi, ki, w: _indexer_all_chunks(qi, ki, w, pos, n, fp8=False),
+      "bf16_q128_k128_w8": lambda qi, ki, w: _indexer_all_chunks(
+          qi, ki, w, pos, n, fp8=False, blocks=dsa_indexer.IndexerBlocks(block_q=128, num_warps=8)),
+      "fp8_requant_per_chunk": lambda qi, ki, w: _indexer_all_chunks(qi, ki, w, pos, n, fp8=True),
+      "fp8_keys_once": lambda qi, ki, w: _indexer_all_chunks(qi, dsa.quantize_index_keys(ki), w, pos, n, fp8=True),
+      "quantize_q": lambda qi, ki, w: dsa_indexer.fp8_query_operands(qi, w),
+      "quantize_k": lambda qi, ki, w: dsa.quantize_index_keys(ki),
+  }
+  for name, fn in cases.items():
+    res[f"{name}_ms"] = _ms(_try(f"indexer {name}", jax.jit(fn), qi, ki, w, reps=reps))
+  q8, w8 = jax.jit(dsa_indexer.fp8_query_operands)(qi, w)
+  k8, ks = jax.jit(dsa.quantize_index_keys)(ki)
+  ks = ks[..., 0]
+  k8t = jnp.swapaxes(k8, 1, 2)
+  ref = None
+  for name, blocks in INDEXER_KERNEL_VARIANTS.items():
+    kk = k8t if blocks.k_transposed else k8
+    f = jax.jit(lambda q8, kk, w8, ks, blocks=blocks: _kernel_all_chunks(q8, kk, w8, ks, pos, n, blocks))
+    t = _try(f"indexer kernel {name}", f, q8, kk, w8, ks, reps=reps)
+    res[f"{name}_ms"] = _ms(t)
+    if t is not None:   # same scores as the default variant (row maxima)
+      got = f(q8, kk, w8, ks)
+      ref = got if ref is None else ref
+      res[f"{name}_same"] = bool(jnp.allclose(got, ref, rtol=1e-5, atol=1e-5))
+  return res
+
+
 def _ms(t):
   return None if t is None else t * 1e3
 
@@ -225,6 +405,44 @@ def _table(head, rows, cols):
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(f(c(r)) for c in cols) + " |" for r in rows]
   return lines
+
+
+SWEEP_PARTS = ("sparse", "indexer")
+
+
+def write_sweep(results, out: pathlib.Path):
+  """The kernel-variant sweeps -> sweep_<part>.json, sweep_<part>.md."""
+  out.mkdir(parents=True, exist_ok=True)
+  meta = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__,
+              run=_RUN.value, timing="bench (median wall time of one call)")
+  f = lambda x: "-" if x is None else (str(x) if isinstance(x, (bool, int, str)) else f"{x:.3g}")
+  for part, rows in results.items():
+    (out / f"sweep_{part}.json").write_text(json.dumps(dict(meta=meta, **{part: rows}), indent=1))
+    lines = [f"device {meta['device']}, jax {meta['jax']}, {meta['date']}, run {meta['run']}; ms, median "
+             "of one call", ""]
+    names = sorted({k[:-3] for r in rows for k in r if k.endswith("_ms")}, key=lambda n: (
+        rows[-1].get(n + "_ms") is None, rows[-1].get(n + "_ms") or rows[0].get(n + "_ms") or 1e9))
+    extra = {"sparse": "_err", "indexer": "_same"}[part]
+    lines += [f"{part}: variant x length (ms){'; rel. error vs XLA at L=300' if part == 'sparse' else '; same = same scores as the default kernel'}", ""]
+    lines += ["| variant | " + " | ".join(str(r["length"]) for r in rows) + f" | {extra[1:]} |",
+              "|---|" + "---|" * (len(rows) + 1)]
+    for n in names:
+      chk = next((r[n + extra] for r in rows if n + extra in r), None)
+      lines.append(f"| {n} | " + " | ".join(f(r.get(n + "_ms")) for r in rows) + f" | {f(chk)} |")
+    (out / f"sweep_{part}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def _merge(old, new):
+  """Rows of `new` replace those of `old` with the same length; the others are kept."""
+  out = {}
+  for part in set(old) | set(new):
+    if part == "meta":
+      continue
+    rows = {r["length"]: r for r in old.get(part, [])}
+    rows.update({r["length"]: r for r in new.get(part, [])})
+    out[part] = [rows[k] for k in sorted(rows)]
+  return out
 
 
 def write(results, out: pathlib.Path, **meta_extra):
@@ -242,10 +460,10 @@ def write(results, out: pathlib.Path, **meta_extra):
            "Prefill: wall ms of one call; top-k = (indexer fp8 + top-k, all chunks) - indexer fp8. "
            "Decode: device ms per call (bench_in_loop).", ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
   lines += _table(
-      ["prefill L", "dense cuDNN", "dense flash", "indexer fp8", "indexer bf16", "top-k (kernel, all chunks)",
+      ["prefill L", "run", "dense cuDNN", "dense flash", "indexer fp8", "indexer bf16", "top-k (kernel, all chunks)",
        "top-k lax (1 chunk x n)", "top-k kernel / lax, last chunk", "sparse attn", "DSA total",
        "speed-up vs cuDNN", "indexer share"], results.get("prefill", []),
-      [g("length"), g("dense_cudnn_ms"), g("dense_pallas_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+      [g("length"), g("run"), g("dense_cudnn_ms"), g("dense_pallas_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
        g("topk_ms"), g("topk_xla_ms_scaled"),
        lambda r: None if r.get("topk_pallas_chunk_ms") is None else
        f"{r['topk_pallas_chunk_ms']:.3g} / {r.get('topk_xla_chunk_ms') or float('nan'):.3g}",
@@ -253,11 +471,11 @@ def write(results, out: pathlib.Path, **meta_extra):
        lambda r: _ratio(r.get("dense_cudnn_ms"), r.get("dsa_total_ms")),
        lambda r: _ratio(r.get("indexer_fp8_ms"), r.get("dsa_total_ms"))])
   lines += [""] + _table(
-      ["decode L", "dense MQA (XLA)", "dense MHA cuDNN", "indexer fp8", "indexer bf16", "top-k kernel",
+      ["decode L", "run", "dense MQA (XLA)", "dense MHA cuDNN", "indexer fp8", "indexer bf16", "top-k kernel",
        "top-k lax", "sparse attn", "DSA step", "DSA step, fp8 indexer", "DSA step, top-k kernel",
        "speed-up vs dense MQA", "vs MHA cuDNN"],
       results.get("decode", []),
-      [g("length"), g("dense_mqa_xla_ms"), g("dense_mha_cudnn_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+      [g("length"), g("run"), g("dense_mqa_xla_ms"), g("dense_mha_cudnn_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
        g("topk_ms"), g("topk_xla_ms"), g("sparse_attention_ms"), g("dsa_total_ms"),
        g("dsa_total_fp8_ms"), g("dsa_total_kernel_topk_ms"),
        lambda r: _ratio(r.get("dense_mqa_xla_ms"), r.get("dsa_total_ms")),
@@ -307,16 +525,29 @@ def main(argv):
   del argv
   print(jax.devices(), flush=True)
   out = pathlib.Path(_OUT.value)
-  results = {}
-  cases = {"topk": topk_case, "decode": decode_case, "prefill": prefill_case}
+  cases = {"topk": topk_case, "decode": decode_case, "prefill": prefill_case,
+           "sparse": sparse_case, "indexer": indexer_case}
   for part in _PARTS.value:
     if part not in cases:
       raise ValueError(f"--parts: unknown part {part!r}; known: {sorted(cases)}")
-    results[part] = []
+  old = {}
+  if (out / "results.json").exists():
+    old = json.loads((out / "results.json").read_text())
+  meta_old = {k: v for k, v in old.get("meta", {}).items() if k not in (
+      "device", "date", "jax", "heads", "latent", "index_heads", "index_dim", "top_k", "chunk",
+      "decode_timing", "prefill_timing")}
+  results, sweeps, state = {}, {}, {}
+  for part in _PARTS.value:
+    target = sweeps if part in SWEEP_PARTS else results
+    target[part] = []
     for length in map(int, _LENGTHS.value):
       print(f"{part} L={length}", flush=True)
-      results[part].append(cases[part](length, _REPS.value))
-      write(results, out)
+      if part in SWEEP_PARTS:
+        target[part].append(cases[part](length, _REPS.value, state))
+        write_sweep(sweeps, out)
+      else:
+        target[part].append(dict(cases[part](length, _REPS.value), run=_RUN.value))
+        write(_merge(old, results), out, **meta_old)
 
 
 if __name__ == "__main__":

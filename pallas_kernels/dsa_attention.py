@@ -14,6 +14,11 @@ saved log-sum-exp, accumulates dq in registers and scatters dk, dv rows into fp3
 buffers with atomic adds (rows chosen by many queries collect from all of them;
 invalid slots go to a trash row).
 
+Shared K = V (`v=None` or `v is k`: MLA's absorbed MQA form, k = v = the latent): the
+kernels gather each row once and use the tile for both MMAs (half the gathered bytes;
+measured: only ~4% faster, the second gather hit the caches; see NOTES_dsa.md),
+and the backward adds dk + dv into one buffer (one atomic add per row).
+
 Triton tiles are powers of two: head_dim and v's head_dim are zero-padded to the
 next power of two (>= 16), and the head block to >= 16 rows.
 """
@@ -37,18 +42,31 @@ class SparseBlocks:
   num_splits: int = 1      # programs per query over its K indices (decode: > 1)
   num_warps: int = 4
   num_stages: int = 2
+  bwd_num_warps: int | None = None   # backward; None: 8 for head dims > 256 (its dq and do
+                                     # tiles), else num_warps
+
+
+MAX_BLOCK_H = 32   # default head block cap (see NOTES_dsa.md: the block_h sweep)
 
 
 def default_blocks(q_len: int, top_k: int, dim: int, group: int) -> SparseBlocks:
-  """Big heads (MLA latents) need small tiles; decode splits K over programs."""
-  block_h = min(32, max(16, pl.next_power_of_2(group)))
+  """Head block of 32 (a 64-head block is no faster; 128 does not compile), 32 rows a step.
+
+  Prefill: 4 warps (MQA 128 x 512 at 128k: 373 ms vs 808 ms with 8 warps, H100). Decode
+  (split K over programs) keeps 8 warps for head dims > 256, as measured in session 3.
+  """
+  block_h = min(MAX_BLOCK_H, max(16, pl.next_power_of_2(group)))
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
   return SparseBlocks(block_h=block_h, block_k=32, num_splits=splits,
-                      num_warps=8 if dim > 256 else 4)
+                      num_warps=8 if dim > 256 and splits > 1 else 4)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, scale, block_k, steps):
-  """q [bh, D]; k [S, D]; v [S, Dv]; idx [K/splits]; o [bh, Dv]; lse [bh]."""
+def _fwd_kernel(*refs, scale, block_k, steps, shared):
+  """q [bh, D]; k [S, D]; v [S, Dv] (absent when shared: v = k); idx [K/splits]; o [bh, Dv]; lse [bh]."""
+  if shared:
+    (q_ref, k_ref, idx_ref, o_ref, lse_ref), v_ref = refs, None
+  else:
+    q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref = refs
   q = q_ref[...]
   bh = q.shape[0]
 
@@ -58,7 +76,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, scale, block_k,
     valid = ids >= 0
     rows = jnp.where(valid, ids, 0)
     kg = k_ref[rows, :]                                            # gather [bk, D]
-    vg = v_ref[rows, :]
+    vg = kg if shared else v_ref[rows, :]
     s = plgpu.dot(q, kg, trans_b=True) * scale                     # [bh, bk]
     s = jnp.where(valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -77,10 +95,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, scale, block_k,
   lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dk_in, dv_in,
-                dq_ref, dk_ref, dv_ref, *, scale, block_k, steps, trash_row):
-  """dq [bh, D] per program; dk [S+1, D], dv [S+1, Dv] fp32 accumulated with atomics."""
-  del dk_in, dv_in  # aliased with dk_ref, dv_ref (zero-initialized)
+def _bwd_kernel(*refs, scale, block_k, steps, trash_row, shared):
+  """dq [bh, D] per program; dk [S+1, D], dv [S+1, Dv] fp32 accumulated with atomics
+  (shared: no v, one dkv buffer [S+1, D] collects dk + dv)."""
+  if shared:
+    q_ref, k_ref, idx_ref, do_ref, lse_ref, delta_ref, _, dq_ref, dk_ref = refs
+    v_ref = dv_ref = None
+  else:   # dk_in, dv_in are aliased with dk_ref, dv_ref (zero-initialized)
+    q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, _, _, dq_ref, dk_ref, dv_ref = refs
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   lse = jnp.where(lse == -jnp.inf, 0.0, lse)
@@ -92,7 +114,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dk_in,
     valid = ids >= 0
     rows = jnp.where(valid, ids, 0)
     kg = k_ref[rows, :]
-    vg = v_ref[rows, :]
+    vg = kg if shared else v_ref[rows, :]
     s = plgpu.dot(q, kg, trans_b=True) * scale
     p = jnp.where(valid[None, :], jnp.exp(s - lse[:, None]), 0.0)       # [bh, bk]
     dv_rows = plgpu.dot(p.astype(do.dtype), do, trans_a=True)          # [bk, Dv]
@@ -100,8 +122,11 @@ def _bwd_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dk_in,
     ds = p * (dp - delta[:, None]) * scale
     dk_rows = plgpu.dot(ds.astype(q.dtype), q, trans_a=True)           # [bk, D]
     dest = jnp.where(valid, ids, trash_row)
-    plgpu.atomic_add(dk_ref, (dest[:, None], cols_k[None, :]), dk_rows)
-    plgpu.atomic_add(dv_ref, (dest[:, None], cols_v[None, :]), dv_rows)
+    if shared:
+      plgpu.atomic_add(dk_ref, (dest[:, None], cols_k[None, :]), dk_rows + dv_rows)
+    else:
+      plgpu.atomic_add(dk_ref, (dest[:, None], cols_k[None, :]), dk_rows)
+      plgpu.atomic_add(dv_ref, (dest[:, None], cols_v[None, :]), dv_rows)
     return dq + plgpu.dot(ds.astype(kg.dtype), kg)
 
   dq = jax.lax.fori_loop(0, steps, body, jnp.zeros(q.shape, jnp.float32))
@@ -111,43 +136,51 @@ def _bwd_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dk_in,
 def _layout(q, k, v, indices, blocks):
   """Pads head dims to powers of two, the group to the head block, K to block_k * splits.
 
-  Returns q5 [B, L, H_kv, Gp, Dp], k [B, S, H_kv, Dp], v [B, S, H_kv, Dvp], idx [B, L, Kp].
+  Returns q5 [B, L, H_kv, Gp, Dp], k [B, S, H_kv, Dp], v [B, S, H_kv, Dvp] (None when
+  shared), idx [B, L, Kp].
   """
   batch, q_len, num_heads, dim = q.shape
-  num_kv_heads, dv = k.shape[2], v.shape[-1]
+  num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
-  dp, dvp = max(16, pl.next_power_of_2(dim)), max(16, pl.next_power_of_2(dv))
+  dp = max(16, pl.next_power_of_2(dim))
   gp = -(-group // blocks.block_h) * blocks.block_h
   kmult = blocks.block_k * blocks.num_splits
   kp = -(-indices.shape[-1] // kmult) * kmult
   q5 = q.reshape(batch, q_len, num_kv_heads, group, dim)
   q5 = jnp.pad(q5, [(0, 0), (0, 0), (0, 0), (0, gp - group), (0, dp - dim)])
   k = jnp.pad(k, [(0, 0), (0, 0), (0, 0), (0, dp - dim)])
-  v = jnp.pad(v, [(0, 0), (0, 0), (0, 0), (0, dvp - dv)])
+  if v is not None:
+    dvp = max(16, pl.next_power_of_2(v.shape[-1]))
+    v = jnp.pad(v, [(0, 0), (0, 0), (0, 0), (0, dvp - v.shape[-1])])
   idx = jnp.pad(indices.astype(jnp.int32), [(0, 0), (0, 0), (0, kp - indices.shape[-1])],
                 constant_values=-1)
   return q5, k, v, idx
 
 
 def _forward(q, k, v, indices, scale, blocks, interpret):
-  """-> out [B, L, H, Dv] (q.dtype), lse [B, L, H_kv, Gp] f32 (of the unsplit softmax)."""
-  batch, q_len, num_heads, dim = q.shape
-  num_kv_heads, kv_len, dv = k.shape[2], k.shape[1], v.shape[-1]
+  """v None: shared (v = k). -> out [B, L, H, Dv] (q.dtype), lse [B, L, H_kv, Gp] f32."""
+  shared = v is None
+  batch, q_len, num_heads, _ = q.shape
+  num_kv_heads, kv_len = k.shape[2], k.shape[1]
+  dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
   q5, kp, vp, idx = _layout(q, k, v, indices, blocks)
-  gp, dp, dvp, ksel = q5.shape[3], q5.shape[4], vp.shape[-1], idx.shape[-1]
+  gp, dp, ksel = q5.shape[3], q5.shape[4], idx.shape[-1]
+  dvp = dp if shared else vp.shape[-1]
   bh, splits = blocks.block_h, blocks.num_splits
   per_split = ksel // splits
   grid = (batch, q_len, num_kv_heads * (gp // bh), splits)
   nhb = gp // bh
+  kv_specs = [pl.BlockSpec((None, kv_len, None, dp), lambda b, t, h, s: (b, 0, h // nhb, 0))]
+  if not shared:
+    kv_specs.append(pl.BlockSpec((None, kv_len, None, dvp), lambda b, t, h, s: (b, 0, h // nhb, 0)))
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
-                        steps=per_split // blocks.block_k),
+                        steps=per_split // blocks.block_k, shared=shared),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h, s: (b, t, h // nhb, h % nhb, 0)),
-          pl.BlockSpec((None, kv_len, None, dp), lambda b, t, h, s: (b, 0, h // nhb, 0)),
-          pl.BlockSpec((None, kv_len, None, dvp), lambda b, t, h, s: (b, 0, h // nhb, 0)),
+          *kv_specs,
           pl.BlockSpec((None, None, per_split), lambda b, t, h, s: (b, t, s)),
       ],
       out_specs=[
@@ -160,7 +193,7 @@ def _forward(q, k, v, indices, scale, blocks, interpret):
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="dsa_sparse_attention_fwd",
-  )(q5, kp, vp, idx)
+  )(q5, kp, *([] if shared else [vp]), idx)
   if splits > 1:   # merge the partial softmaxes
     lse_all = jax.scipy.special.logsumexp(lse, axis=2, keepdims=True)
     lse_all_safe = jnp.where(jnp.isfinite(lse_all), lse_all, 0.0)
@@ -172,50 +205,58 @@ def _forward(q, k, v, indices, scale, blocks, interpret):
 
 
 def _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret):
+  """-> dq, dk, dv (v None: shared, returns dq, dk + dv, None)."""
+  shared = v is None
   batch, q_len, num_heads, dim = q.shape
-  num_kv_heads, kv_len, dv = k.shape[2], k.shape[1], v.shape[-1]
+  num_kv_heads, kv_len = k.shape[2], k.shape[1]
+  dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
   blocks = dataclasses.replace(blocks, num_splits=1)
   q5, kp, vp, idx = _layout(q, k, v, indices, blocks)
-  gp, dp, dvp, ksel = q5.shape[3], q5.shape[4], vp.shape[-1], idx.shape[-1]
+  gp, dp, ksel = q5.shape[3], q5.shape[4], idx.shape[-1]
+  dvp = dp if shared else vp.shape[-1]
+  warps = blocks.bwd_num_warps or (8 if max(dp, dvp) > 256 else blocks.num_warps)
   bh, nhb = blocks.block_h, gp // blocks.block_h
   pad_g = lambda x: jnp.pad(x.reshape(batch, q_len, num_kv_heads, group, -1),
                             [(0, 0)] * 3 + [(0, gp - group), (0, 0)])
   delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)   # [B, L, H]
   delta = pad_g(delta[..., None])[..., 0]
   do5 = jnp.pad(pad_g(dout), [(0, 0)] * 4 + [(0, dvp - dv)]).astype(q.dtype)
-  dk0 = jnp.zeros((batch, kv_len + 1, num_kv_heads, dp), jnp.float32)
-  dv0 = jnp.zeros((batch, kv_len + 1, num_kv_heads, dvp), jnp.float32)
+  bufs = [jnp.zeros((batch, kv_len + 1, num_kv_heads, dp), jnp.float32)]
+  if not shared:
+    bufs.append(jnp.zeros((batch, kv_len + 1, num_kv_heads, dvp), jnp.float32))
   head = lambda b, t, h: (b, t, h // nhb, h % nhb)
-  dq, dk, dvv = pl.pallas_call(
+  rows_spec = lambda d: pl.BlockSpec((None, kv_len, None, d), lambda b, t, h: (b, 0, h // nhb, 0))
+  buf_spec = lambda d: pl.BlockSpec((None, kv_len + 1, None, d), lambda b, t, h: (b, 0, h // nhb, 0))
+  n_in = 6 + (0 if shared else 1)             # q, k, (v), idx, do, lse, delta
+  results = pl.pallas_call(
       functools.partial(_bwd_kernel, scale=scale, block_k=blocks.block_k,
-                        steps=ksel // blocks.block_k, trash_row=kv_len),
+                        steps=ksel // blocks.block_k, trash_row=kv_len, shared=shared),
       grid=(batch, q_len, num_kv_heads * nhb),
       in_specs=[
           pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h: (*head(b, t, h), 0)),
-          pl.BlockSpec((None, kv_len, None, dp), lambda b, t, h: (b, 0, h // nhb, 0)),
-          pl.BlockSpec((None, kv_len, None, dvp), lambda b, t, h: (b, 0, h // nhb, 0)),
+          rows_spec(dp), *([] if shared else [rows_spec(dvp)]),
           pl.BlockSpec((None, None, ksel), lambda b, t, h: (b, t, 0)),
           pl.BlockSpec((None, None, None, bh, dvp), lambda b, t, h: (*head(b, t, h), 0)),
           pl.BlockSpec((None, None, None, bh), head),
           pl.BlockSpec((None, None, None, bh), head),
-          pl.BlockSpec((None, kv_len + 1, None, dp), lambda b, t, h: (b, 0, h // nhb, 0)),
-          pl.BlockSpec((None, kv_len + 1, None, dvp), lambda b, t, h: (b, 0, h // nhb, 0)),
+          buf_spec(dp), *([] if shared else [buf_spec(dvp)]),
       ],
       out_specs=[
           pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h: (*head(b, t, h), 0)),
-          pl.BlockSpec((None, kv_len + 1, None, dp), lambda b, t, h: (b, 0, h // nhb, 0)),
-          pl.BlockSpec((None, kv_len + 1, None, dvp), lambda b, t, h: (b, 0, h // nhb, 0)),
+          buf_spec(dp), *([] if shared else [buf_spec(dvp)]),
       ],
-      out_shape=[jax.ShapeDtypeStruct(q5.shape, jnp.float32), jax.ShapeDtypeStruct(dk0.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(dv0.shape, jnp.float32)],
-      input_output_aliases={7: 1, 8: 2},
-      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+      out_shape=[jax.ShapeDtypeStruct(q5.shape, jnp.float32)] + [
+          jax.ShapeDtypeStruct(b.shape, jnp.float32) for b in bufs],
+      input_output_aliases={n_in + i: 1 + i for i in range(len(bufs))},
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="dsa_sparse_attention_bwd",
-  )(q5, kp, vp, idx, do5, lse, delta, dk0, dv0)
-  dq = dq[:, :, :, :group, :dim].reshape(q.shape).astype(q.dtype)
-  return dq, dk[:, :kv_len, :, :dim].astype(k.dtype), dvv[:, :kv_len, :, :dv].astype(v.dtype)
+  )(q5, kp, *([] if shared else [vp]), idx, do5, lse, delta, *bufs)
+  dq = results[0][:, :, :, :group, :dim].reshape(q.shape).astype(q.dtype)
+  dk = results[1][:, :kv_len, :, :dim].astype(k.dtype)
+  dvv = None if shared else results[2][:, :kv_len, :, :dv].astype(v.dtype)
+  return dq, dk, dvv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -237,15 +278,42 @@ def _vjp_bwd(scale, blocks, interpret, res, dout):
 _sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _sparse_attention_shared(q, kv, indices, scale, blocks, interpret):
+  return _forward(q, kv, None, indices, scale, blocks, interpret)[0]
+
+
+def _shared_fwd(q, kv, indices, scale, blocks, interpret):
+  out, lse = _forward(q, kv, None, indices, scale, blocks, interpret)
+  return out, (q, kv, indices, out, lse)
+
+
+def _shared_bwd(scale, blocks, interpret, res, dout):
+  q, kv, indices, out, lse = res
+  dq, dkv, _ = _backward(q, kv, None, indices, out, lse, dout, scale, blocks, interpret)
+  return dq, dkv, None
+
+
+_sparse_attention_shared.defvjp(_shared_fwd, _shared_bwd)
+
+
 def sparse_attention(q, k, v, indices, *, scale: float | None = None,
                      blocks: SparseBlocks | None = None, interpret: bool | None = None):
-  """q [B, L, H, D], k [B, S, H_kv, D], v [B, S, H_kv, Dv], indices [B, L, K] int (-1 none,
-  distinct per row) -> [B, L, H, Dv]; differentiable in q, k, v (Pallas backward)."""
+  """q [B, L, H, D], k [B, S, H_kv, D], v [B, S, H_kv, Dv] or None, indices [B, L, K] int
+  (-1 none, distinct per row) -> [B, L, H, Dv]; differentiable in q, k, v (Pallas backward).
+
+  v None or `v is k` (MLA's absorbed form, k = v = latent): the shared path, one gather
+  per row for both MMAs; its gradient for k is dk + dv.
+  """
   from lca.attention import common, dsa  # pylint: disable=g-import-not-at-top
-  common.check_qkv(q, k, v)
+  shared = v is None or v is k
+  common.check_qkv(q, k, k if v is None else v)
   dsa.check_indices(q, k, indices)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   group = q.shape[2] // k.shape[2]
   blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], q.shape[-1], group)
+  if shared:
+    return _sparse_attention_shared(q, k, indices.astype(jnp.int32), scale, blocks,
+                                    resolve_interpret(interpret))
   return _sparse_attention(q, k, v, indices.astype(jnp.int32), scale, blocks,
                            resolve_interpret(interpret))

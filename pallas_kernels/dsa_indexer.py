@@ -7,7 +7,10 @@ the H_I indexer heads, one [block_q, d] x [d, block_k] MMA each, accumulating th
 weighted ReLU in fp32. Tiles that are entirely in the causal future are filled with
 -inf without any MMA (about half of them at prefill). FP8: q and k are float8_e4m3fn;
 their per-vector scales are folded out of the ReLU (q's into w, k's applied at the
-end), as DeepSeek's fp8_index does, so the MMAs run on fp8 operands.
+end), as DeepSeek's fp8_index does, so the MMAs run on fp8 operands. Keys quantized
+once (`lca.attention.dsa.FP8Keys`, the decode cache) are used as they are; only q is
+rotated and quantized per call. `IndexerBlocks(k_transposed=True)` reads the keys as
+[d, S] (the fp8 MMA wants its B operand K-major; this is the other layout, to measure).
 
 The scores of a chunk of queries go to HBM ([chunk, S] float32) and top-k runs on
 them (see `lca.attention.dsa.indexer_top_k`): memory O(chunk * S), not O(L * S).
@@ -37,10 +40,13 @@ class IndexerBlocks:
   block_k: int = 128
   num_warps: int = 4
   num_stages: int = 2
+  k_transposed: bool = False   # keys as [B, d, S]: one [d, bk] tile, dot(q, k) without trans_b
 
 
-def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_heads: int):
-  """q_ref [H_I, bq, d]; k_ref [bk, d]; w_ref [H_I, bq]; qpos [bq]; kpos/kscale [bk]; o [bq, bk]."""
+def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_heads: int,
+            k_transposed: bool):
+  """q_ref [H_I, bq, d]; k_ref [bk, d] ([d, bk] if k_transposed); w_ref [H_I, bq]; qpos [bq];
+  kpos/kscale [bk]; o [bq, bk]."""
   q_pos, k_pos = qpos_ref[...], kpos_ref[...]
   any_visible = jnp.min(jnp.where(k_pos >= 0, k_pos, _BIG)) <= jnp.max(q_pos)
 
@@ -49,7 +55,7 @@ def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_h
     k = k_ref[...]
 
     def head(j, acc):
-      logits = plgpu.dot(q_ref[j], k, trans_b=True)              # [bq, bk] f32
+      logits = plgpu.dot(q_ref[j], k, trans_b=not k_transposed)  # [bq, bk] f32
       return acc + jnp.maximum(logits, 0.0) * w_ref[j][:, None]
 
     acc = jax.lax.fori_loop(0, num_heads, head, jnp.zeros(o_ref.shape, jnp.float32))
@@ -73,26 +79,30 @@ def _pad_to(x, axis, multiple, fill):
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
                           blocks: IndexerBlocks = IndexerBlocks(), interpret: bool = False):
-  """q [B, L, H_I, d] (bf16/f32/fp8), k [B, S, d] (same dtype), w [B, L, H_I] f32,
-  k_scale [B, S] f32, positions [B, L] / [B, S] int32 (-1 = empty) -> [B, L, S] f32."""
+  """q [B, L, H_I, d] (bf16/f32/fp8), k [B, S, d] (same dtype; [B, d, S] if
+  blocks.k_transposed), w [B, L, H_I] f32, k_scale [B, S] f32, positions [B, L] / [B, S]
+  int32 (-1 = empty) -> [B, L, S] f32."""
   batch, q_len, num_heads, dim = q.shape
-  kv_len = k.shape[1]
+  tk = blocks.k_transposed
+  kv_len = k.shape[2] if tk else k.shape[1]
   bq = min(blocks.block_q, max(16, pl.next_power_of_2(q_len)))
   bk = min(blocks.block_k, max(16, pl.next_power_of_2(kv_len)))
   qt = _pad_to(jnp.swapaxes(q, 1, 2), 2, bq, 0)                    # [B, H_I, Lp, d]
   wt = _pad_to(jnp.swapaxes(w.astype(jnp.float32), 1, 2), 2, bq, 0)  # [B, H_I, Lp]
   qp = _pad_to(q_positions.astype(jnp.int32), 1, bq, -1)
   kp = _pad_to(kv_positions.astype(jnp.int32), 1, bk, -1)
-  kk = _pad_to(k, 1, bk, 0)
+  kk = _pad_to(k, 2 if tk else 1, bk, 0)
   ks = _pad_to(k_scale.astype(jnp.float32), 1, bk, 0)
   lp, sp = qp.shape[1], kp.shape[1]
   grid = (batch, lp // bq, sp // bk)
+  k_spec = (pl.BlockSpec((None, dim, bk), lambda b, i, j: (b, 0, j)) if tk else
+            pl.BlockSpec((None, bk, dim), lambda b, i, j: (b, j, 0)))
   out = pl.pallas_call(
-      functools.partial(_kernel, num_heads=num_heads),
+      functools.partial(_kernel, num_heads=num_heads, k_transposed=tk),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, num_heads, bq, dim), lambda b, i, j: (b, 0, i, 0)),
-          pl.BlockSpec((None, bk, dim), lambda b, i, j: (b, j, 0)),
+          k_spec,
           pl.BlockSpec((None, num_heads, bq), lambda b, i, j: (b, 0, i)),
           pl.BlockSpec((None, bq), lambda b, i, j: (b, i)),
           pl.BlockSpec((None, bk), lambda b, i, j: (b, j)),
@@ -155,21 +165,32 @@ def indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
 DECODE_MAX_QUERIES = 4    # up to this many queries: the decode kernel (heads as MMA rows)
 
 
+def fp8_query_operands(q_idx, weights):
+  """q_idx [B, L, H_I, d_I] -> (q8 float8_e4m3fn, w [B, L, H_I] f32 with q's per-vector scale
+  folded in); d_I <= 128 (one scale per vector)."""
+  from lca.attention import dsa  # pylint: disable=g-import-not-at-top
+  q8, q_scale = dsa.quantize_fp8(dsa._rotate(q_idx))  # pylint: disable=protected-access
+  if q_scale.shape[-1] != 1:
+    raise NotImplementedError(f"the FP8 indexer kernel needs index_dim <= 128, got {q_idx.shape[-1]}")
+  return q8, weights.astype(jnp.float32) * q_scale[..., 0]
+
+
 def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: bool = False,
                    blocks: IndexerBlocks | None = None, interpret: bool | None = None):
   """Indexer scores [B, L, S] f32, the math of `lca.attention.dsa.indexer_scores_reference`.
 
-  fp8: Hadamard-rotate and quantize q_idx, k_idx to float8_e4m3fn (one scale per
-  vector; d_I <= 128) and run the MMAs on fp8 operands with fp32 accumulation.
+  fp8: Hadamard-rotate and quantize q_idx (and k_idx unless it is FP8Keys, which implies
+  fp8) to float8_e4m3fn (one scale per vector; d_I <= 128) and run the MMAs on fp8
+  operands with fp32 accumulation.
   """
   from lca.attention import dsa  # pylint: disable=g-import-not-at-top
   dsa.check_indexer(q_idx, k_idx, weights)
   blocks = blocks or IndexerBlocks()
-  if fp8:
-    q8, q_scale, k8, k_scale, w = dsa.fp8_operands(q_idx, k_idx, weights)
-    if q_scale.shape[-1] != 1:
+  if fp8 or isinstance(k_idx, dsa.FP8Keys):
+    keys = dsa.quantize_index_keys(k_idx)
+    if keys.scale.shape[-1] != 1:
       raise NotImplementedError(f"the FP8 indexer kernel needs index_dim <= 128, got {q_idx.shape[-1]}")
-    q, k, w, k_scale = q8, k8, w * q_scale[..., 0], k_scale[..., 0]
+    (q, w), k, k_scale = fp8_query_operands(q_idx, weights), keys.values, keys.scale[..., 0]
   else:
     q, k, w = q_idx, k_idx.astype(q_idx.dtype), weights
     k_scale = jnp.ones(k_idx.shape[:2], jnp.float32)
@@ -178,5 +199,7 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
   if q_idx.shape[1] <= DECODE_MAX_QUERIES:
     return indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions,
                                         interpret=resolve_interpret(interpret))
+  if blocks.k_transposed:
+    k = jnp.swapaxes(k, 1, 2)
   return indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, blocks=blocks,
                                interpret=resolve_interpret(interpret))

@@ -220,6 +220,29 @@ def test_decode_equals_forward():
   assert model.cache_bytes_per_token(16) > 0
 
 
+def test_decode_with_quantized_key_cache_equals_fp8_forward():
+  """FP8 indexer (Pallas, interpret): the cache holds fp8 keys + scales written once per token;
+  prompt chunk + steps equal the fp8 forward over the whole sequence."""
+  layer = dsa.DSAttention(32, 2, 1, 16, rngs=nnx.Rngs(3), index_heads=2, index_dim=16, top_k=4,
+                          rope_dim=8, fp8=True, index_implementation="pallas")
+  x = _normal(95, (2, 10, 32))
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  run = nnx.jit(lambda m, x, p, c: m(x, p, cache=c))
+  want = nnx.jit(lambda m, x, p: m(x, p)[0])(layer, x, pos)
+  cache = layer.init_cache(2, 16)
+  assert cache["k_idx"].dtype == dsa.FP8 and cache["k_idx_scale"].shape == (2, 16, 1)
+  assert layer.cache_bytes_per_token(16) == 2 * 16 * 2 + 16 + 4
+  outs = []
+  for lo, hi in ((0, 8), (8, 9), (9, 10)):
+    y, cache = run(layer, x[:, lo:hi], pos[:, lo:hi], cache)
+    outs.append(y)
+  chex.assert_trees_all_close(jnp.concatenate(outs, 1), want, atol=1e-5, rtol=1e-5)
+  keys = dsa.quantize_index_keys(layer.indexer.keys(x, pos))
+  np.testing.assert_array_equal(np.asarray(cache["k_idx"][:, :10], np.float32), np.asarray(keys.values, np.float32))
+  with pytest.raises(ValueError, match="fp8"):
+    dsa.indexer_scores(_normal(96, (2, 1, 2, 16)), keys, _normal(97, (2, 1, 2)), fp8=False)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(top_k=0), "top_k"), (dict(top_k=-3), "top_k"), (dict(index_dim=0), "index_dim"),
     (dict(index_heads=0), "index_heads"), (dict(rope_dim=32), "rope_dim"),

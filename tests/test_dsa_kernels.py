@@ -63,6 +63,34 @@ def test_sparse_kernel_forward_and_gradients_gqa_odd_length():
   chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_sparse_kernel_shared_kv_forward_and_gradient():
+  """k = v (MLA's latent): one gather for both MMAs, dk + dv into one buffer; 20 heads -> 2 blocks."""
+  q, kv, _, idx = _case(60, 6, 20, 1, 24, 24, 5, batch=1)
+  blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16)
+  fast = lambda q, kv: dsa_attention.sparse_attention(q, kv, kv, idx, blocks=blocks)
+  ref = lambda q, kv: dsa.sparse_attention_reference(q, kv, kv, idx)
+  chex.assert_trees_all_close(fast(q, kv), ref(q, kv), atol=1e-5, rtol=1e-5)
+  ct = _normal(61, (1, 6, 20, 24))
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1))(q, kv)
+  chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+  split = dsa_attention.SparseBlocks(block_h=32, block_k=16, num_splits=2)   # v=None: shared too
+  chex.assert_trees_all_close(dsa_attention.sparse_attention(q, kv, None, idx, blocks=split),
+                              ref(q, kv), atol=1e-5, rtol=1e-5)
+
+
+def test_indexer_kernel_on_quantized_and_transposed_keys():
+  """FP8Keys quantized once = the fp8 path quantizing per call; k stored [d, S] likewise."""
+  q, k, w = _normal(70, (1, 21, 2, 16)), _normal(71, (1, 21, 16)), _normal(72, (1, 21, 2))
+  pos = jnp.broadcast_to(jnp.arange(21, dtype=jnp.int32), (1, 21))
+  want = dsa_indexer.indexer_scores(q, k, w, pos, pos, fp8=True,
+                                    blocks=dsa_indexer.IndexerBlocks(block_q=16, block_k=16))
+  keys = dsa.quantize_index_keys(k)
+  got = dsa_indexer.indexer_scores(q, keys, w, pos, pos,
+                                   blocks=dsa_indexer.IndexerBlocks(block_q=16, block_k=16, k_transposed=True))
+  _assert_scores_close(got, want, 1e-6)
+  _assert_scores_close(got, dsa.indexer_scores_reference(q, k, w, fp8=True), 1e-4)
+
+
 def test_sparse_kernel_mqa_split_k_decode_form():
   q, k, v, idx = _case(30, 5, 4, 1, 16, 16, 40, batch=1)  # MQA: one row serves all 4 heads
   blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16, num_splits=2)
@@ -87,11 +115,24 @@ def test_kernels_on_gpu_bf16():
   for a, b in zip(gf, gr):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     assert jnp.linalg.norm(a - b) / jnp.linalg.norm(b) < 2e-2
+  # shared k = v (MQA latent), forward and gradients, at the benchmark's head block sizes
+  for blocks in (None, dsa_attention.SparseBlocks(block_h=64, block_k=16, num_warps=8)):
+    fs = lambda q, kv, blocks=blocks: dsa_attention.sparse_attention(q, kv, kv, idx, blocks=blocks)
+    rs = lambda q, kv: dsa.sparse_attention_reference(q, kv, kv, idx)
+    got, ref = fs(q, k), rs(q, k)
+    err = jnp.linalg.norm((got - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32))
+    assert err < 1e-2, (blocks, err)
+    gf = jax.grad(lambda *a: jnp.sum((fs(*a) * ct).astype(jnp.float32)), argnums=(0, 1))(q, k)
+    gr = jax.grad(lambda *a: jnp.sum((rs(*a) * ct).astype(jnp.float32)), argnums=(0, 1))(q, k)
+    for a, b in zip(gf, gr):
+      a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+      assert jnp.linalg.norm(a - b) / jnp.linalg.norm(b) < 2e-2, blocks
   qi, ki, w = _normal(42, (1, 300, 8, 128)), _normal(43, (1, 300, 128)), _normal(44, (1, 300, 8))
-  for fp8 in (False, True):
-    got = dsa.indexer_scores(qi.astype(jnp.bfloat16), ki.astype(jnp.bfloat16), w, fp8=fp8,
-                             implementation="pallas")
-    ref = dsa.indexer_scores_reference(qi, ki, w, fp8=fp8)
+  for fp8 in (False, True, "keys"):   # "keys": a quantized key cache (FP8Keys)
+    kb = ki.astype(jnp.bfloat16)
+    got = dsa.indexer_scores(qi.astype(jnp.bfloat16), dsa.quantize_index_keys(kb) if fp8 == "keys" else kb,
+                             w, fp8=bool(fp8), implementation="pallas")
+    ref = dsa.indexer_scores_reference(qi, ki, w, fp8=bool(fp8))
     fin = np.isfinite(np.asarray(ref))
     err = np.linalg.norm(np.asarray(got)[fin] - np.asarray(ref)[fin]) / np.linalg.norm(np.asarray(ref)[fin])
     assert err < 3e-2, (fp8, err)

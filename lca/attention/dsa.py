@@ -17,6 +17,8 @@ Faces, in order of trust:
                                                                     chunk, never [L, S] at once
   sparse_attention_reference (dense masking) / sparse_attention(..., implementation=)
   dsa_attention_reference / dsa_attention                           the three above chained
+  quantize_index_keys -> FP8Keys                                    FP8 keys quantized once (the
+                                                                    decode cache); accepted as k_idx
   indexer_kl_dense / indexer_kl_sparse                              the two training stages' losses
   DSAttention(nnx.Module)                                           layer kind "D", KV + indexer-key cache
 
@@ -31,6 +33,7 @@ the LM loss never reaches it (top-k is not differentiable).
 from collections.abc import Sequence
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,20 +121,65 @@ def quantize_fp8(x: jax.Array, block: int = FP8_BLOCK):
   return x8, scale
 
 
+class FP8Keys(NamedTuple):
+  """Indexer keys rotated and quantized once (`quantize_index_keys`): the FP8 key cache.
+
+  values [B, S, d_I] float8_e4m3fn, scale [B, S, nb] float32 (nb = d_I / 128, 1 for
+  d_I <= 128). Accepted wherever k_idx is (implies fp8=True); `.shape` is values'.
+  """
+  values: jax.Array
+  scale: jax.Array
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+  @property
+  def ndim(self):
+    return self.values.ndim
+
+
+def _rotate(x):
+  """Hadamard rotation of the last axis (when d_I is a power of two; identity otherwise), f32."""
+  dim = x.shape[-1]
+  x = x.astype(jnp.float32)
+  return x @ jnp.asarray(hadamard_matrix(dim)) if dim & (dim - 1) == 0 else x
+
+
+def quantize_index_keys(k_idx) -> FP8Keys:
+  """k_idx [B, S, d_I] -> FP8Keys: rotated, float8_e4m3fn + per-block scale (idempotent)."""
+  if isinstance(k_idx, FP8Keys):
+    return k_idx
+  return FP8Keys(*quantize_fp8(_rotate(k_idx)))
+
+
+def dequantize_index_keys(keys: FP8Keys) -> jax.Array:
+  """FP8Keys -> approximate k_idx [B, S, d_I] float32 (rotation undone: H is symmetric orthogonal)."""
+  v = keys.values.astype(jnp.float32)
+  nb = keys.scale.shape[-1]
+  v = (v.reshape(*v.shape[:-1], nb, -1) * keys.scale[..., None]).reshape(v.shape)
+  return _rotate(v)
+
+
 def fp8_operands(q_idx, k_idx, weights):
   """The FP8 indexer's inputs: Hadamard-rotate (when d_I is a power of two), quantize.
 
-  Returns q8 [B, L, H_I, d_I], q_scale [B, L, H_I, nb], k8 [B, S, d_I], k_scale [B, S, nb]
-  (nb = d_I / 128 blocks, 1 for d_I <= 128) and weights as float32.
+  k_idx may be FP8Keys (already quantized: used as is). Returns q8 [B, L, H_I, d_I],
+  q_scale [B, L, H_I, nb], k8 [B, S, d_I], k_scale [B, S, nb] (nb = d_I / 128 blocks,
+  1 for d_I <= 128) and weights as float32.
   """
-  dim = q_idx.shape[-1]
-  if dim & (dim - 1) == 0:
-    h = jnp.asarray(hadamard_matrix(dim))
-    q_idx = q_idx.astype(jnp.float32) @ h
-    k_idx = k_idx.astype(jnp.float32) @ h
-  q8, q_scale = quantize_fp8(q_idx)
-  k8, k_scale = quantize_fp8(k_idx)
+  q8, q_scale = quantize_fp8(_rotate(q_idx))
+  k8, k_scale = quantize_index_keys(k_idx)
   return q8, q_scale, k8, k_scale, weights.astype(jnp.float32)
+
+
+def _resolve_fp8(k_idx, fp8):
+  """FP8Keys imply fp8 (an explicit fp8=False is an error); None -> `default_fp8()`."""
+  if isinstance(k_idx, FP8Keys):
+    if fp8 is False:
+      raise ValueError("k_idx is FP8Keys (quantized keys): fp8 must be True or None, got fp8=False")
+    return True
+  return default_fp8() if fp8 is None else bool(fp8)
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -156,7 +204,7 @@ def indexer_scores_reference(q_idx, k_idx, weights, *, q_positions=None, kv_posi
     weights: [B, L, H_I] per-query head weights (scale H_I^-1/2 d_I^-1/2 included).
     q_positions, kv_positions, segment_ids, kv_segment_ids: as `full.attention_reference`.
     fp8: emulate the FP8 path exactly: rotate, quantize to e4m3 with per-128 scales,
-      products of the fp8 values accumulated in fp32.
+      products of the fp8 values accumulated in fp32. k_idx may be FP8Keys (implies fp8).
   Returns:
     I [B, L, S] float32; -inf where the key is not visible (future, other segment, empty).
   """
@@ -164,7 +212,7 @@ def indexer_scores_reference(q_idx, k_idx, weights, *, q_positions=None, kv_posi
   batch, q_len = q_idx.shape[:2]
   mask = visible_mask(batch, q_len, k_idx.shape[1], q_positions, kv_positions, segment_ids,
                       kv_segment_ids)
-  if fp8:
+  if _resolve_fp8(k_idx, fp8):
     q8, q_scale, k8, k_scale, weights = fp8_operands(q_idx, k_idx, weights)
     nb = q_scale.shape[-1]
     qb = q8.astype(jnp.float32).reshape(*q8.shape[:3], nb, -1)
@@ -180,7 +228,7 @@ def indexer_scores_reference(q_idx, k_idx, weights, *, q_positions=None, kv_posi
 def _xla_scores(q_idx, k_idx, weights, *, fp8, **mask_kw):
   """Same math as the reference; FP8 with one block per vector uses fp8 operands directly
   (cuBLASLt / the MMA units on GPU) and folds the scales out of the ReLU (they are > 0)."""
-  if not fp8:
+  if not _resolve_fp8(k_idx, fp8):
     return indexer_scores_reference(q_idx, k_idx, weights, fp8=False, **mask_kw)
   q8, q_scale, k8, k_scale, w = fp8_operands(q_idx, k_idx, weights)
   if q_scale.shape[-1] != 1:
@@ -225,10 +273,11 @@ def indexer_scores(q_idx, k_idx, weights, *, q_positions=None, kv_positions=None
                    implementation: str | Sequence[str] | None = None) -> jax.Array:
   """Indexer scores [B, L, S] through "pallas", "xla" or "reference" (same math).
 
-  fp8: None = `default_fp8()` (on GPU). implementation None: GPU pallas then xla; CPU xla.
+  fp8: None = `default_fp8()` (on GPU); k_idx FP8Keys (quantized once) implies fp8.
+  implementation None: GPU pallas then xla; CPU xla.
   """
   check_indexer(q_idx, k_idx, weights)
-  fp8 = default_fp8() if fp8 is None else fp8
+  fp8 = _resolve_fp8(k_idx, fp8)
   return full.dispatch(INDEXER_IMPLEMENTATIONS, implementation or _index_defaults(), q_idx, k_idx,
                        weights, fp8=fp8, q_positions=q_positions, kv_positions=kv_positions,
                        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, what="DSA indexer")
@@ -309,9 +358,13 @@ def indexer_top_k(q_idx, k_idx, weights, *, top_k: int, q_positions=None, kv_pos
   [B, chunk, S], then its top-k (`top_k_select` with topk_implementation; the order of
   a row's indices depends on it). Memory is O(chunk * S) instead of O(L * S). With
   the default key positions (0..S-1) query t's keys beyond t are not read by the top-k.
+  FP8: the keys are rotated and quantized once here (or passed as FP8Keys), not per chunk.
   """
   check_indexer(q_idx, k_idx, weights)
   check_top_k(top_k)
+  fp8 = _resolve_fp8(k_idx, fp8)
+  if fp8:
+    k_idx = quantize_index_keys(k_idx)
   batch, length = q_idx.shape[:2]
   default_kv = kv_positions is None
   q_positions, kv_positions = _positions(batch, length, k_idx.shape[1], q_positions, kv_positions)
@@ -580,7 +633,10 @@ class DSAttention(full.Attention):
   the main attention is the MQA form. `stage` selects training behaviour (see STAGES):
   stages 1 and 2 store the indexer KL of the last forward in `self.indexer_kl`
   (an `IndexerKL` variable, present in every stage so the state's structure is fixed;
-  sum over layers with `indexer_kl`). Decode cache: k, v, pos as full attention plus k_idx [B, C, d_I].
+  sum over layers with `indexer_kl`). Decode cache: k, v, pos as full attention plus the
+  indexer keys: k_idx [B, C, d_I]; with the FP8 indexer (fp8, or None on GPU) they are
+  rotated and quantized once when written: k_idx [B, C, d_I] float8_e4m3fn and
+  k_idx_scale [B, C, nb] float32 (`FP8Keys`).
   """
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
@@ -612,14 +668,24 @@ class DSAttention(full.Attention):
                qk_norm=cfg.qk_norm, output_gate=cfg.output_gate, implementation=sparse_impl,
                dense_implementation=cfg.implementation, dtype=cfg.compute_dtype)
 
+  def _fp8_cache(self) -> bool:
+    return default_fp8() if self.fp8 is None else bool(self.fp8)
+
   def init_cache(self, batch: int, capacity: int, dtype=None) -> dict:
     cache = full.init_kv_cache(batch, capacity, self.num_kv_heads, self.head_dim, dtype or self.dtype)
-    cache["k_idx"] = jnp.zeros((batch, capacity, self.indexer.index_dim), dtype or self.dtype)
+    dim = self.indexer.index_dim
+    if self._fp8_cache():
+      cache["k_idx"] = jnp.zeros((batch, capacity, dim), FP8)
+      cache["k_idx_scale"] = jnp.ones((batch, capacity, -(-dim // min(FP8_BLOCK, dim))), jnp.float32)
+    else:
+      cache["k_idx"] = jnp.zeros((batch, capacity, dim), dtype or self.dtype)
     return cache
 
   def cache_bytes_per_token(self, context: int, bytes_per_value: int = 2) -> float:
-    """KV plus one indexer key per token (stored at bytes_per_value; FP8 would halve it)."""
-    return (2 * self.num_kv_heads * self.head_dim + self.indexer.index_dim) * bytes_per_value
+    """KV plus one indexer key per token (FP8: 1 byte a value + a 4-byte scale per 128)."""
+    dim = self.indexer.index_dim
+    index_bytes = dim + 4 * -(-dim // FP8_BLOCK) if self._fp8_cache() else dim * bytes_per_value
+    return 2 * self.num_kv_heads * self.head_dim * bytes_per_value + index_bytes
 
   def __call__(self, x, positions, *, cache: dict | None = None, segment_ids=None):
     """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
@@ -632,24 +698,33 @@ class DSAttention(full.Attention):
     if cache is not None:
       slots = positions % cache["k"].shape[1]
       bidx = jnp.arange(x.shape[0])[:, None]
-      k_idx_all = cache["k_idx"].at[bidx, slots].set(k_idx.astype(cache["k_idx"].dtype))
-      cache = dict(full.write_kv_cache(cache, k, v, positions), k_idx=k_idx_all)
+      new = dict(full.write_kv_cache(cache, k, v, positions))
+      if "k_idx_scale" in cache:    # FP8 key cache: quantize the new keys once, when written
+        k8, k_scale = quantize_index_keys(jax.lax.stop_gradient(k_idx))
+        new["k_idx"] = cache["k_idx"].at[bidx, slots].set(k8)
+        new["k_idx_scale"] = cache["k_idx_scale"].at[bidx, slots].set(k_scale)
+        k_idx = FP8Keys(new["k_idx"], new["k_idx_scale"])
+      else:
+        new["k_idx"] = cache["k_idx"].at[bidx, slots].set(k_idx.astype(cache["k_idx"].dtype))
+        k_idx = new["k_idx"].astype(q_idx.dtype)
+      cache = new
       k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-      k_idx = k_idx_all.astype(q_idx.dtype)
       mask_kw = dict(q_positions=positions, kv_positions=cache["pos"])
 
+    # the KL's scores: differentiable, unquantized (an FP8 key cache is dequantized)
+    k_kl = dequantize_index_keys(k_idx).astype(q_idx.dtype) if isinstance(k_idx, FP8Keys) else k_idx
     if self.stage == 1:
       out = full.attention(q, k, v, causal=True, implementation=self.dense_implementation, **mask_kw)
-      scores = indexer_scores(q_idx, k_idx, weights, fp8=False, implementation="xla", **mask_kw)
+      scores = indexer_scores(q_idx, k_kl, weights, fp8=False, implementation="xla", **mask_kw)
       self.indexer_kl = IndexerKL(indexer_kl_dense(q, k, scores, **mask_kw))
     else:
-      indices = indexer_top_k(jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx),
+      indices = indexer_top_k(jax.lax.stop_gradient(q_idx), jax.tree.map(jax.lax.stop_gradient, k_idx),
                               jax.lax.stop_gradient(weights), top_k=self.top_k, fp8=self.fp8,
                               chunk=self.chunk, implementation=self.index_implementation,
                               topk_implementation=self.topk_implementation, **mask_kw)
       out = sparse_attention(q, k, v, indices, implementation=self.implementation)
       if self.stage == 2:
-        scores = indexer_scores(q_idx, k_idx, weights, fp8=False, implementation="xla", **mask_kw)
+        scores = indexer_scores(q_idx, k_kl, weights, fp8=False, implementation="xla", **mask_kw)
         self.indexer_kl = IndexerKL(indexer_kl_sparse(q, k, scores, indices))
     return self.output(out, x), cache
 
