@@ -17,11 +17,14 @@ the whole GPU reads the bytes (flash-decoding's split-K):
      split needs its neighbour's result).
   2. `nsa_dec_slc_win` grid (B·H_kv, n + nw): every program merges the S1 (m, l)
      pairs into the exact LSE per head, weights the importance partials by
-     2^(m_s - LSE), sums the group's heads, and program p < n runs p + 1 rounds of
-     top-n (forced blocks first, ties to the lowest index, as `nsa.select_blocks`)
-     to find its selected block; programs p >= n take window chunk p - n (l' tokens
-     each, nw = ceil(w / l')). Each attends its R rows to its l' keys and writes a
-     partial (o, m, l).
+     2^(m_s - LSE), sums the group's heads. Selection program p < nf takes the p-th
+     forced block (closed form, no search); p >= nf the (p - nf)-th best free block
+     (importance desc, ties to the lowest index, as `nsa.select_blocks`), found with
+     topn="argmax": p - nf + 1 rounds of one (value, index) argmax each (default;
+     measured), or topn="rank": pairwise ranks over 128 groups, then over the 16 best
+     groups' blocks (a fixed handful of reductions; CPU-tested, not yet timed on a
+     GPU). Programs p >= n take window chunk p - n (l' tokens each, nw = ceil(w / l')).
+     Each attends its R rows to its l' keys and writes a partial (o, m, l).
   3. `nsa_dec_merge` grid (B·H): one head; merges the S1 compression partials, the
      n selection partials and the nw window partials, applies the gates, writes
      the output row.
@@ -49,6 +52,8 @@ from pallas_kernels.nsa import num_compressed_blocks, num_select_blocks, pow2
 LOG2E = math.log2(math.e)
 _NEG = -1e30
 _SPLIT_BLOCKS = 16  # selection blocks per compressed split (the overlap matmul's N)
+_RANK_DIRECT = 128  # top-n rank search: pairwise over all blocks up to this many, else over groups
+_RANK_GROUPS = 16   # groups kept by the grouped rank search (>= num_selected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +104,11 @@ class DecodeGeometry:
     return max(1, -(-self.num_select_blocks // _SPLIT_BLOCKS))
 
   @property
+  def padded_select_blocks(self) -> int:
+    """Ns_p: the importance vector's length in `nsa_dec_slc_win` (power of two >= 16)."""
+    return pow2(self.num_splits * _SPLIT_BLOCKS, 16)
+
+  @property
   def num_window_chunks(self) -> int:
     return -(-self.window // self.select_block)
 
@@ -127,6 +137,8 @@ def _cmp_kernel(pos_ref, q_ref, kc_ref, vc_ref, o_ref, m_ref, l_ref, part_ref, *
     return i, jnp.where(vis[None, :] & h_ok[:, None], sc, _NEG), vis
 
   c0 = s * bk
+  vc = plgpu.load(vc_ref.at[b, pl.ds(c0, bk), g, :], mask=(c0 + jnp.arange(bk) < geo.num_compressed)[:, None],
+                  other=0.0)   # issued early: independent of the scores
   i, sc, vis = scores(c0, bk, c0)
   # blocks c0 - per_c + 1 .. c0 - 1 of the previous split spill into selection block 16s
   prev0 = jnp.maximum(c0 - 16, 0)
@@ -136,7 +148,6 @@ def _cmp_kernel(pos_ref, q_ref, kc_ref, vc_ref, o_ref, m_ref, l_ref, part_ref, *
   m = jnp.maximum(sc.max(axis=1), sp.max(axis=1))            # reference for this split's p
   p = jnp.where(vis[None, :] & h_ok[:, None], jnp.exp2(sc - m[:, None]), 0.0)
   l = p.sum(axis=1)
-  vc = plgpu.load(vc_ref.at[b, pl.ds(c0, bk), g, :], mask=(i < geo.num_compressed)[:, None], other=0.0)
   acc = plgpu.dot(p.astype(q.dtype), vc.astype(q.dtype))
   o = acc / jnp.where(l > 0, l, 1.0)[:, None]
   o_ref[bh, s, :, :] = o
@@ -172,26 +183,109 @@ def _cmp(positions, q, kc, vc, geo: DecodeGeometry, warps: int, interpret):
 # ----------------------------------------------------------------------------- 2: selection + window
 
 
-def _slc_win_kernel(pos_ref, q_ref, k_ref, v_ref, m1_ref, l1_ref, part_ref, o_ref, m_ref, l_ref, *,
-                    geo: DecodeGeometry):
+def _forced(cur, geo: DecodeGeometry):
+  """The forced blocks as a sorted union of [0, a) and [b0, b1] (num_local >= 1, as NSASizes
+  checks) -> (count, p -> the p-th of them)."""
+  a = min(geo.num_initial, geo.num_select_blocks)
+  b1 = jnp.minimum(cur, geo.num_select_blocks - 1)
+  b0 = jnp.maximum(cur - geo.num_local + 1, 0)
+  joined = b0 <= a                     # one interval [0, max(a, b1 + 1))
+  count = jnp.where(joined, jnp.maximum(a, b1 + 1), a + b1 - b0 + 1)
+  return count, lambda p: jnp.where(joined | (p < a), p, b0 + p - a)
+
+
+def _ranks(val, idx):
+  """rank[b] = #{a : val[a] > val[b], or equal and idx[a] < idx[b]} (0 = best; ties to the
+  lowest index, as lax.top_k): all pairs at once, [N, N] comparisons, one reduction."""
+  beat = (val[:, None] > val[None, :]) | ((val[:, None] == val[None, :]) & (idx[:, None] < idx[None, :]))
+  return jnp.sum(beat.astype(jnp.int32), axis=0)
+
+
+def _rank_search(score, j, want, spill):
+  """The index j whose rank in `score` [Ns_p] (desc, ties to the lowest index) is `want` < 16.
+
+  Ns_p <= 128: pairwise ranks of all blocks. Larger: the blocks in G = 128 groups of
+  E = Ns_p / G consecutive ones; the best `want` + 1 blocks lie in the 16 best groups by
+  group maximum (a group holding one of them has a maximum at least as good, and at most
+  want + 1 groups do), so rank the groups, gather those 16 groups' 16·E blocks (through
+  memory: `spill(score)` -> gather(idx)) and rank those.
+  """
+  nsp = score.shape[0]
+  if nsp <= _RANK_DIRECT:
+    return jnp.sum(jnp.where(_ranks(score, j) == want, j, 0))
+  gather = spill(score)
+  groups, per = _RANK_DIRECT, nsp // _RANK_DIRECT
+  gg, ee, rr = jnp.arange(groups), jnp.arange(per), jnp.arange(_RANK_GROUPS)
+  gmax = jnp.max(gather(gg[:, None] * per + ee[None, :]), axis=1)              # [G]
+  grank = _ranks(gmax, gg)   # groups are index-ordered: a tie goes to the lower group
+  best = jnp.sum(jnp.where(grank[None, :] == rr[:, None], gg[None, :], 0), axis=1)   # [16]: group at rank
+  f = jnp.arange(_RANK_GROUPS * per)
+  grp = jnp.sum(jnp.where((f // per)[:, None] == rr[None, :], best[None, :], 0), axis=1)
+  cand = grp * per + f % per                                                   # [16·E] block ids
+  return jnp.sum(jnp.where(_ranks(gather(cand), cand) == want, cand, 0))
+
+
+def _select_one(imp, j, valid_j, cur, piece, geo: DecodeGeometry, topn: str = "argmax", spill=None):
+  """Block of selection program `piece` (-1: none), the same set as `nsa.select_blocks`.
+
+  The nf forced blocks go to programs 0..nf-1 without any search; program p >= nf takes
+  the (p - nf)-th best free block by (importance desc, index asc): topn="rank" finds it
+  by pairwise ranks (`_rank_search`, a fixed handful of reductions); topn="argmax" by
+  p - nf + 1 rounds of one (value, index) argmax each. `spill(score)` stores `score` and
+  returns a gather from it (in the kernel: through the program's scratch row).
+  """
+  nf, forced_at = _forced(cur, geo)
+  a = min(geo.num_initial, geo.num_select_blocks)
+  forced = (j < a) | ((j <= cur) & (cur - j < geo.num_local))
+  free = valid_j & ~forced
+  score = jnp.where(free, imp, -jnp.inf)
+  num_free = jnp.sum(free.astype(jnp.int32))
+  rank = piece - nf
+  found = (rank >= 0) & (rank < num_free) & (piece < geo.num_selected)
+  if topn == "rank":
+    if geo.num_selected > _RANK_GROUPS:
+      raise NotImplementedError(f"nsa_decode topn='rank' takes num_selected <= {_RANK_GROUPS}, "
+                                f"got {geo.num_selected}")
+    pick = _rank_search(score, j, jnp.where(found, rank, 0), spill)
+  elif topn == "argmax":
+    def round_(_, carry):   # argmax: the lowest index among equal maxima, as lax.top_k
+      score, _ = carry
+      arg = jnp.argmax(score).astype(jnp.int32)
+      return jnp.where(j == arg, -jnp.inf, score), arg
+
+    _, pick = lax.fori_loop(0, jnp.where(found, rank + 1, 0), round_, (score, jnp.int32(-1)))
+  else:
+    raise ValueError(f"topn must be 'rank' or 'argmax', got topn={topn!r}")
+  return jnp.where(piece < nf, forced_at(piece), jnp.where(found, pick, -1)).astype(jnp.int32)
+
+
+def _cmp_lse(m1_ref, l1_ref, bh, geo: DecodeGeometry):
+  """Exact log2-sum-exp2 of the compression branch per row [R] from the S1 (m, l) partials
+  (inf where no compressed block is visible)."""
+  s1p = pow2(geo.num_splits)
+  s_ok = jnp.arange(s1p) < geo.num_splits
+  m1 = plgpu.load(m1_ref.at[bh, pl.ds(0, s1p), :], mask=s_ok[:, None], other=_NEG)   # [S1p, R]
+  l1 = plgpu.load(l1_ref.at[bh, pl.ds(0, s1p), :], mask=s_ok[:, None], other=0.0)
+  mx = m1.max(axis=0)
+  tot = jnp.sum(l1 * jnp.exp2(m1 - mx[None, :]), axis=0)
+  return jnp.where(tot > 0, mx + jnp.log2(jnp.where(tot > 0, tot, 1.0)), jnp.inf)
+
+
+def _slc_win_kernel(pos_ref, q_ref, k_ref, v_ref, m1_ref, l1_ref, part_ref, o_ref, m_ref, l_ref, scr_ref, *,
+                    geo: DecodeGeometry, topn: str, barrier: bool):
   bh, piece = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   r, lb, n = geo.rows, geo.select_block, geo.num_selected
   t = plgpu.load(pos_ref.at[b, jnp.int32(0)])
   h = jnp.arange(r)
   h_ok = h < geo.group
+  q = plgpu.load(q_ref.at[b, jnp.int32(0), pl.ds(g * geo.group, r), :], mask=h_ok[:, None], other=0.0)
 
-  # exact LSE of the compression branch per head, from the S1 partials
-  s1, s1p = geo.num_splits, pow2(geo.num_splits)
-  s_ok = jnp.arange(s1p) < s1
-  m1 = plgpu.load(m1_ref.at[bh, pl.ds(0, s1p), :], mask=s_ok[:, None], other=_NEG)   # [S1p, R]
-  l1 = plgpu.load(l1_ref.at[bh, pl.ds(0, s1p), :], mask=s_ok[:, None], other=0.0)
-  mx = m1.max(axis=0)
-  tot = jnp.sum(l1 * jnp.exp2(m1 - mx[None, :]), axis=0)
-  lse = jnp.where(tot > 0, mx + jnp.log2(jnp.where(tot > 0, tot, 1.0)), jnp.inf)  # [R]
+  lse = _cmp_lse(m1_ref, l1_ref, bh, geo)
+  s1 = geo.num_splits
 
   # importance of every selection block, summed over the group's heads
-  nsp = pow2(s1 * _SPLIT_BLOCKS, 16)
+  nsp = geo.padded_select_blocks
   j = jnp.arange(nsp)
   j_ok = j < s1 * _SPLIT_BLOCKS
   ok2 = h_ok[:, None] & j_ok[None, :]
@@ -201,26 +295,22 @@ def _slc_win_kernel(pos_ref, q_ref, k_ref, v_ref, m1_ref, l1_ref, part_ref, o_re
   imp = jnp.sum(jnp.where(ok2, part * jnp.exp2(m_col - lse[:, None]), 0.0), axis=0)   # [Ns_p]
 
   cur = t // lb
-  forced = (j < geo.num_initial) | ((j <= cur) & (cur - j < geo.num_local))
-  score = jnp.where(forced, jnp.inf, jnp.where((j <= cur) & (j < geo.num_select_blocks), imp, -jnp.inf))
-
-  def round_(_, carry):   # max, then the lowest index holding it (as `nsa.select_blocks`)
-    score, _ = carry
-    best = score.max()
-    arg = jnp.min(jnp.where(score == best, j, nsp))
-    pick = jnp.where(best == -jnp.inf, -1, arg)
-    return jnp.where(j == arg, -jnp.inf, score), pick.astype(jnp.int32)
-
-  rounds = jnp.where(piece < n, piece + 1, 0)
-  _, blk = lax.fori_loop(0, rounds, round_, (score, jnp.int32(-1)))
-
+  valid_j = (j <= cur) & (j < geo.num_select_blocks)
+  if topn == "none":   # timing only (bench_nsa --decode_breakdown): block p, no selection
+    blk = jnp.where(piece <= cur, piece, -1).astype(jnp.int32)
+  else:
+    def spill(score):   # the rank search re-reads `score` in other shapes through memory
+      scr_ref[bh, piece, :] = score
+      if barrier:
+        plgpu.debug_barrier()   # all threads' stores done before any thread reads
+      return lambda idx: plgpu.load(scr_ref.at[bh, piece, idx])
+    blk = _select_one(imp, j, valid_j, cur, piece, geo, topn, spill)
   is_sel = piece < n
   win_lo = t - geo.window + 1
   start = jnp.where(is_sel, jnp.maximum(blk, 0) * lb, jnp.maximum(win_lo, 0) + (piece - n) * lb)
   kpos = start + jnp.arange(lb)
   valid = (kpos <= t) & (kpos < geo.capacity)
   valid = valid & jnp.where(is_sel, blk >= 0, kpos >= win_lo)
-  q = plgpu.load(q_ref.at[b, jnp.int32(0), pl.ds(g * geo.group, r), :], mask=h_ok[:, None], other=0.0)
   k = plgpu.load(k_ref.at[b, pl.ds(start, lb), g, :], mask=valid[:, None], other=0.0)
   v = plgpu.load(v_ref.at[b, pl.ds(start, lb), g, :], mask=valid[:, None], other=0.0)
   sc = jnp.where(valid[None, :], plgpu.dot(q, k.astype(q.dtype).T) * (geo.scale * LOG2E), _NEG)
@@ -233,15 +323,20 @@ def _slc_win_kernel(pos_ref, q_ref, k_ref, v_ref, m1_ref, l1_ref, part_ref, o_re
   l_ref[bh, piece, :] = l
 
 
-def _slc_win(positions, q, k, v, m1, l1, part, geo: DecodeGeometry, warps: int, interpret):
+def _slc_win(positions, q, k, v, m1, l1, part, geo: DecodeGeometry, warps: int, interpret,
+             topn: str = "argmax"):
+  """-> o2, m2, l2 partials [B·H_kv, n + nw, ...] (and the rank search's scratch)."""
   bh = q.shape[0] * geo.num_kv_heads
+  spills = topn == "rank" and geo.padded_select_blocks > _RANK_DIRECT
   pieces, r = geo.num_selected + geo.num_window_chunks, geo.rows
   return pl.pallas_call(
-      functools.partial(_slc_win_kernel, geo=geo),
+      functools.partial(_slc_win_kernel, geo=geo, topn=topn, barrier=not interpret),
       grid=(bh, pieces),
       out_shape=[jax.ShapeDtypeStruct((bh, pieces, r, geo.value_dim), jnp.float32),
                  jax.ShapeDtypeStruct((bh, pieces, r), jnp.float32),
-                 jax.ShapeDtypeStruct((bh, pieces, r), jnp.float32)],
+                 jax.ShapeDtypeStruct((bh, pieces, r), jnp.float32),
+                 jax.ShapeDtypeStruct((bh, pieces, geo.padded_select_blocks) if spills else (1, 1, 1),
+                                      jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
       interpret=interpret, name="nsa_dec_slc_win",
   )(positions, q, k, v, m1, l1, part)
@@ -320,7 +415,7 @@ def geometry(q, cache: dict, *, sizes, scale=None) -> DecodeGeometry:
 
 
 def nsa_decode(q, gates, positions, cache: dict, *, sizes, scale=None, num_warps: int = 4,
-               interpret=None) -> jax.Array:
+               topn: str = "argmax", interpret=None) -> jax.Array:
   """NSA of one query token per sequence over a filled NSA cache -> [B, 1, H, Dv] in q's dtype.
 
   Args:
@@ -330,10 +425,12 @@ def nsa_decode(q, gates, positions, cache: dict, *, sizes, scale=None, num_warps
       (compressed block i at row i; rows >= floor((C - l)/d) + 1 are ignored).
     sizes: `lca.attention.nsa.NSASizes`.
   """
+  if topn not in ("rank", "argmax"):
+    raise ValueError(f"nsa_decode topn must be 'rank' or 'argmax', got topn={topn!r}")
   geo = geometry(q, cache, sizes=sizes, scale=scale)
   interpret = resolve_interpret(interpret)
   positions = positions.astype(jnp.int32)
+  warps2 = 8 if geo.rows * geo.padded_select_blocks >= 8192 else num_warps
   o1, m1, l1, part = _cmp(positions, q, cache["kc"], cache["vc"], geo, num_warps, interpret)
-  warps2 = 8 if geo.rows * pow2(geo.num_splits * _SPLIT_BLOCKS) >= 8192 else num_warps
-  o2, m2, l2 = _slc_win(positions, q, cache["k"], cache["v"], m1, l1, part, geo, warps2, interpret)
+  o2, m2, l2, _ = _slc_win(positions, q, cache["k"], cache["v"], m1, l1, part, geo, warps2, interpret, topn)
   return _merge(gates, o1, m1, l1, o2, m2, l2, geo, q.dtype, num_warps, interpret)
