@@ -13,9 +13,9 @@ the fused Pallas kernels of pallas_kernels/nsa_decode.py, and its XLA path), vs 
 XLA over the full KV, and vs the bytes-read floor at the measured copy bandwidth.
 Forward timings: medians of block_until_ready wall times after warm-up. Decode
 timings: device time per call (`bench_common.bench_in_loop`: 64 calls in one jitted
-loop, loop cost subtracted); NSA's 11.5 MB at 64k stay in the 50 MB L2 across
-those calls, so "cold" variants also read a 256 MB buffer between calls (L2 flushed)
-and subtract the flush's own time. Writes
+loop, loop cost subtracted; NSA's 11.5 MB at 64k stay in the 50 MB L2 across those
+calls) and the GPU kernel time per call (jax.profiler trace: kernel durations, no launch
+gaps); --decode_breakdown=L splits the fused decode by launch and top-n variant. Writes
 experiments/results/bench_nsa/{results.json, results.md, bench_nsa.png}; with
 --parts a subset, the other fields of the same lengths are kept from results.json.
 """
@@ -42,6 +42,8 @@ _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
+_SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time launch-parameter variants of the forward "
+                               "and backward kernels at this L and exit.")
 
 
 bench = bench_common.bench
@@ -56,29 +58,17 @@ def copy_bandwidth() -> float:
   return 2 * x.size * 4 / t
 
 
-def bench_cold(fn, first, *rest, inner: int, flush_mib: int = 256) -> float:
-  """Device seconds per call of fn(first, *rest) with L2 flushed before each call.
-
-  Each loop step also sums a `flush_mib` buffer (scaled by an element of `first`, so
-  it cannot be hoisted out of the loop); the same loop with the flush alone is
-  subtracted.
-  """
-  buf = jnp.ones((flush_mib << 18,), jnp.float32)
-  touch = lambda x, b: jnp.sum(b * x.reshape(-1)[0].astype(jnp.float32))
-  with_fn = bench_common.bench_in_loop(lambda x, b, *r: (fn(x, *r), touch(x, b)), first, buf, *rest,
-                                       inner=inner)
-  alone = bench_common.bench_in_loop(lambda x, b, *r: (x, touch(x, b)), first, buf, *rest, inner=inner)
-  return max(with_fn - alone, 0.0)
-
-
-def bench_unrolled(fn, first, *rest, inner: int) -> float:
-  """Device seconds per call with `inner` calls unrolled in one jitted program (no loop
-  control between calls; XLA may capture the sequence as one CUDA graph), minus the same
-  program with identity calls, divided by `inner`."""
-  firsts = [first + jnp.asarray(i * 1e-3, first.dtype) for i in range(inner)]
-  timed = bench(jax.jit(lambda xs, *r: [fn(x, *r) for x in xs]), firsts, *rest, reps=7)
-  alone = bench(jax.jit(lambda xs, *r: [x * 2 for x in xs]), firsts, *rest, reps=7)
-  return max(timed - alone, 0.0) / inner
+def _kernel_time(label, fn, first, *rest):
+  """GPU kernel seconds per call of fn (profiler: the loop's kernels minus an identity loop's),
+  i.e. device time without the gaps between launches; None on failure."""
+  try:
+    t = (profile_kernels(fn, first, *rest)["kernel sum per call"]
+         - profile_kernels(lambda x, *_: x, first, *rest)["kernel sum per call"]) * 1e-6
+    print(f"  {label}: {t * 1e6:.1f} us", flush=True)
+    return t
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"  {label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    return None
 
 
 def _try_loop(label, timer, *args, **kw):
@@ -154,14 +144,11 @@ def case(length, reps, bandwidth):
   if "decode" in parts:
     r["nsa_decode"] = _try_loop("nsa decode (pallas)", loop, dec("pallas"), q1, g1, pos1, cache, inner=inner)
     r["cudnn_decode"] = _try_loop("cudnn decode", loop, dense("cudnn"), q1, k, v, inner=inner)
-    r["nsa_decode_unrolled"] = _try_loop("nsa decode (pallas), unrolled", bench_unrolled, dec("pallas"),
-                                         q1, g1, pos1, cache, inner=inner // 2)
-    r["cudnn_decode_unrolled"] = _try_loop("cudnn decode, unrolled", bench_unrolled, dense("cudnn"), q1, k, v,
-                                           inner=inner // 2)
-    r["nsa_decode_cold"] = _try_loop("nsa decode (pallas), L2 flushed", bench_cold, dec("pallas"), q1, g1,
-                                     pos1, cache, inner=inner // 2)
-    r["cudnn_decode_cold"] = _try_loop("cudnn decode, L2 flushed", bench_cold, dense("cudnn"), q1, k, v,
-                                       inner=inner // 2)
+    r["nsa_decode_kernels"] = _kernel_time("nsa decode (pallas), kernels", dec("pallas"), q1, g1, pos1, cache)
+    r["cudnn_decode_kernels"] = _kernel_time("cudnn decode, kernels", dense("cudnn"), q1, k, v)
+    for stale in ("nsa_decode_unrolled", "cudnn_decode_unrolled", "nsa_decode_cold", "cudnn_decode_cold",
+                  "speedup_decode_unrolled", "speedup_decode_cold"):   # session 3's fields, not timed now
+      r[stale] = None
     kv_bytes = 2 * hkv * d * 2
     nc = sizes.num_compressed(length)
     nsa_tokens = nc + sizes.num_selected * sizes.select_block + sizes.window
@@ -174,11 +161,11 @@ def speedups(r):
   """Adds speedup_* (cuDNN time / NSA time) to one length's results."""
   for a, b, name in (("cudnn_fwd", "nsa_fwd", "fwd"), ("cudnn_fwd_bwd", "nsa_fwd_bwd", "fwd_bwd"),
                      ("cudnn_decode", "nsa_decode", "decode"),
-                     ("cudnn_decode_cold", "nsa_decode_cold", "decode_cold"),
-                     ("cudnn_decode_unrolled", "nsa_decode_unrolled", "decode_unrolled")):
+                     ("cudnn_decode_kernels", "nsa_decode_kernels", "decode_kernels")):
     if r.get(a) and r.get(b):
       r[f"speedup_{name}"] = r[a] / r[b]
-  print("  " + ", ".join(f"{k}={v:.2f}x" for k, v in r.items() if k.startswith("speedup")), flush=True)
+  print("  " + ", ".join(f"{k}={v:.2f}x" for k, v in r.items() if k.startswith("speedup") and v is not None),
+        flush=True)
   return r
 
 
@@ -191,8 +178,10 @@ def write(results, meta):
   sp = lambda x: "—" if x is None else f"{x:.2f}x"
   lines = [f"# NSA vs full causal attention ({meta['device']}, {meta['date']}, jax {meta['jax']})", "",
            "batch 1, 64 q heads / 4 KV heads, head_dim 128, bf16, l=32 d=16 l'=64 n=16 w=512. "
-           "Forward: ms (median wall time of one call).", "",
-           "| L | NSA fwd | cuDNN fwd | flash fwd | fwd x | NSA f+b | cuDNN f+b | flash f+b | f+b x |",
+           "Forward: ms (median wall time of one call).", ""]
+  lines += [f"{k}: {v}" for k, v in meta.items() if k.startswith("note")] + [""] * any(
+      k.startswith("note") for k in meta)
+  lines += ["| L | NSA fwd | cuDNN fwd | flash fwd | fwd x | NSA f+b | cuDNN f+b | flash f+b | f+b x |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     g = r.get
@@ -200,22 +189,20 @@ def write(results, meta):
                  f"{sp(g('speedup_fwd'))} | {ms(g('nsa_fwd_bwd'))} | {ms(g('cudnn_fwd_bwd'))} | "
                  f"{ms(g('flash_fwd_bwd'))} | {sp(g('speedup_fwd_bwd'))} |")
   lines += ["", "Decode, one token at position L-1: µs of device time per call (64 calls in one "
-            "jitted loop, loop cost subtracted). NSA = fused Pallas decode (3 launches); NSA XLA = "
-            "its XLA path. Warm: the loop re-reads the same cache (NSA's bytes fit the 50 MB L2); "
-            "cold: L2 flushed before every call; unrolled: 32 calls in one program without a loop. "
+            "jitted loop, loop cost subtracted; the cache re-read each call: NSA's bytes fit the "
+            "50 MB L2). NSA = fused Pallas decode (3 launches); NSA XLA = its XLA path. Kernels: "
+            "the sum of the GPU kernel durations per call (profiler), i.e. without launch gaps. "
             f"Floors: bytes read at the measured copy bandwidth "
             f"({meta.get('copy_bandwidth_tb_s', 0):.2f} TB/s).", "",
-            "| L | NSA | NSA XLA | cuDNN | XLA dense | x (warm) | NSA cold | cuDNN cold | x (cold) "
-            "| NSA unrolled | cuDNN unrolled | x (unrolled) | NSA floor | full floor |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| L | NSA | NSA XLA | cuDNN | XLA dense | x | NSA kernels | cuDNN kernels | x (kernels) "
+            "| NSA floor | full floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     g = r.get
     lines.append(f"| {r['length']} | {us(g('nsa_decode'))} | {us(g('nsa_decode_xla'))} | "
                  f"{us(g('cudnn_decode'))} | {us(g('xla_decode'))} | {sp(g('speedup_decode'))} | "
-                 f"{us(g('nsa_decode_cold'))} | {us(g('cudnn_decode_cold'))} | "
-                 f"{sp(g('speedup_decode_cold'))} | {us(g('nsa_decode_unrolled'))} | "
-                 f"{us(g('cudnn_decode_unrolled'))} | {sp(g('speedup_decode_unrolled'))} | "
-                 f"{us(g('nsa_decode_floor'))} | "
+                 f"{us(g('nsa_decode_kernels'))} | {us(g('cudnn_decode_kernels'))} | "
+                 f"{sp(g('speedup_decode_kernels'))} | {us(g('nsa_decode_floor'))} | "
                  f"{us(g('full_decode_floor'))} |")
   (out / "results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -226,8 +213,8 @@ def write(results, meta):
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["length"] for r in results]
     for key, label in (("speedup_fwd", "forward"), ("speedup_fwd_bwd", "forward+backward"),
-                       ("speedup_decode", "decode (warm L2)"),
-                       ("speedup_decode_cold", "decode (L2 flushed)")):
+                       ("speedup_decode", "decode (device time)"),
+                       ("speedup_decode_kernels", "decode (kernel time)")):
       ax.plot(xs, [r.get(key) or float("nan") for r in results], marker="o", label=label)
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.set_xscale("log", base=2)
@@ -242,45 +229,175 @@ def write(results, meta):
 
 
 def breakdown(length, reps):
-  """Forward time of each part of NSA at one length (what limits the total)."""
+  """Time of each NSA part at one length, forward and backward (what limits the total)."""
   from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
   from lca.attention import local  # pylint: disable=g-import-not-at-top
   sizes = nsa.NSASizes()
-  d = _DIM.value
-  ks = jax.random.split(jax.random.key(length), 6)
-  bf = jnp.bfloat16
-  q, k, v = _qkv(ks, length)
-  phi = jax.tree.map(lambda a: a.astype(bf), nsa.init_compress_params(ks[3], sizes.block_len, d, 2 * d))
+  x = _kernel_inputs(length)
+  geo, tn, q_rows, kc, lse, idx = x["geo"], kernels.Tuning(), x["q_rows"], x["kc"], x["lse"], x["idx"]
+  q = kernels.from_rows(q_rows, 1, geo.group)
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
-  kc = nsa.compress(k, phi, **kw)
-  geo = kernels.geometry(q, k, sizes=sizes)
-  tn = kernels.Tuning()
-  q_rows = kernels.to_rows(q, geo.group)
-  _, lse = kernels._cmp_fwd(q_rows, kc, kc, geo, tn, False)  # pylint: disable=protected-access
-  imp = kernels._importance(q_rows, kc, lse, geo, tn, False)  # pylint: disable=protected-access
-  idx = kernels._topn(imp, geo, tn, False)  # pylint: disable=protected-access
-  imp_variant = lambda hs: jax.jit(lambda a, b, c: kernels._importance(  # pylint: disable=protected-access
-      a, b, c, geo, kernels.Tuning(importance_sum=hs), False))
+  imp = jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False))(q_rows, kc, lse)  # pylint: disable=protected-access
+  cmp_bwd, cmp_ct = _vjp_timer(lambda a, b, c: kernels._cmp_rows(a, b, c, geo, tn, False),  # pylint: disable=protected-access
+                               q_rows, kc, x["vc"])
+  sel_bwd, sel_ct = _vjp_timer(lambda a, b, c: kernels._sel_rows(a, b, c, idx, geo, tn, False),  # pylint: disable=protected-access
+                               q_rows, x["k"], x["v"])
+  win_bwd, win_ct = _vjp_timer(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window),
+                               q, x["k"], x["v"])
   parts = {
-      "importance (tf32 head-sum matmul)": (imp_variant("tf32"), (q_rows, kc, lse)),
-      "importance (bf16 head-sum matmul)": (imp_variant("bf16"), (q_rows, kc, lse)),
-      "importance (reshape-sum)": (imp_variant("reshape"), (q_rows, kc, lse)),
-      "compress k (phi)": (jax.jit(lambda k: nsa.compress(k, phi, **kw)), (k,)),
+      "compress k (phi)": (jax.jit(lambda k: nsa.compress(k, x["phi"], **kw)), (x["k"],)),
       "to_rows(q)": (jax.jit(lambda q: kernels.to_rows(q, geo.group)), (q,)),
-      "cmp fwd": (jax.jit(lambda a, b: kernels._cmp_fwd(a, b, b, geo, tn, False)), (q_rows, kc)),  # pylint: disable=protected-access
+      "cmp fwd": (jax.jit(lambda a, b, c: kernels._cmp_fwd(a, b, c, geo, tn, False)), (q_rows, kc, x["vc"])),  # pylint: disable=protected-access
       "importance": (jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False)), (q_rows, kc, lse)),  # pylint: disable=protected-access
       "top-n": (jax.jit(lambda a: kernels._topn(a, geo, tn, False)), (imp,)),  # pylint: disable=protected-access
-      "sel fwd": (jax.jit(lambda a, b, c, i: kernels._sel_fwd(a, b, c, i, geo, tn, False)), (q_rows, k, v, idx)),  # pylint: disable=protected-access
-      "window": (jax.jit(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window)), (q, k, v)),
+      "sel fwd": (jax.jit(lambda a, b, c, i: kernels._sel_fwd(a, b, c, i, geo, tn, False)),  # pylint: disable=protected-access
+                  (q_rows, x["k"], x["v"], idx)),
+      "window": (jax.jit(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window)), (q, x["k"], x["v"])),
+      "cmp bwd (dq, dkdv)": (cmp_bwd, (cmp_ct,)),
+      "sel bwd (dq, work list, dkdv)": (sel_bwd, (sel_ct,)),
+      "window bwd": (win_bwd, (win_ct,)),
   }
   out = {}
   for name, (f, args) in parts.items():
-    out[name] = _try(name, f, *args, reps=reps)
+    t = _try(name, f, *args, reps=reps)
+    out[name] = None if t is None else t * 1e3
+  return out
+
+
+def _kernel_inputs(length):
+  """bf16 q_rows, k, v, kc, vc, LSE2, importance, top-n indices and the geometry at one length."""
+  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
+  sizes = nsa.NSASizes()
+  d = _DIM.value
+  ks = jax.random.split(jax.random.key(length), 6)
+  q, k, v = _qkv(ks, length)
+  phi = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
+                     nsa.init_compress_params(ks[3], sizes.block_len, d, 2 * d))
+  kc = nsa.compress(k, phi, block_len=sizes.block_len, block_stride=sizes.block_stride)
+  vc = nsa.compress(v, phi, block_len=sizes.block_len, block_stride=sizes.block_stride)
+  geo = kernels.geometry(q, k, sizes=sizes)
+  tn = kernels.Tuning()
+  q_rows = kernels.to_rows(q, geo.group)
+  _, lse = kernels._cmp_fwd(q_rows, kc, vc, geo, tn, False)  # pylint: disable=protected-access
+  imp = kernels._importance(q_rows, kc, lse, geo, tn, False)  # pylint: disable=protected-access
+  idx = kernels._topn(imp, geo, tn, False)  # pylint: disable=protected-access
+  return dict(q_rows=q_rows, k=k, v=v, kc=kc, vc=vc, lse=lse, idx=idx, geo=geo, phi=phi)
+
+
+def _vjp_timer(f, *primals):
+  """jitted (cotangent) -> gradients of f at `primals`: the backward kernels alone."""
+  out, pullback = jax.vjp(f, *primals)
+  ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(1), o.shape, o.dtype), out)
+  return jax.jit(pullback), ct
+
+
+def sweep(length, reps):
+  """Times launch-parameter variants (Tuning) of nsa_cmp_fwd and of the compressed and selected
+  backward passes at one length; each forward variant's largest difference from the default
+  output is printed too (a variant that computes something else must not win)."""
+  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
+  x = _kernel_inputs(length)
+  geo, T = x["geo"], kernels.Tuning
+  out = {}
+
+  def run(kind, label, tuning, fn, args, ref=None):
+    f = jax.jit(lambda *a: fn(*a, tuning))
+    t = _try(f"{kind} {label}", f, *args, reps=reps)
+    diff = None
+    if t is not None and ref is not None:
+      diff = float(jnp.max(jnp.abs(f(*args)[0].astype(jnp.float32) - ref[0].astype(jnp.float32))))
+      print(f"    max |diff| vs default {diff:.3g}", flush=True)
+    out[f"{kind} {label}"] = dict(ms=None if t is None else t * 1e3, max_diff=diff)
+
+  cmp = lambda q, kc, vc, tn: kernels._cmp_fwd(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
+  cmp_args = (x["q_rows"], x["kc"], x["vc"])
+  cmp_ref = jax.jit(lambda *a: cmp(*a, T()))(*cmp_args)
+  # session 3's sweep (before the unmasked/masked split): rows128 bk64 w4 s2 15.5 ms, the
+  # rows64 default 16.9, 8 warps or bk128 slower; nsa_sel_fwd: no variant beat w4 s2 (22.5 ms)
+  for rows, bk, w, st in ((128, 64, 4, 2), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2),
+                          (128, 128, 8, 2)):
+    run("cmp_fwd", f"rows{rows} bk{bk} w{w} s{st}",
+        T(cmp_rows=rows, block_kc=bk, cmp_warps=w, cmp_stages=st), cmp, cmp_args, cmp_ref)
+
+  sel_args = (x["q_rows"], x["k"], x["v"])
+  for w, st, rows, splits, kv_rows in ((4, 2, 128, None, 64), (4, 2, 128, 4, 64), (4, 2, 128, 16, 64),
+                                       (4, 2, 128, None, 128), (8, 2, 128, None, 128),
+                                       (4, 3, 128, None, 64), (4, 2, 64, None, 64)):
+    tn = T(num_warps=w, num_stages=st, cmp_rows=rows, cmp_dkdv_splits=splits, cmp_dkdv_rows=kv_rows)
+    label = f"cmp_bwd w{w} s{st} rows{rows} dkdv splits {splits or 'auto'} rows {kv_rows}"
+    f, ct = _vjp_timer(lambda q, kc, vc: kernels._cmp_rows(q, kc, vc, geo, tn, False), *cmp_args)  # pylint: disable=protected-access
+    t = _try(label, f, ct, reps=reps)
+    out[label] = dict(ms=None if t is None else t * 1e3)
+  for w, st in ((4, 2), (8, 2), (4, 3)):
+    tn = T(num_warps=w, num_stages=st)
+    f, ct = _vjp_timer(lambda q, k, v: kernels._sel_rows(q, k, v, x["idx"], geo, tn, False),  # pylint: disable=protected-access
+                       *sel_args)
+    t = _try(f"sel_bwd w{w} s{st}", f, ct, reps=reps)
+    out[f"sel_bwd w{w} s{st}"] = dict(ms=None if t is None else t * 1e3)
+  return out
+
+
+def _noop_launches(count):
+  """`count` chained trivial Pallas launches (one 16-float row each): the per-launch cost."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + 1.0
+
+  one = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), name="noop")
+
+  def f(q, *_):
+    x = q.reshape(-1)[:16].astype(jnp.float32)
+    for _ in range(count):
+      x = one(x)
+    return x
+  return f
+
+
+def profile_kernels(fn, first, *rest, calls: int = 16) -> dict:
+  """GPU kernel durations of `calls` calls of fn in one jitted lax.map (jax.profiler trace).
+
+  Returns {kernel name: median µs} over the device's stream events, plus "span per call"
+  (µs from the first kernel start to the last kernel end over the whole loop, / calls) and
+  "kernels per call".
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import statistics  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  firsts = jnp.stack([first + jnp.asarray(i * 1e-3, first.dtype) for i in range(calls)])
+  run = jax.jit(lambda xs, *r: jax.lax.map(lambda x: fn(x, *r), xs))
+  jax.block_until_ready(run(firsts, *rest))
+  jax.block_until_ready(run(firsts, *rest))
+  d = tempfile.mkdtemp()
+  with jax.profiler.trace(d):
+    jax.block_until_ready(run(firsts, *rest))
+  path = glob.glob(d + "/**/*.xplane.pb", recursive=True)[0]
+  events = []
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "stream" not in line.name.lower() or "ops" in line.name.lower():
+        continue
+      events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+  if not events:
+    return {}
+  by_name = {}
+  for name, _, dur in events:
+    by_name.setdefault(name, []).append(dur / 1e3)
+  out = {name[:60]: statistics.median(ds) for name, ds in by_name.items()}
+  start = min(e[1] for e in events)
+  end = max(e[1] + e[2] for e in events)
+  out["span per call"] = (end - start) / 1e3 / calls
+  out["kernels per call"] = len(events) / calls
+  out["kernel sum per call"] = sum(e[2] for e in events) / 1e3 / calls
   return out
 
 
 def decode_breakdown(length):
-  """Device time (bench_in_loop) of the fused decode's first launch, first two, and all three."""
+  """Where the fused decode's time goes at one L: device time per call (bench_in_loop) and
+  GPU kernel durations (profiler) of a trivial launch, launch 1, launches 1+2 (top-n
+  variants, warps), the whole decode and cuDNN's."""
   from pallas_kernels import nsa_decode as dk  # pylint: disable=g-import-not-at-top
   sizes = nsa.NSASizes()
   h, hkv, d = _HEADS.value, _KV_HEADS.value, _DIM.value
@@ -295,21 +412,54 @@ def decode_breakdown(length):
   pos1 = jnp.full((1, 1), length - 1, jnp.int32)
   geo = dk.geometry(q1, cache, sizes=sizes)
 
-  def upto(stage):
+  def upto(stage, topn="rank", warps2=None):
+    warps2 = warps2 or (8 if geo.rows * geo.padded_select_blocks >= 8192 else 4)
+
     def f(q, g, p, c):
       o1, m1, l1, part = dk._cmp(p, q, c["kc"], c["vc"], geo, 4, False)  # pylint: disable=protected-access
       if stage == 1:
-        return o1, part
-      o2, m2, l2 = dk._slc_win(p, q, c["k"], c["v"], m1, l1, part, geo, 8, False)  # pylint: disable=protected-access
+        return m1   # small output: lax.map stacks it
+      o2, m2, l2, _ = dk._slc_win(p, q, c["k"], c["v"], m1, l1, part, geo, warps2, False, topn)  # pylint: disable=protected-access
       if stage == 2:
-        return o1, o2
+        return m2
       return dk._merge(g, o1, m1, l1, o2, m2, l2, geo, q.dtype, 4, False)  # pylint: disable=protected-access
     return f
 
+  other_warps = 4 if geo.rows * geo.padded_select_blocks >= 8192 else 8   # nsa_decode's choice flipped
+  variants = {
+      "1 noop launch": _noop_launches(1),
+      "nsa_dec_cmp": upto(1),
+      "+ slc_win (argmax top-n)": upto(2, "argmax"),
+      "+ slc_win (rank top-n)": upto(2, "rank"),
+      f"+ slc_win (rank top-n, {other_warps} warps)": upto(2, "rank", other_warps),
+      "+ slc_win (no top-n)": upto(2, "none"),
+      "nsa_decode(topn=rank)": lambda q, g, p, c: dk.nsa_decode(q, g, p, c, sizes=sizes, topn="rank"),
+      "nsa_decode(topn=argmax)": lambda q, g, p, c: dk.nsa_decode(q, g, p, c, sizes=sizes, topn="argmax"),
+      "cudnn decode": lambda q, g, p, c: jax.nn.dot_product_attention(q, c["k"], c["v"],
+                                                                      implementation="cudnn"),
+  }
   out = {}
-  for stage, name in ((1, "nsa_dec_cmp"), (2, "+ nsa_dec_slc_win"), (3, "+ nsa_dec_merge")):
-    out[name] = _try_loop(name, bench_common.bench_in_loop, upto(stage), q1, g1, pos1, cache,
-                          inner=_INNER.value)
+  ref = jax.jit(lambda q, g, p, c: nsa.decode_attention(q, g, p, c, sizes=sizes, implementation="xla"))(
+      q1, g1, pos1, cache).astype(jnp.float32)
+  for topn in ("rank", "argmax"):
+    try:
+      got = jax.jit(lambda q, g, p, c: dk.nsa_decode(q, g, p, c, sizes=sizes, topn=topn))(  # pylint: disable=cell-var-from-loop
+          q1, g1, pos1, cache).astype(jnp.float32)
+      rel = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  topn={topn} failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
+      rel = None
+    out[f"rel err vs xla (topn={topn})"] = rel
+    print(f"  rel err vs xla (topn={topn}): {rel}", flush=True)
+  for name, f in variants.items():
+    t = _try_loop(name, bench_common.bench_in_loop, f, q1, g1, pos1, cache, inner=_INNER.value)
+    try:
+      prof = profile_kernels(f, q1, g1, pos1, cache)
+      print(f"    kernels: {json.dumps({k: round(v, 2) for k, v in prof.items()})}", flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      prof = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+      print(f"    profile failed: {prof['error']}", flush=True)
+    out[name] = dict(device_us=None if t is None else t * 1e6, kernels_us=prof)
   return out
 
 
@@ -319,6 +469,12 @@ def main(_):
     out = pathlib.Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"decode_breakdown_{_DECODE_BREAKDOWN.value}.json").write_text(json.dumps(res, indent=1))
+    return
+  if _SWEEP.value:
+    res = sweep(_SWEEP.value, _REPS.value)
+    out = pathlib.Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"sweep_{_SWEEP.value}.json").write_text(json.dumps(res, indent=1))
     return
   if _BREAKDOWN.value:
     res = breakdown(_BREAKDOWN.value, _REPS.value)
