@@ -464,24 +464,16 @@ def decode_breakdown(length):
 
 
 def main(_):
-  if _DECODE_BREAKDOWN.value:
-    res = decode_breakdown(_DECODE_BREAKDOWN.value)
-    out = pathlib.Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"decode_breakdown_{_DECODE_BREAKDOWN.value}.json").write_text(json.dumps(res, indent=1))
-    return
-  if _SWEEP.value:
-    res = sweep(_SWEEP.value, _REPS.value)
-    out = pathlib.Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"sweep_{_SWEEP.value}.json").write_text(json.dumps(res, indent=1))
-    return
-  if _BREAKDOWN.value:
-    res = breakdown(_BREAKDOWN.value, _REPS.value)
-    out = pathlib.Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"breakdown_{_BREAKDOWN.value}.json").write_text(json.dumps(res, indent=1))
-    return
+  # one-length studies: each writes <name>_<L>.json and exits
+  for flag, study, name in ((_DECODE_BREAKDOWN, decode_breakdown, "decode_breakdown"),
+                            (_SWEEP, lambda n: sweep(n, _REPS.value), "sweep"),
+                            (_BREAKDOWN, lambda n: breakdown(n, _REPS.value), "breakdown")):
+    if flag.value:
+      res = study(flag.value)
+      out = pathlib.Path(_OUT.value)
+      out.mkdir(parents=True, exist_ok=True)
+      (out / f"{name}_{flag.value}.json").write_text(json.dumps(res, indent=1))
+      return
   bandwidth = copy_bandwidth()
   print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
   meta = dict(device=jax.devices()[0].device_kind, date="2026-11-23", jax=jax.__version__,
