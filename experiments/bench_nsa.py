@@ -38,7 +38,8 @@ _REPS = flags.DEFINE_integer("reps", 7, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_nsa", "Output directory.")
 _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward part at this L and exit.")
 _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
-                           "What to time: fwd, fwd_bwd, decode (fused NSA, cuDNN), decode_xla.")
+                           "What to time: fwd, fwd_bwd, dense_fwd_bwd (cuDNN and flash only), decode "
+                           "(fused NSA, cuDNN), decode_xla.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
@@ -125,6 +126,7 @@ def case(length, reps, bandwidth):
     r["flash_fwd"] = _try("flash fwd", jax.jit(flash), q, k, v, reps=reps)
   if "fwd_bwd" in parts:
     r["nsa_fwd_bwd"] = _try("nsa fwd+bwd", fwd_bwd(nsa_fwd, 6), *args, reps=reps)
+  if parts & {"fwd_bwd", "dense_fwd_bwd"}:
     r["cudnn_fwd_bwd"] = _try("cudnn fwd+bwd", fwd_bwd(cudnn, 3), q, k, v, reps=reps)
     r["flash_fwd_bwd"] = _try("flash fwd+bwd", fwd_bwd(flash, 3), q, k, v, reps=reps)
 
