@@ -23,6 +23,9 @@ kernel alone on pre-quantized operands. Writes experiments/results/bench_dsa/{re
 results.md, bench_dsa.png}; rows of lengths not rerun are kept from the existing
 results.json (`run` says which run measured a row). `--parts=sparse,indexer` sweep the
 sparse-attention and indexer kernels' variants into sweep_<part>.{json,md};
+the indexer sweep times the scoring kernel alone on fp8 and bf16 operands over
+`INDEXER_KERNEL_VARIANTS` (block_q, block_k, warps, stages, heads per step; `--indexer_variants`
+filters them, `--sweep_budget_s` bounds the first length) and writes sweep_indexer.png too;
 `--sparse_from=.../sweep_sparse.json` runs the prefill's sparse attention with that
 sweep's fastest variant (default: `dsa_attention.default_blocks`), `--dense=cudnn` skips
 the Pallas flash baseline.
@@ -98,14 +101,18 @@ def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None):
 
 
 def _kernel_all_chunks(q8, k, w8, k_scale, pos, n_chunks, blocks):
-  """The scoring kernel alone on pre-quantized operands (q8 [1, L, H, d], k [1, S, d] or [1, d, S])."""
+  """The scoring kernel alone on pre-quantized (or bf16) operands (q8 [1, L, H, d], k [1, S, d] or
+  [1, d, S]) -> per-row (max, sum of the finite scores), each [n_chunks, 1, chunk]: one fused
+  reduction per chunk, so the [chunk, S] scores are written but not returned."""
   _, length, hi, di = q8.shape
   chunk = length // n_chunks
-  return jax.lax.map(
-      lambda a: jnp.max(dsa_indexer.indexer_scores_kernel(a[0], k, a[1], k_scale, a[2], pos, blocks=blocks,
-                                                          interpret=resolve_interpret(None)), axis=-1),
-      (q8.reshape(n_chunks, 1, chunk, hi, di), w8.reshape(n_chunks, 1, chunk, hi),
-       pos.reshape(n_chunks, 1, chunk)))
+
+  def one(a):
+    sc = dsa_indexer.indexer_scores_kernel(a[0], k, a[1], k_scale, a[2], pos, blocks=blocks,
+                                           interpret=resolve_interpret(None))
+    return jnp.max(sc, axis=-1), jnp.sum(jnp.where(jnp.isfinite(sc), sc, 0.0), axis=-1)
+  return jax.lax.map(one, (q8.reshape(n_chunks, 1, chunk, hi, di), w8.reshape(n_chunks, 1, chunk, hi),
+                           pos.reshape(n_chunks, 1, chunk)))
 
 
 def _sparse_variant():
@@ -150,7 +157,7 @@ def prefill_case(length, reps):
   res["quantize_k_ms"] = _ms(_try("fp8 quantize k (all)", jax.jit(dsa.quantize_index_keys), ki, reps=reps))
   q8, w8 = jax.jit(dsa_indexer.fp8_query_operands)(qi, w)
   k8, ks = jax.jit(dsa.quantize_index_keys)(ki)
-  for key, blocks in (("indexer_fp8_kernel_ms", dsa_indexer.IndexerBlocks()),
+  for key, blocks in (("indexer_fp8_kernel_ms", dsa_indexer.default_indexer_blocks(jnp.float8_e4m3fn)),
                       ("indexer_fp8_kernel_kT_ms", dsa_indexer.IndexerBlocks(k_transposed=True)),
                       ("indexer_fp8_kernel_q128w8_ms", dsa_indexer.IndexerBlocks(block_q=128, num_warps=8))):
     kk = jnp.swapaxes(k8, 1, 2) if blocks.k_transposed else k8
@@ -342,20 +349,40 @@ def sparse_case(length, reps, state):
   return res
 
 
-INDEXER_KERNEL_VARIANTS = {   # fp8 scoring kernel alone on pre-quantized operands
-    "fp8_q64_k128_w4": dsa_indexer.IndexerBlocks(),
-    "fp8_q64_k128_w4_kT": dsa_indexer.IndexerBlocks(k_transposed=True),
-    "fp8_q128_k128_w8": dsa_indexer.IndexerBlocks(block_q=128, block_k=128, num_warps=8),
-    "fp8_q64_k256_w8": dsa_indexer.IndexerBlocks(block_q=64, block_k=256, num_warps=8),
-    "fp8_q128_k64_w4": dsa_indexer.IndexerBlocks(block_q=128, block_k=64, num_warps=4),
-    "fp8_q64_k128_w4_s3": dsa_indexer.IndexerBlocks(num_stages=3),
-}
+def _indexer_variants():
+  """The scoring kernel's launch grid, per operand dtype: block_q {64, 128} x block_k {128, 256} x
+  warps {4, 8} x stages {2, 3} x heads per step {1, 2}, less the tiles whose fp32 accumulator plus
+  heads_per_step logits tiles need more than 192 registers a thread ((1 + h) * bq * bk / threads;
+  e.g. q128 k256 at 8 warps is 256 at h = 1: it would spill). Order: the default (q64 k128 w4 s2 h1)
+  first, then the larger tiles (the likelier winners, should --sweep_budget_s cut the list), the two
+  dtypes interleaved."""
+  out = {}
+  for bq, bk, warps in ((64, 128, 4), (64, 256, 8), (128, 128, 8), (64, 128, 8)):
+    for h in (1, 2):
+      for stages in (2, 3):
+        for dt in ("fp8", "bf16"):
+          if (1 + h) * bq * bk // (32 * warps) > 192:
+            continue
+          out[f"{dt}_q{bq}_k{bk}_w{warps}_s{stages}_h{h}"] = (dt, dsa_indexer.IndexerBlocks(
+              block_q=bq, block_k=bk, num_warps=warps, num_stages=stages, heads_per_step=h))
+  return out
+
+
+INDEXER_KERNEL_VARIANTS = _indexer_variants()   # name -> (operand dtype, IndexerBlocks)
+INDEXER_DEFAULT = {"fp8": "fp8_q64_k128_w4_s2_h1", "bf16": "bf16_q64_k128_w4_s2_h1"}
+_VARIANTS_MATCH = flags.DEFINE_string("indexer_variants", "", "Indexer sweep: only variants whose name "
+                                      "contains one of these comma-separated substrings (default: all).")
+_SWEEP_BUDGET = flags.DEFINE_float("sweep_budget_s", 0.0, "Indexer sweep: stop starting new variants at the "
+                                   "first length after this many seconds (0 = no limit).")
 
 
 def indexer_case(length, reps, state):
-  """Prefill indexer over all chunks: bf16; fp8 quantizing q and k per chunk (session 2-3);
-  fp8 with keys quantized once; the quantization alone; the fp8 kernel alone (variants)."""
-  del state
+  """Prefill indexer over all chunks. End to end (`indexer_scores`, default blocks; fp8 with the
+  keys quantized once, q per chunk), the quantization alone, then the scoring kernel alone on
+  pre-quantized fp8 and on bf16 operands for each launch variant (`INDEXER_KERNEL_VARIANTS`; at
+  the first length all of them, later the default + the `--sweep_top` fastest per dtype), each
+  checked against its dtype's default variant (per-row max and sum of the scores of all chunks);
+  finally end to end with each dtype's fastest variant."""
   hi, di = _INDEX_HEADS.value, _INDEX_DIM.value
   keys = jax.random.split(jax.random.key(length + 3), 3)
   qi = jax.random.normal(keys[0], (1, length, hi, di), jnp.bfloat16)
@@ -364,31 +391,67 @@ def indexer_case(length, reps, state):
   pos = jnp.arange(length, dtype=jnp.int32)[None]
   n = length // min(_CHUNK.value, length)
   res = {"length": length}
+  flush = state.get("flush", lambda r: None)
   cases = {
       "bf16": lambda qi, ki, w: _indexer_all_chunks(qi, ki, w, pos, n, fp8=False),
-      "bf16_q128_k128_w8": lambda qi, ki, w: _indexer_all_chunks(
-          qi, ki, w, pos, n, fp8=False, blocks=dsa_indexer.IndexerBlocks(block_q=128, num_warps=8)),
-      "fp8_requant_per_chunk": lambda qi, ki, w: _indexer_all_chunks(qi, ki, w, pos, n, fp8=True),
       "fp8_keys_once": lambda qi, ki, w: _indexer_all_chunks(qi, dsa.quantize_index_keys(ki), w, pos, n, fp8=True),
       "quantize_q": lambda qi, ki, w: dsa_indexer.fp8_query_operands(qi, w),
-      "quantize_k": lambda qi, ki, w: dsa.quantize_index_keys(ki),
   }
   for name, fn in cases.items():
-    res[f"{name}_ms"] = _ms(_try(f"indexer {name}", jax.jit(fn), qi, ki, w, reps=reps))
+    res[f"e2e_{name}_ms"] = _ms(_try(f"indexer end to end {name}", jax.jit(fn), qi, ki, w, reps=reps))
   q8, w8 = jax.jit(dsa_indexer.fp8_query_operands)(qi, w)
   k8, ks = jax.jit(dsa.quantize_index_keys)(ki)
-  ks = ks[..., 0]
-  k8t = jnp.swapaxes(k8, 1, 2)
-  ref = None
-  for name, blocks in INDEXER_KERNEL_VARIANTS.items():
-    kk = k8t if blocks.k_transposed else k8
-    f = jax.jit(lambda q8, kk, w8, ks, blocks=blocks: _kernel_all_chunks(q8, kk, w8, ks, pos, n, blocks))
-    t = _try(f"indexer kernel {name}", f, q8, kk, w8, ks, reps=reps)
+  operands = {"fp8": (q8, k8, w8, ks[..., 0]), "bf16": (qi, ki, w, jnp.ones((1, length), jnp.float32))}
+  match = [m for m in _VARIANTS_MATCH.value.split(",") if m]
+  names = state.get("indexer_order") or [n_ for n_ in INDEXER_KERNEL_VARIANTS
+                                         if not match or any(m in n_ for m in match)]
+  refs, best, t_start = {}, {}, time.perf_counter()
+  for name in names:
+    dt, blocks = INDEXER_KERNEL_VARIANTS[name]
+    if "indexer_order" not in state and _SWEEP_BUDGET.value and time.perf_counter() - t_start > _SWEEP_BUDGET.value:
+      print(f"  indexer kernel {name}: skipped (sweep budget)", flush=True)
+      continue
+    ops = operands[dt]
+    f = jax.jit(lambda q, k, w_, s, blocks=blocks: _kernel_all_chunks(q, k, w_, s, pos, n, blocks))
+    try:   # compile + one call first: a variant > 1.5x its dtype's fastest so far gets no repetitions
+      got = jax.block_until_ready(f(*ops))
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*ops))
+      once = time.perf_counter() - t0
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  indexer kernel {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      continue
+    if once > 1.5 * best.get(dt, (1e9,))[0]:
+      t = once
+      print(f"  indexer kernel {name}: {once * 1e3:.3f} ms (one call, > 1.5x the best: not repeated)", flush=True)
+    else:
+      t = _try(f"indexer kernel {name}", f, *ops, reps=reps) or once
     res[f"{name}_ms"] = _ms(t)
-    if t is not None:   # same scores as the default variant (row maxima)
-      got = f(q8, kk, w8, ks)
-      ref = got if ref is None else ref
-      res[f"{name}_same"] = bool(jnp.allclose(got, ref, rtol=1e-5, atol=1e-5))
+    if t < best.get(dt, (1e9,))[0]:
+      best[dt] = (t, name)
+    ref = refs.setdefault(dt, got)   # the dtype's first variant (the default) is the reference
+    res[f"{name}_same"] = bool(jnp.allclose(got[0], ref[0], rtol=1e-5, atol=1e-5) and
+                               jnp.allclose(got[1], ref[1], rtol=1e-4, atol=1e-3))
+    del got
+    flush(res)
+  if "indexer_order" not in state:
+    order = []
+    for dt in ("fp8", "bf16"):
+      timed = sorted((res[f"{n_}_ms"], n_) for n_ in names if n_.startswith(dt) and res.get(f"{n_}_ms")
+                     and res.get(f"{n_}_same"))
+      top = [n_ for _, n_ in timed[:_SWEEP_TOP.value]]
+      order += ([INDEXER_DEFAULT[dt]] if INDEXER_DEFAULT[dt] in names else []) + [
+          n_ for n_ in top if n_ != INDEXER_DEFAULT[dt]]
+    state["indexer_order"] = order
+  for dt, (_, name) in best.items():   # end to end with the fastest variant (fp8: q quantized per chunk)
+    blocks = INDEXER_KERNEL_VARIANTS[name][1]
+    fn = (lambda qi, ki, w, blocks=blocks: _indexer_all_chunks(qi, dsa.quantize_index_keys(ki), w, pos, n, fp8=True,
+                                                               blocks=blocks)) if dt == "fp8" else (
+          lambda qi, ki, w, blocks=blocks: _indexer_all_chunks(qi, ki, w, pos, n, fp8=False, blocks=blocks))
+    res[f"e2e_{dt}_best_variant"] = name
+    res[f"e2e_{dt}_best_ms"] = _ms(_try(f"indexer end to end {dt}, {name}", jax.jit(fn), qi, ki, w, reps=reps))
+    flush(res)
   return res
 
 
@@ -410,11 +473,12 @@ def _table(head, rows, cols):
 SWEEP_PARTS = ("sparse", "indexer")
 
 
-def write_sweep(results, out: pathlib.Path):
-  """The kernel-variant sweeps -> sweep_<part>.json, sweep_<part>.md."""
+def write_sweep(results, out: pathlib.Path, quiet: bool = False):
+  """The kernel-variant sweeps -> sweep_<part>.json, sweep_<part>.md (printed unless quiet)."""
   out.mkdir(parents=True, exist_ok=True)
   meta = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__,
-              run=_RUN.value, timing="bench (median wall time of one call)")
+              run=_RUN.value, timing="bench (median wall time of one call)", index_heads=_INDEX_HEADS.value,
+              index_dim=_INDEX_DIM.value, chunk=_CHUNK.value)
   f = lambda x: "-" if x is None else (str(x) if isinstance(x, (bool, int, str)) else f"{x:.3g}")
   for part, rows in results.items():
     (out / f"sweep_{part}.json").write_text(json.dumps(dict(meta=meta, **{part: rows}), indent=1))
@@ -429,8 +493,37 @@ def write_sweep(results, out: pathlib.Path):
     for n in names:
       chk = next((r[n + extra] for r in rows if n + extra in r), None)
       lines.append(f"| {n} | " + " | ".join(f(r.get(n + "_ms")) for r in rows) + f" | {f(chk)} |")
+    lines += [""] + [f"L={r['length']}: {k} = {v}" for r in rows for k, v in r.items()
+                     if k.endswith("_variant") or k.endswith("_error")]
     (out / f"sweep_{part}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    if not quiet:
+      print("\n".join(lines), flush=True)
+      if part == "indexer":
+        plot_indexer_sweep(rows, meta, out / "sweep_indexer.png")
+
+
+def plot_indexer_sweep(rows, meta, path: pathlib.Path):
+  """Bar chart of the scoring-kernel variants at the first length (fp8 and bf16 operands)."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  row = rows[0]
+  timed = sorted((row[f"{n}_ms"], n) for n in INDEXER_KERNEL_VARIANTS if row.get(f"{n}_ms") is not None)
+  fig, ax = plt.subplots(figsize=(8, 0.22 * len(timed) + 1.2))
+  ax.barh(range(len(timed)), [t for t, _ in timed],
+          color=["tab:orange" if n.startswith("fp8") else "tab:blue" for _, n in timed])
+  ax.set_yticks(range(len(timed)), [n + (" *" if n in INDEXER_DEFAULT.values() else "") for _, n in timed],
+                fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xscale("log")
+  ax.set_xlabel(f"ms, scoring kernel alone, all chunks (L = {row['length']}; * = session-4 default)")
+  ax.set_title(f"DSA indexer launch sweep, {meta['device']}, jax {meta['jax']}, {meta['date']}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _merge(old, new):
@@ -542,7 +635,8 @@ def main(argv):
     target[part] = []
     for length in map(int, _LENGTHS.value):
       print(f"{part} L={length}", flush=True)
-      if part in SWEEP_PARTS:
+      if part in SWEEP_PARTS:   # partial rows are written as they grow (`flush`)
+        state["flush"] = lambda r, part=part: write_sweep({**sweeps, part: target[part] + [r]}, out, quiet=True)
         target[part].append(cases[part](length, _REPS.value, state))
         write_sweep(sweeps, out)
       else:

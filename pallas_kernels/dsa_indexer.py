@@ -11,6 +11,9 @@ end), as DeepSeek's fp8_index does, so the MMAs run on fp8 operands. Keys quanti
 once (`lca.attention.dsa.FP8Keys`, the decode cache) are used as they are; only q is
 rotated and quantized per call. `IndexerBlocks(k_transposed=True)` reads the keys as
 [d, S] (the fp8 MMA wants its B operand K-major; this is the other layout, to measure).
+`IndexerBlocks(heads_per_step=2)` issues two heads' MMAs before their epilogues (so one
+MMA can overlap the other's ReLU * w); `default_indexer_blocks(dtype)` holds the
+measured fastest launch parameters per operand dtype (fp8 or bf16/f32).
 
 The scores of a chunk of queries go to HBM ([chunk, S] float32) and top-k runs on
 them (see `lca.attention.dsa.indexer_top_k`): memory O(chunk * S), not O(L * S).
@@ -36,15 +39,44 @@ _BIG = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class IndexerBlocks:
+  """Launch parameters of the prefill scoring kernel (one program per [block_q, block_k] tile).
+
+  heads_per_step: indexer heads per loop iteration; their MMAs are all issued before any
+  of their ReLU * w epilogues, so one head's MMA can overlap another's epilogue (1 = one
+  head at a time). A remainder (H_I % heads_per_step heads) runs after the loop.
+  """
   block_q: int = 64
   block_k: int = 128
   num_warps: int = 4
   num_stages: int = 2
   k_transposed: bool = False   # keys as [B, d, S]: one [d, bk] tile, dot(q, k) without trans_b
+  heads_per_step: int = 1
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "num_warps", "num_stages", "heads_per_step"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"IndexerBlocks.{name} must be a positive int, got {value!r}")
+
+
+# Prefill defaults per operand dtype: the fastest of the session-5 sweep on H100 (32 launch
+# variants at 32k, the best rerun at 128k; pallas_kernels/NOTES_dsa.md, sweep_indexer.md):
+# 3 pipeline stages over the head loop, one head per step, for both dtypes (bf16 128k:
+# 342 -> 306 ms; fp8: 439 -> 433 ms). float32 (not measured) keeps the session-2 blocks.
+_DEFAULT_BLOCKS = {
+    "float8_e4m3fn": IndexerBlocks(num_stages=3),
+    "bfloat16": IndexerBlocks(num_stages=3),
+    "float16": IndexerBlocks(num_stages=3),
+}
+
+
+def default_indexer_blocks(dtype) -> IndexerBlocks:
+  """The prefill scoring kernel's launch parameters for operands of `dtype` (fp8, bf16, f32)."""
+  return _DEFAULT_BLOCKS.get(jnp.dtype(dtype).name, IndexerBlocks())
 
 
 def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_heads: int,
-            k_transposed: bool):
+            k_transposed: bool, heads_per_step: int = 1):
   """q_ref [H_I, bq, d]; k_ref [bk, d] ([d, bk] if k_transposed); w_ref [H_I, bq]; qpos [bq];
   kpos/kscale [bk]; o [bq, bk]."""
   q_pos, k_pos = qpos_ref[...], kpos_ref[...]
@@ -54,11 +86,18 @@ def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_h
   def _():
     k = k_ref[...]
 
-    def head(j, acc):
-      logits = plgpu.dot(q_ref[j], k, trans_b=not k_transposed)  # [bq, bk] f32
-      return acc + jnp.maximum(logits, 0.0) * w_ref[j][:, None]
+    def heads(j0, n, acc):
+      """Heads j0 .. j0 + n - 1: all n MMAs first, then the n epilogues (same order of sums)."""
+      logits = [plgpu.dot(q_ref[j0 + u], k, trans_b=not k_transposed) for u in range(n)]  # [bq, bk] f32
+      for u, lg in enumerate(logits):
+        acc = acc + jnp.maximum(lg, 0.0) * w_ref[j0 + u][:, None]
+      return acc
 
-    acc = jax.lax.fori_loop(0, num_heads, head, jnp.zeros(o_ref.shape, jnp.float32))
+    steps, rest = divmod(num_heads, heads_per_step)
+    acc = jax.lax.fori_loop(0, steps, lambda i, acc: heads(i * heads_per_step, heads_per_step, acc),
+                            jnp.zeros(o_ref.shape, jnp.float32))
+    if rest:
+      acc = heads(steps * heads_per_step, rest, acc)
     visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
     o_ref[...] = jnp.where(visible, acc * kscale_ref[...][None, :], -jnp.inf)
 
@@ -78,10 +117,11 @@ def _pad_to(x, axis, multiple, fill):
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
-                          blocks: IndexerBlocks = IndexerBlocks(), interpret: bool = False):
+                          blocks: IndexerBlocks | None = None, interpret: bool = False):
   """q [B, L, H_I, d] (bf16/f32/fp8), k [B, S, d] (same dtype; [B, d, S] if
   blocks.k_transposed), w [B, L, H_I] f32, k_scale [B, S] f32, positions [B, L] / [B, S]
-  int32 (-1 = empty) -> [B, L, S] f32."""
+  int32 (-1 = empty) -> [B, L, S] f32. blocks None: `default_indexer_blocks(q.dtype)`."""
+  blocks = blocks or default_indexer_blocks(q.dtype)
   batch, q_len, num_heads, dim = q.shape
   tk = blocks.k_transposed
   kv_len = k.shape[2] if tk else k.shape[1]
@@ -98,7 +138,7 @@ def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
   k_spec = (pl.BlockSpec((None, dim, bk), lambda b, i, j: (b, 0, j)) if tk else
             pl.BlockSpec((None, bk, dim), lambda b, i, j: (b, j, 0)))
   out = pl.pallas_call(
-      functools.partial(_kernel, num_heads=num_heads, k_transposed=tk),
+      functools.partial(_kernel, num_heads=num_heads, k_transposed=tk, heads_per_step=blocks.heads_per_step),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, num_heads, bq, dim), lambda b, i, j: (b, 0, i, 0)),
@@ -185,7 +225,6 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
   """
   from lca.attention import dsa  # pylint: disable=g-import-not-at-top
   dsa.check_indexer(q_idx, k_idx, weights)
-  blocks = blocks or IndexerBlocks()
   if fp8 or isinstance(k_idx, dsa.FP8Keys):
     keys = dsa.quantize_index_keys(k_idx)
     if keys.scale.shape[-1] != 1:
@@ -199,6 +238,7 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
   if q_idx.shape[1] <= DECODE_MAX_QUERIES:
     return indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions,
                                         interpret=resolve_interpret(interpret))
+  blocks = blocks or default_indexer_blocks(q.dtype)
   if blocks.k_transposed:
     k = jnp.swapaxes(k, 1, 2)
   return indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, blocks=blocks,

@@ -31,6 +31,19 @@ def test_indexer_kernel_matches_reference(fp8):
   _assert_scores_close(got, dsa.indexer_scores_reference(q, k, w, fp8=fp8), 1e-4)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_kernel_two_heads_per_step(fp8):
+  """heads_per_step=2 over 5 heads: two loop steps + a one-head remainder; same sums as 1."""
+  q, k, w = _normal(80, (1, 21, 5, 16)), _normal(81, (1, 21, 16)), _normal(82, (1, 21, 5))
+  pos = jnp.broadcast_to(jnp.arange(21, dtype=jnp.int32), (1, 21))
+  blocks = lambda hps: dsa_indexer.IndexerBlocks(block_q=16, block_k=16, heads_per_step=hps)
+  got = dsa_indexer.indexer_scores(q, k, w, pos, pos, fp8=fp8, blocks=blocks(2))
+  _assert_scores_close(got, dsa.indexer_scores_reference(q, k, w, fp8=fp8), 1e-4)
+  _assert_scores_close(got, dsa_indexer.indexer_scores(q, k, w, pos, pos, fp8=fp8, blocks=blocks(1)), 1e-6)
+  with pytest.raises(ValueError, match="heads_per_step"):
+    dsa_indexer.IndexerBlocks(heads_per_step=0)
+
+
 def test_indexer_kernel_decode_over_a_cache_with_empty_slots():
   q, k, w = _normal(3, (1, 1, 2, 16)), _normal(4, (1, 24, 16)), _normal(5, (1, 1, 2))
   kv_pos = jnp.where(jnp.arange(24) < 19, jnp.arange(24), -1)[None].astype(jnp.int32)
@@ -136,6 +149,27 @@ def test_kernels_on_gpu_bf16():
     fin = np.isfinite(np.asarray(ref))
     err = np.linalg.norm(np.asarray(got)[fin] - np.asarray(ref)[fin]) / np.linalg.norm(np.asarray(ref)[fin])
     assert err < 3e-2, (fp8, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_indexer_kernel_variants_on_gpu():
+  """The prefill scoring kernel at the benchmark's head shape (64 x 128) under the swept launch
+  parameters (two heads per step, 256-key tiles, 128-query tiles), bf16 and fp8 operands."""
+  qi, ki, w = _normal(90, (1, 300, 64, 128)), _normal(91, (1, 300, 128)), _normal(92, (1, 300, 64)) * 0.01
+  pos = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (1, 300))
+  for fp8 in (False, True):
+    ref = np.asarray(dsa.indexer_scores_reference(qi, ki, w, fp8=fp8))
+    fin = np.isfinite(ref)
+    for blocks in (dsa_indexer.IndexerBlocks(heads_per_step=2),
+                   dsa_indexer.IndexerBlocks(block_k=256, num_warps=8, heads_per_step=2),
+                   dsa_indexer.IndexerBlocks(block_q=128, num_warps=8, num_stages=3),
+                   None):   # None: default_indexer_blocks
+      got = np.asarray(dsa_indexer.indexer_scores(qi.astype(jnp.bfloat16), ki.astype(jnp.bfloat16), w, pos, pos,
+                                                  fp8=fp8, blocks=blocks))
+      np.testing.assert_array_equal(np.isfinite(got), fin)
+      err = np.linalg.norm(got[fin] - ref[fin]) / np.linalg.norm(ref[fin])
+      assert err < 3e-2, (fp8, blocks, err)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
