@@ -43,6 +43,9 @@ _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
+_BREAKDOWN_BWD = flags.DEFINE_bool("breakdown_bwd", True, "--breakdown: also the backward parts.")
+_SEL_SWEEP = flags.DEFINE_integer("sel_sweep", 0, "If > 0: time nsa_sel_fwd launch variants, with and "
+                                  "without K/V bytes, at this L and exit.")
 _SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time launch-parameter variants of the forward "
                                "and backward kernels at this L and exit.")
 
@@ -240,25 +243,28 @@ def breakdown(length, reps):
   q = kernels.from_rows(q_rows, 1, geo.group)
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
   imp = jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False))(q_rows, kc, lse)  # pylint: disable=protected-access
-  cmp_bwd, cmp_ct = _vjp_timer(lambda a, b, c: kernels._cmp_rows(a, b, c, geo, tn, False),  # pylint: disable=protected-access
-                               q_rows, kc, x["vc"])
-  sel_bwd, sel_ct = _vjp_timer(lambda a, b, c: kernels._sel_rows(a, b, c, idx, geo, tn, False),  # pylint: disable=protected-access
-                               q_rows, x["k"], x["v"])
-  win_bwd, win_ct = _vjp_timer(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window),
-                               q, x["k"], x["v"])
+  sel = jax.jit(lambda a, b, c, i: kernels._sel_fwd(a, b, c, i, geo, tn, False))  # pylint: disable=protected-access
+  no_idx = jnp.full_like(idx, -1)   # every slot empty: nsa_sel_fwd's loop without K/V bytes
   parts = {
       "compress k (phi)": (jax.jit(lambda k: nsa.compress(k, x["phi"], **kw)), (x["k"],)),
       "to_rows(q)": (jax.jit(lambda q: kernels.to_rows(q, geo.group)), (q,)),
       "cmp fwd": (jax.jit(lambda a, b, c: kernels._cmp_fwd(a, b, c, geo, tn, False)), (q_rows, kc, x["vc"])),  # pylint: disable=protected-access
       "importance": (jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False)), (q_rows, kc, lse)),  # pylint: disable=protected-access
       "top-n": (jax.jit(lambda a: kernels._topn(a, geo, tn, False)), (imp,)),  # pylint: disable=protected-access
-      "sel fwd": (jax.jit(lambda a, b, c, i: kernels._sel_fwd(a, b, c, i, geo, tn, False)),  # pylint: disable=protected-access
-                  (q_rows, x["k"], x["v"], idx)),
+      "sel fwd": (sel, (q_rows, x["k"], x["v"], idx)),
       "window": (jax.jit(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window)), (q, x["k"], x["v"])),
-      "cmp bwd (dq, dkdv)": (cmp_bwd, (cmp_ct,)),
-      "sel bwd (dq, work list, dkdv)": (sel_bwd, (sel_ct,)),
-      "window bwd": (win_bwd, (win_ct,)),
+      "sel fwd, every slot empty (no K/V bytes)": (sel, (q_rows, x["k"], x["v"], no_idx)),
   }
+  if _BREAKDOWN_BWD.value:
+    cmp_bwd, cmp_ct = _vjp_timer(lambda a, b, c: kernels._cmp_rows(a, b, c, geo, tn, False),  # pylint: disable=protected-access
+                                 q_rows, kc, x["vc"])
+    sel_bwd, sel_ct = _vjp_timer(lambda a, b, c: kernels._sel_rows(a, b, c, idx, geo, tn, False),  # pylint: disable=protected-access
+                                 q_rows, x["k"], x["v"])
+    win_bwd, win_ct = _vjp_timer(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window),
+                                 q, x["k"], x["v"])
+    parts.update({"cmp bwd (dq, dkdv)": (cmp_bwd, (cmp_ct,)),
+                  "sel bwd (dq, work list, dkdv)": (sel_bwd, (sel_ct,)),
+                  "window bwd": (win_bwd, (win_ct,))})
   out = {}
   for name, (f, args) in parts.items():
     t = _try(name, f, *args, reps=reps)
@@ -336,6 +342,30 @@ def sweep(length, reps):
                        *sel_args)
     t = _try(f"sel_bwd w{w} s{st}", f, ct, reps=reps)
     out[f"sel_bwd w{w} s{st}"] = dict(ms=None if t is None else t * 1e3)
+  return out
+
+
+def sel_sweep(length, reps):
+  """nsa_sel_fwd by warps and stages, each also with every slot empty (the loop without K/V
+  bytes: what is left is the serial chain of small MMAs and row reductions). Max |diff| vs the
+  default is printed for each variant."""
+  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
+  x = _kernel_inputs(length)
+  geo, T = x["geo"], kernels.Tuning
+  args = (x["q_rows"], x["k"], x["v"], x["idx"])
+  empty = (*args[:3], jnp.full_like(x["idx"], -1))
+  sel = lambda tn: jax.jit(lambda *a: kernels._sel_fwd(*a, geo, tn, False))  # pylint: disable=protected-access
+  ref = sel(T())(*args)
+  out = {}
+  for w, st in ((4, 2), (2, 2), (4, 3), (8, 2)):
+    f = sel(T(sel_warps=w, sel_stages=st))
+    for label, a in ((f"sel_fwd w{w} s{st}", args), (f"sel_fwd w{w} s{st}, every slot empty", empty)):
+      t = _try(label, f, *a, reps=reps)
+      diff = None
+      if t is not None and a is args:
+        diff = float(jnp.max(jnp.abs(f(*a)[0].astype(jnp.float32) - ref[0].astype(jnp.float32))))
+        print(f"    max |diff| vs default {diff:.3g}", flush=True)
+      out[label] = dict(ms=None if t is None else t * 1e3, max_diff=diff)
   return out
 
 
@@ -469,6 +499,7 @@ def main(_):
   # one-length studies: each writes <name>_<L>.json and exits
   for flag, study, name in ((_DECODE_BREAKDOWN, decode_breakdown, "decode_breakdown"),
                             (_SWEEP, lambda n: sweep(n, _REPS.value), "sweep"),
+                            (_SEL_SWEEP, lambda n: sel_sweep(n, _REPS.value), "sel_sweep"),
                             (_BREAKDOWN, lambda n: breakdown(n, _REPS.value), "breakdown")):
     if flag.value:
       res = study(flag.value)
