@@ -59,6 +59,8 @@ _RUN = flags.DEFINE_string("run", "s4", "Label of this run, stored in each row."
 _DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
 _SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
                                    "its longest length runs the sparse attention (default: default_blocks).")
+_SPARSE_VARIANTS = flags.DEFINE_list("sparse_variants", [], "Sparse sweep: only these SPARSE_VARIANTS "
+                                     "(default: all).")
 _SWEEP_TOP = flags.DEFINE_integer("sweep_top", 4, "Sparse sweep: variants rerun at the longer lengths.")
 
 
@@ -293,6 +295,12 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
     "sh_h64_k16_w16_s2": (True, SB(block_h=64, block_k=16, num_warps=16, num_stages=2)),
     "sh_h64_k32_w16_s2": (True, SB(block_h=64, block_k=32, num_warps=16, num_stages=2)),
     "sh_h128_k16_w16_s2": (True, SB(block_h=128, block_k=16, num_warps=16, num_stages=2)),
+    # session 5: around the 4-warp default
+    "sh_h32_k64_w4_s2": (True, SB(block_h=32, block_k=64, num_warps=4, num_stages=2)),
+    "sh_h32_k16_w4_s2": (True, SB(block_h=32, block_k=16, num_warps=4, num_stages=2)),
+    "sh_h32_k32_w4_s3": (True, SB(block_h=32, block_k=32, num_warps=4, num_stages=3)),
+    "sh_h16_k32_w4_s2": (True, SB(block_h=16, block_k=32, num_warps=4, num_stages=2)),
+    "sh_h64_k32_w4_s2": (True, SB(block_h=64, block_k=32, num_warps=4, num_stages=2)),
 }
 
 
@@ -316,7 +324,8 @@ def sparse_case(length, reps, state):
   q = jax.random.normal(keys[0], (1, length, _HEADS.value, _LATENT.value), jnp.bfloat16)
   kv = jax.random.normal(keys[1], (1, length, 1, _LATENT.value), jnp.bfloat16)
   idx = _causal_random_indices(length, _TOP_K.value, jnp.arange(length, dtype=jnp.int32))
-  names = state.get("sparse_order") or list(SPARSE_VARIANTS)
+  names = state.get("sparse_order") or [n for n in SPARSE_VARIANTS
+                                        if not _SPARSE_VARIANTS.value or n in _SPARSE_VARIANTS.value]
   for name in names:
     shared, blocks = SPARSE_VARIANTS[name]
     if "sparse_order" not in state:

@@ -44,21 +44,24 @@ class SparseBlocks:
   num_stages: int = 2
   bwd_num_warps: int | None = None   # backward; None: 8 for head dims > 256 (its dq and do
                                      # tiles), else num_warps
+  bwd_block_k: int | None = None     # backward rows per step; None: block_k
 
 
 MAX_BLOCK_H = 32   # default head block cap (see NOTES_dsa.md: the block_h sweep)
 
 
 def default_blocks(q_len: int, top_k: int, dim: int, group: int) -> SparseBlocks:
-  """Head block of 32 (a 64-head block is no faster; 128 does not compile), 32 rows a step.
+  """Head block of 32 (a 64-head block is no faster; 128 does not compile).
 
-  Prefill: 4 warps (MQA 128 x 512 at 128k: 373 ms vs 808 ms with 8 warps, H100). Decode
-  (split K over programs) keeps 8 warps for head dims > 256, as measured in session 3.
+  Prefill: 4 warps and 64 rows a step (MQA 128 x 512, H100: 8 -> 4 warps took 128k from 808 to
+  373 ms; 32 -> 64 rows took 32k from 97 to 77 ms); its backward keeps 32 rows a step (the
+  64-row backward was not measured). Decode (split K over programs) keeps 32 rows and, for
+  head dims > 256, 8 warps, as measured in session 3.
   """
   block_h = min(MAX_BLOCK_H, max(16, pl.next_power_of_2(group)))
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
-  return SparseBlocks(block_h=block_h, block_k=32, num_splits=splits,
-                      num_warps=8 if dim > 256 and splits > 1 else 4)
+  return SparseBlocks(block_h=block_h, block_k=64 if splits == 1 else 32, num_splits=splits,
+                      num_warps=8 if dim > 256 and splits > 1 else 4, bwd_block_k=32)
 
 
 def _fwd_kernel(*refs, scale, block_k, steps, shared):
@@ -211,9 +214,12 @@ def _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret):
   num_kv_heads, kv_len = k.shape[2], k.shape[1]
   dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
-  blocks = dataclasses.replace(blocks, num_splits=1)
-  q5, kp, vp, idx = _layout(q, k, v, indices, blocks)
+  q5, kp, vp, idx = _layout(q, k, v, indices, dataclasses.replace(blocks, num_splits=1))
+  block_k = blocks.bwd_block_k or blocks.block_k
   gp, dp, ksel = q5.shape[3], q5.shape[4], idx.shape[-1]
+  if ksel % block_k:
+    raise ValueError(f"SparseBlocks.bwd_block_k={block_k} must divide the top-k padded to "
+                     f"block_k={blocks.block_k} ({ksel})")
   dvp = dp if shared else vp.shape[-1]
   warps = blocks.bwd_num_warps or (8 if max(dp, dvp) > 256 else blocks.num_warps)
   bh, nhb = blocks.block_h, gp // blocks.block_h
@@ -230,8 +236,8 @@ def _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret):
   buf_spec = lambda d: pl.BlockSpec((None, kv_len + 1, None, d), lambda b, t, h: (b, 0, h // nhb, 0))
   n_in = 6 + (0 if shared else 1)             # q, k, (v), idx, do, lse, delta
   results = pl.pallas_call(
-      functools.partial(_bwd_kernel, scale=scale, block_k=blocks.block_k,
-                        steps=ksel // blocks.block_k, trash_row=kv_len, shared=shared),
+      functools.partial(_bwd_kernel, scale=scale, block_k=block_k,
+                        steps=ksel // block_k, trash_row=kv_len, shared=shared),
       grid=(batch, q_len, num_kv_heads * nhb),
       in_specs=[
           pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h: (*head(b, t, h), 0)),
