@@ -622,13 +622,13 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
                 st.mosaic.block_kv if st.mosaic else 1)
   q_pad = pl.cdiv(q_len, q_tile) * q_tile
   kv_pad = pl.cdiv(kv_len, kv_tile) * kv_tile
-  d_pad = _pow2_at_least(head_dim)
-  pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, d_pad)
+  # head dims padded to powers of two, q·k's and v's each on its own (they may differ)
+  pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, _pow2_at_least(x.shape[-1]))
   seg_q = _pad_axis(None if segment_ids is None else segment_ids.astype(jnp.int32), 1, q_pad, -1)
   seg_k = _pad_axis(None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32), 1,
                     kv_pad, -2)
   out = _flash(pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), seg_q, seg_k, st)
-  return out[:, :q_len, :, :head_dim]
+  return out[:, :q_len, :, :v.shape[-1]]
 
 
 def flash_reference(q, k, v, *, causal: bool = True, window: int | None = None,

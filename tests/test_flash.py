@@ -71,6 +71,19 @@ def test_fp32_matches_reference(q_len, kv_len, heads, kv_heads, head_dim, causal
   np.testing.assert_array_equal(np.asarray(got[1])[empty], 0.0)
 
 
+@pytest.mark.parametrize("qk_dim,v_dim", [(24, 16), (16, 48)])
+def test_value_head_dim_differs_from_qk(qk_dim, v_dim):
+  """q·k and v head dims each padded on its own; the output has v's (a 24 / 16 output once came
+  back 24 wide, and a v wider than q·k's padding was cut)."""
+  q, k, _, _ = _inputs(3, 1, 45, 45, 4, 2, qk_dim)
+  _, _, v, do = _inputs(4, 1, 45, 45, 4, 2, v_dim)
+  got = _value_and_grads(functools.partial(full.attention, implementation="pallas", causal=True), q, k, v, do)
+  want = _value_and_grads(functools.partial(full.attention_reference, causal=True), q, k, v, do)
+  for name, g, w, shape in zip(("out", "dq", "dk", "dv"), got, want, (do.shape, q.shape, k.shape, v.shape)):
+    chex.assert_shape(g, shape)
+    assert _rel(g, w) < 2e-5, (name, _rel(g, w))
+
+
 def test_bf16_error_within_twice_the_reference_error():
   q, k, v, do = _inputs(7, 1, 197, 197, 6, 2, 64, jnp.float32)
   bf = lambda x: x.astype(jnp.bfloat16)
