@@ -138,11 +138,12 @@ def flash_decode(q, k_cache, v_cache, kv_lengths, *, scale: float | None = None,
                  num_splits: int | None = None, block_k: int | None = None,
                  block_r: int = 64, num_warps: int = 4, num_stages: int = 3,
                  interpret: bool | None = None):
-  """Attention of the last T tokens of each sequence over its cache -> [B, T, H, D].
+  """Attention of the last T tokens of each sequence over its cache -> [B, T, H, Dv].
 
   Args:
     q: [B, T, H, D], token i of sequence b at position kv_lengths[b] - T + i.
-    k_cache, v_cache: [B, C, H_kv, D]; slot s holds position s; H a multiple of H_kv.
+    k_cache, v_cache: [B, C, H_kv, D] and [B, C, H_kv, Dv]; slot s holds position s; H a
+      multiple of H_kv.
     kv_lengths: [B] int, valid cache slots per sequence (including the T new tokens;
       clipped to C). Token i sees slots s <= kv_lengths - T + i.
     scale: logit scale, default 1/sqrt(D).
@@ -150,7 +151,7 @@ def flash_decode(q, k_cache, v_cache, kv_lengths, *, scale: float | None = None,
     block_k: keys per loop step (default 64 for head_dim <= 128 in 16-bit, else 32).
     block_r: query rows (G heads x T tokens) per program, a power of two >= 16.
   Returns:
-    [B, T, H, D] in q's dtype; a token that sees no slot gets zeros.
+    [B, T, H, Dv] in q's dtype; a token that sees no slot gets zeros.
   """
   check_args(q, k_cache, v_cache, kv_lengths, scale)
   batch, tokens, num_heads, head_dim = q.shape
@@ -182,35 +183,37 @@ def flash_decode(q, k_cache, v_cache, kv_lengths, *, scale: float | None = None,
   qr = qr.reshape(batch, num_kv_heads, num_rows, head_dim)
   qr = jnp.pad(qr, ((0, 0), (0, 0), (0, num_row_blocks * block_r - num_rows),
                     (0, d_pad - head_dim)))
+  head_dim_v = v_cache.shape[-1]
+  dv_pad = _pow2_at_least(head_dim_v)   # v's head dim may differ from q·k's
   k_cache = _pad_last(k_cache, d_pad)
-  v_cache = _pad_last(v_cache, d_pad)
+  v_cache = _pad_last(v_cache, dv_pad)
 
   grid = (num_splits * num_row_blocks, batch, num_kv_heads)
   nr = num_row_blocks
   kernel = functools.partial(
       _decode_kernel, scale=scale, tokens=tokens, group=group, block_r=block_r,
       block_k=block_k, num_row_blocks=nr, split_len=split_len, capacity=capacity)
-  cache_spec = pl.BlockSpec((None, k_cache.shape[1], None, d_pad), lambda x, b, h: (b, 0, h, 0))
+  cache_spec = lambda d: pl.BlockSpec((None, k_cache.shape[1], None, d), lambda x, b, h: (b, 0, h, 0))
   o, lse = pl.pallas_call(
       kernel, grid=grid,
       in_specs=[pl.no_block_spec,
                 pl.BlockSpec((None, None, block_r, d_pad), lambda x, b, h: (b, h, x % nr, 0)),
-                cache_spec, cache_spec],
+                cache_spec(d_pad), cache_spec(dv_pad)],
       out_specs=[
-          pl.BlockSpec((None, None, None, block_r, d_pad),
+          pl.BlockSpec((None, None, None, block_r, dv_pad),
                        lambda x, b, h: (x // nr, b, h, x % nr, 0)),
           pl.BlockSpec((None, None, None, block_r), lambda x, b, h: (x // nr, b, h, x % nr)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((num_splits, batch, num_kv_heads, nr * block_r, d_pad), jnp.float32),
+          jax.ShapeDtypeStruct((num_splits, batch, num_kv_heads, nr * block_r, dv_pad), jnp.float32),
           jax.ShapeDtypeStruct((num_splits, batch, num_kv_heads, nr * block_r), jnp.float32),
       ],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=resolve_interpret(interpret), name="lca_flash_decode",
   )(kv_lengths.astype(jnp.int32), qr, k_cache, v_cache)
-  out = combine_splits(o, lse)[:, :, :num_rows, :head_dim]
-  out = out.reshape(batch, num_kv_heads, tokens, group, head_dim).transpose(0, 2, 1, 3, 4)
-  return out.reshape(batch, tokens, num_heads, head_dim).astype(q.dtype)
+  out = combine_splits(o, lse)[:, :, :num_rows, :head_dim_v]
+  out = out.reshape(batch, num_kv_heads, tokens, group, head_dim_v).transpose(0, 2, 1, 3, 4)
+  return out.reshape(batch, tokens, num_heads, head_dim_v).astype(q.dtype)
 
 
 def combine_splits(o, lse):

@@ -43,6 +43,15 @@ def test_matches_reference(batch, tokens, heads, kv_heads, head_dim, capacity, n
   assert _rel(got, want) < 2e-5, _rel(got, want)
 
 
+@pytest.mark.parametrize("qk_dim,v_dim", [(24, 16), (16, 48)])
+def test_value_head_dim_differs_from_qk(qk_dim, v_dim):
+  q, k, _, lengths = _inputs(5, 2, 2, 4, 2, qk_dim, 70)
+  _, _, v, _ = _inputs(6, 2, 2, 4, 2, v_dim, 70)
+  got = fd.flash_decode(q, k, v, lengths, num_splits=2)
+  chex.assert_shape(got, (*q.shape[:3], v_dim))
+  assert _rel(got, fd.flash_decode_reference(q, k, v, lengths)) < 2e-5
+
+
 def test_combine_splits_handles_empty_splits():
   o = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 8))
   lse = jnp.array([[[1.0] * 5, [-jnp.inf] * 5]] * 3).at[1, 0].set(-jnp.inf)
