@@ -18,6 +18,11 @@ calls) and the GPU kernel time per call (jax.profiler trace: kernel durations, n
 gaps); --decode_breakdown=L splits the fused decode by launch and top-n variant. Writes
 experiments/results/bench_nsa/{results.json, results.md, bench_nsa.png}; with
 --parts a subset, the other fields of the same lengths are kept from results.json.
+
+DeepSeek's head dims (q·k 192, v 128): --head_dim=192 --v_head_dim=128 --out=<another dir>;
+NSA's kernels run q·k zero-padded to 256, cuDNN gets v zero-padded to 192 (jax's call takes
+one head dim), lca flash takes both as they are; the fused decode needs power-of-two dims
+(its XLA path runs). Not measured yet.
 """
 
 import json
@@ -33,7 +38,9 @@ from lca.attention import full, nsa
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768", "65536"], "Context lengths.")
 _HEADS = flags.DEFINE_integer("heads", 64, "Query heads.")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 4, "KV heads (GQA groups).")
-_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
+_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim of q and k.")
+_V_DIM = flags.DEFINE_integer("v_head_dim", 0, "Head dim of v (0: head_dim), e.g. --head_dim=192 "
+                              "--v_head_dim=128 as DeepSeek (write those to another --out).")
 _REPS = flags.DEFINE_integer("reps", 7, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_nsa", "Output directory.")
 _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward part at this L and exit.")
@@ -90,7 +97,11 @@ def _qkv(ks, length):
   h, hkv, d = _HEADS.value, _KV_HEADS.value, _DIM.value
   return (jax.random.normal(ks[0], (1, length, h, d), jnp.bfloat16),
           jax.random.normal(ks[1], (1, length, hkv, d), jnp.bfloat16),
-          jax.random.normal(ks[2], (1, length, hkv, d), jnp.bfloat16))
+          jax.random.normal(ks[2], (1, length, hkv, _v_dim()), jnp.bfloat16))
+
+
+def _v_dim():
+  return _V_DIM.value or _DIM.value
 
 
 def case(length, reps, bandwidth):
@@ -101,8 +112,9 @@ def case(length, reps, bandwidth):
   q, k, v = _qkv(ks, length)
   gates = jax.nn.sigmoid(jax.random.normal(ks[3], (1, length, h, 3))).astype(bf)
   phi_k = jax.tree.map(lambda a: a.astype(bf), nsa.init_compress_params(ks[4], sizes.block_len, d, 2 * d))
-  phi_v = jax.tree.map(lambda a: a.astype(bf), nsa.init_compress_params(ks[5], sizes.block_len, d, 2 * d))
-  w_out = jax.random.normal(ks[6], q.shape, bf)
+  dv = _v_dim()
+  phi_v = jax.tree.map(lambda a: a.astype(bf), nsa.init_compress_params(ks[5], sizes.block_len, dv, 2 * dv))
+  w_out = jax.random.normal(ks[6], (*q.shape[:3], dv), bf)
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
 
   def nsa_fwd(q, k, v, phi_k, phi_v, gates):
@@ -110,7 +122,10 @@ def case(length, reps, bandwidth):
     return nsa.nsa(q, k, v, kc, vc, gates, sizes=sizes, implementation="pallas")
 
   def cudnn(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    """jax's cuDNN call takes one head dim: a narrower v is zero-padded to q·k's and cut after."""
+    dv = v.shape[-1]
+    v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)])
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")[..., :dv]
 
   def flash(q, k, v):
     return full.attention(q, k, v, causal=True, implementation="pallas")
@@ -154,7 +169,7 @@ def case(length, reps, bandwidth):
     for stale in ("nsa_decode_unrolled", "cudnn_decode_unrolled", "nsa_decode_cold", "cudnn_decode_cold",
                   "speedup_decode_unrolled", "speedup_decode_cold"):   # session 3's fields, not timed now
       r[stale] = None
-    kv_bytes = 2 * hkv * d * 2
+    kv_bytes = hkv * (d + dv) * 2
     nc = sizes.num_compressed(length)
     nsa_tokens = nc + sizes.num_selected * sizes.select_block + sizes.window
     r["nsa_decode_floor"] = nsa_tokens * kv_bytes / bandwidth
@@ -182,8 +197,9 @@ def write(results, meta):
   us = lambda x: "—" if x is None else f"{x * 1e6:.1f}"
   sp = lambda x: "—" if x is None else f"{x:.2f}x"
   lines = [f"# NSA vs full causal attention ({meta['device']}, {meta['date']}, jax {meta['jax']})", "",
-           "batch 1, 64 q heads / 4 KV heads, head_dim 128, bf16, l=32 d=16 l'=64 n=16 w=512. "
-           "Forward: ms (median wall time of one call).", ""]
+           f"batch 1, {_HEADS.value} q heads / {_KV_HEADS.value} KV heads, head_dim {_DIM.value}"
+           + (f" (v {_v_dim()})" if _v_dim() != _DIM.value else "")
+           + ", bf16, l=32 d=16 l'=64 n=16 w=512. Forward: ms (median wall time of one call).", ""]
   lines += [f"{k}: {v}" for k, v in meta.items() if k.startswith("note")] + [""] * any(
       k.startswith("note") for k in meta)
   lines += ["| L | NSA fwd | cuDNN fwd | flash fwd | fwd x | NSA f+b | cuDNN f+b | flash f+b | f+b x |",
@@ -277,6 +293,9 @@ def _kernel_inputs(length):
   from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
   sizes = nsa.NSASizes()
   d = _DIM.value
+  if _v_dim() != d or d & (d - 1):
+    raise app.UsageError(f"the one-length studies call the kernels directly: they take one power-of-two "
+                         f"head dim, got --head_dim={d} --v_head_dim={_V_DIM.value}")
   ks = jax.random.split(jax.random.key(length), 6)
   q, k, v = _qkv(ks, length)
   phi = jax.tree.map(lambda a: a.astype(jnp.bfloat16),

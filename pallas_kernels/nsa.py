@@ -670,12 +670,10 @@ _sel_rows.defvjp(_sel_rows_fwd, _sel_rows_bwd)
 
 
 def geometry(q, k, *, sizes, scale=None) -> NSAGeometry:
-  """The static sizes for q [B, L, H, D], k [B, L, H_kv, D] and `lca.attention.nsa.NSASizes`."""
+  """The static sizes for q [B, L, H, D], k [B, L, H_kv, D] and `lca.attention.nsa.NSASizes`
+  (the default scale is 1/sqrt(D) of the unpadded head dim)."""
   if q.shape[1] != k.shape[1]:
     raise NotImplementedError(f"NSA kernels are self-attention: q has {q.shape[1]} positions, k {k.shape[1]}")
-  for name, dim in (("head_dim", q.shape[-1]),):
-    if dim < 16 or dim & (dim - 1):
-      raise NotImplementedError(f"NSA kernels need a power-of-two {name} >= 16, got {dim}")
   if sizes.select_block < 16 or sizes.select_block & (sizes.select_block - 1):
     raise NotImplementedError(f"NSA kernels need a power-of-two select_block >= 16, got {sizes.select_block}")
   if pow2(q.shape[2] // k.shape[2]) > 64:
@@ -687,18 +685,32 @@ def geometry(q, k, *, sizes, scale=None) -> NSAGeometry:
       scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
 
 
+def pad_head_dims(*xs):
+  """Zero-pads each array's last (head) dim to a power of two >= 16, as the kernels' tiles need.
+  Zero columns leave q·k and p·v unchanged: a 192-dim q·k (128 + 64 RoPE dims, as in DeepSeek)
+  runs as 256, at 4/3 of the q·k work."""
+  def pad(x):
+    extra = pow2(x.shape[-1], 16) - x.shape[-1]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
+  return [pad(x) for x in xs]
+
+
 def compressed_attention(q, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpret=None,
                          return_lse: bool = False):
-  """q [B, L, H, D], kc/vc [B, Nc, H_kv, D] -> [B, L, H, Dv] (and LSE2 [B, L, H], +inf = none)."""
+  """q [B, L, H, D], kc [B, Nc, H_kv, D], vc [B, Nc, H_kv, Dv] -> [B, L, H, Dv] (and LSE2
+  [B, L, H], +inf = none)."""
   geo = geometry(q, q[:, :, :kc.shape[2]], sizes=sizes, scale=scale)
+  dv = vc.shape[-1]
+  q, kc, vc = pad_head_dims(q, kc, vc)
   o, lse = _cmp_rows(to_rows(q, geo.group), kc, vc, geo, tuning, resolve_interpret(interpret))
-  o = from_rows(o, q.shape[0], geo.group)
+  o = from_rows(o, q.shape[0], geo.group)[..., :dv]
   return (o, _rows_to_vec(lse, q.shape[0], geo.group)) if return_lse else o
 
 
 def block_importance(q, kc, *, sizes, scale=None, tuning=Tuning(), interpret=None):
   """Selection-block importance -> [B, H_kv, L, Ns] fp32 (as `nsa.block_importance_reference`)."""
   geo = geometry(q, q[:, :, :kc.shape[2]], sizes=sizes, scale=scale)
+  q, kc = pad_head_dims(q, kc)
   interpret = resolve_interpret(interpret)
   q_rows = to_rows(q, geo.group)
   _, lse = _cmp_fwd(q_rows, kc, kc, geo, tuning, interpret)
@@ -719,21 +731,27 @@ def select_topn(importance, *, sizes, tuning=Tuning(), interpret=None):
 
 
 def selected_attention(q, k, v, block_idx, *, sizes, scale=None, tuning=Tuning(), interpret=None):
-  """q [B, L, H, D], k/v [B, L, H_kv, D], block_idx [B, H_kv, L, n] -> [B, L, H, Dv]; custom_vjp."""
+  """q [B, L, H, D], k [B, L, H_kv, D], v [B, L, H_kv, Dv], block_idx [B, H_kv, L, n] ->
+  [B, L, H, Dv]; custom_vjp."""
   geo = geometry(q, k, sizes=sizes, scale=scale)
   geo = dataclasses.replace(geo, num_selected=block_idx.shape[-1])
   idx = block_idx.reshape(-1, geo.length, block_idx.shape[-1]).astype(jnp.int32)
+  dv = v.shape[-1]
+  q, k, v = pad_head_dims(q, k, v)
   o = _sel_rows(to_rows(q, geo.group), k, v, idx, geo, tuning, resolve_interpret(interpret))
-  return from_rows(o, q.shape[0], geo.group)
+  return from_rows(o, q.shape[0], geo.group)[..., :dv]
 
 
 def nsa_cmp_slc(q, k, v, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpret=None,
                 return_selection: bool = False):
   """Compression and selection branches of NSA -> (o_cmp, o_slc), each [B, L, H, Dv].
 
-  Differentiable in q, k, v, kc, vc (selection itself is not, as in the paper).
+  q, k, kc [..., D] and v, vc [..., Dv]; head dims that are not powers of two run zero-padded
+  (`pad_head_dims`). Differentiable in q, k, v, kc, vc (selection itself is not, as in the paper).
   """
   geo = geometry(q, k, sizes=sizes, scale=scale)
+  dv = v.shape[-1]
+  q, k, v, kc, vc = pad_head_dims(q, k, v, kc, vc)
   interpret = resolve_interpret(interpret)
   batch = q.shape[0]
   q_rows = to_rows(q, geo.group)
@@ -747,6 +765,7 @@ def nsa_cmp_slc(q, k, v, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpre
     imp = _importance(stop(q_rows), stop(kc), stop(lse), geo, tuning, interpret)
   idx = _topn(imp, geo, tuning, interpret)
   o_slc = from_rows(_sel_rows(q_rows, k, v, idx, geo, tuning, interpret), batch, geo.group)
+  o_cmp, o_slc = o_cmp[..., :dv], o_slc[..., :dv]
   if return_selection:
     return o_cmp, o_slc, idx.reshape(batch, geo.num_kv_heads, geo.length, -1)
   return o_cmp, o_slc

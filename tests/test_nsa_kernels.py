@@ -59,6 +59,29 @@ def test_cmp_and_slc_kernels_match_reference_forward_and_grads(tuning):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
+def test_head_dims_that_are_not_powers_of_two():
+  """q·k over 24 dims (zero-padded to 32 inside) and p·v over 16, as DeepSeek's 192 / 128."""
+  ks = jax.random.split(jax.random.key(5), 5)
+  length, nc = 40, SIZES.num_compressed(40)
+  q = jax.random.normal(ks[0], (1, length, 4, 24))
+  k = jax.random.normal(ks[1], (1, length, 2, 24))
+  v = jax.random.normal(ks[2], (1, length, 2, 16))
+  kc = jax.random.normal(ks[3], (1, nc, 2, 24))
+  vc = jax.random.normal(ks[4], (1, nc, 2, 16))
+  args = (q, k, v, kc, vc)
+  o_cmp, o_slc = jax.jit(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES))(*args)
+  r_cmp, r_slc, _ = jax.jit(_reference_branches)(*args)
+  assert o_cmp.shape == o_slc.shape == (1, length, 4, 16)
+  np.testing.assert_allclose(o_cmp, r_cmp, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(o_slc, r_slc, atol=1e-5, rtol=1e-5)
+  w = jax.random.normal(jax.random.key(6), o_slc.shape)
+  loss = lambda f: lambda *a: jnp.sum((f(*a)[0] + f(*a)[1]) * w)
+  g = jax.jit(jax.grad(loss(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES)), argnums=(0, 2)))(*args)
+  g_ref = jax.jit(jax.grad(loss(_reference_branches), argnums=(0, 2)))(*args)
+  for name, a, b in zip(("q", "v"), g, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
 @pytest.mark.parametrize("heads,kv_heads,length", [(8, 2, 66)])
 def test_importance_topn_selected_forward_other_groupings(heads, kv_heads, length):
   q, k, v, kc, vc = _inputs(jax.random.key(length), length, heads, kv_heads)

@@ -99,6 +99,9 @@ def _cudnn(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_pos
     raise NotImplementedError("implementation='cudnn' does not take positions or segment_ids here")
   if q.shape[1] != k.shape[1]:
     raise NotImplementedError("implementation='cudnn' is used for self-attention (Lq == Lk) only")
+  if v.shape[-1] != q.shape[-1]:   # jax.nn.dot_product_attention takes one head dim
+    raise NotImplementedError(f"implementation='cudnn' needs v's head dim ({v.shape[-1]}) to equal "
+                              f"q's ({q.shape[-1]})")
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                       local_window_size=_jax_window(window, causal),
                                       implementation="cudnn")
