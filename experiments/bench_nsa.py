@@ -328,13 +328,8 @@ def sweep(length, reps):
   out = {}
 
   def run(kind, label, tuning, fn, args, ref=None):
-    f = jax.jit(lambda *a: fn(*a, tuning))
-    t = _try(f"{kind} {label}", f, *args, reps=reps)
-    diff = None
-    if t is not None and ref is not None:
-      diff = float(jnp.max(jnp.abs(f(*args)[0].astype(jnp.float32) - ref[0].astype(jnp.float32))))
-      print(f"    max |diff| vs default {diff:.3g}", flush=True)
-    out[f"{kind} {label}"] = dict(ms=None if t is None else t * 1e3, max_diff=diff)
+    out[f"{kind} {label}"] = _time_variant(f"{kind} {label}", jax.jit(lambda *a: fn(*a, tuning)), args,
+                                           reps, ref)
 
   cmp = lambda q, kc, vc, tn: kernels._cmp_fwd(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
   cmp_args = (x["q_rows"], x["kc"], x["vc"])
@@ -378,14 +373,21 @@ def sel_sweep(length, reps):
   out = {}
   for w, st in ((4, 2), (2, 2), (4, 3), (8, 2)):
     f = sel(T(sel_warps=w, sel_stages=st))
-    for label, a in ((f"sel_fwd w{w} s{st}", args), (f"sel_fwd w{w} s{st}, every slot empty", empty)):
-      t = _try(label, f, *a, reps=reps)
-      diff = None
-      if t is not None and a is args:
-        diff = float(jnp.max(jnp.abs(f(*a)[0].astype(jnp.float32) - ref[0].astype(jnp.float32))))
-        print(f"    max |diff| vs default {diff:.3g}", flush=True)
-      out[label] = dict(ms=None if t is None else t * 1e3, max_diff=diff)
+    label = f"sel_fwd w{w} s{st}"
+    out[label] = _time_variant(label, f, args, reps, ref)
+    out[f"{label}, every slot empty"] = _time_variant(f"{label}, every slot empty", f, empty, reps)
   return out
+
+
+def _time_variant(label, f, args, reps, ref=None) -> dict:
+  """Times jitted f(*args) -> {ms, max_diff}: the largest |difference| of its first output from
+  ref's (None without a ref), so a variant that computes something else cannot win unseen."""
+  t = _try(label, f, *args, reps=reps)
+  diff = None
+  if t is not None and ref is not None:
+    diff = float(jnp.max(jnp.abs(f(*args)[0].astype(jnp.float32) - ref[0].astype(jnp.float32))))
+    print(f"    max |diff| vs default {diff:.3g}", flush=True)
+  return dict(ms=None if t is None else t * 1e3, max_diff=diff)
 
 
 def _noop_launches(count):
