@@ -19,7 +19,8 @@ device time per call (`bench_common.bench_in_loop`: 64 calls inside one jitted l
 loop cost subtracted), not one dispatched call. `--parts=topk` sweeps the top-k
 kernel's launch parameters. FP8 indexer: keys quantized once (`dsa.FP8Keys`, as the
 decode cache and `indexer_top_k` do), q per call; "kernel" columns time the scoring
-kernel alone on pre-quantized operands. Writes experiments/results/bench_dsa/{results.json,
+kernel alone on pre-quantized operands (default blocks; k stored [d, S]; 128-query tiles at 8
+warps; and with Triton's fp32 promotion after every wgmma, `IndexerBlocks(fp8_fast_accumulation=False)`). Writes experiments/results/bench_dsa/{results.json,
 results.md, bench_dsa.png}; rows of lengths not rerun are kept from the existing
 results.json (`run` says which run measured a row). `--parts=sparse,indexer` sweep the
 sparse-attention and indexer kernels' variants into sweep_<part>.{json,md};
@@ -31,6 +32,7 @@ sweep's fastest variant (default: `dsa_attention.default_blocks`), `--dense=cudn
 the Pallas flash baseline.
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -161,7 +163,9 @@ def prefill_case(length, reps):
   k8, ks = jax.jit(dsa.quantize_index_keys)(ki)
   for key, blocks in (("indexer_fp8_kernel_ms", dsa_indexer.default_indexer_blocks(jnp.float8_e4m3fn)),
                       ("indexer_fp8_kernel_kT_ms", dsa_indexer.IndexerBlocks(k_transposed=True)),
-                      ("indexer_fp8_kernel_q128w8_ms", dsa_indexer.IndexerBlocks(block_q=128, num_warps=8))):
+                      ("indexer_fp8_kernel_q128w8_ms", dsa_indexer.IndexerBlocks(block_q=128, num_warps=8)),
+                      ("indexer_fp8_kernel_promote_every_wgmma_ms", dataclasses.replace(
+                          dsa_indexer.default_indexer_blocks(jnp.float8_e4m3fn), fp8_fast_accumulation=False))):
     kk = jnp.swapaxes(k8, 1, 2) if blocks.k_transposed else k8
     f = jax.jit(lambda q8, kk, w8, ks, blocks=blocks: _kernel_all_chunks(q8, kk, w8, ks, pos, n_chunks, blocks))
     res[key] = _ms(_try(f"{key[:-3]} (pre-quantized, all chunks)", f, q8, kk, w8, ks[..., 0], reps=reps))

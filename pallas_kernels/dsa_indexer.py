@@ -13,7 +13,10 @@ rotated and quantized per call. `IndexerBlocks(k_transposed=True)` reads the key
 [d, S] (the fp8 MMA wants its B operand K-major; this is the other layout, to measure).
 `IndexerBlocks(heads_per_step=2)` issues two heads' MMAs before their epilogues (so one
 MMA can overlap the other's ReLU * w); `default_indexer_blocks(dtype)` holds the
-measured fastest launch parameters per operand dtype (fp8 or bf16/f32).
+measured fastest launch parameters per operand dtype (fp8 or bf16/f32). FP8 MMAs
+accumulate each head's 128 products on the tensor cores and promote to fp32 once
+(`pallas_kernels.fp8_dot`, DeepSeek-V3's interval); `IndexerBlocks(fp8_fast_accumulation=False)`
+keeps Triton's promotion after every 32-product wgmma (2.1x slower at 128k: 429 vs 208 ms).
 
 The scores of a chunk of queries go to HBM ([chunk, S] float32) and top-k runs on
 them (see `lca.attention.dsa.indexer_top_k`): memory O(chunk * S), not O(L * S).
@@ -32,8 +35,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import resolve_interpret
+from pallas_kernels import fp8_dot, resolve_interpret
 
+fp8_dot.install()
 _BIG = 2 ** 30
 
 
@@ -51,6 +55,7 @@ class IndexerBlocks:
   num_stages: int = 2
   k_transposed: bool = False   # keys as [B, d, S]: one [d, bk] tile, dot(q, k) without trans_b
   heads_per_step: int = 1
+  fp8_fast_accumulation: bool = True   # False: fp32 promotion after every wgmma (Triton's default)
 
   def __post_init__(self):
     for name in ("block_q", "block_k", "num_warps", "num_stages", "heads_per_step"):
@@ -59,12 +64,13 @@ class IndexerBlocks:
         raise ValueError(f"IndexerBlocks.{name} must be a positive int, got {value!r}")
 
 
-# Prefill defaults per operand dtype: the fastest of the session-5 sweep on H100 (32 launch
-# variants at 32k, the best rerun at 128k; pallas_kernels/NOTES_dsa.md, sweep_indexer.md):
-# 3 pipeline stages over the head loop, one head per step, for both dtypes (bf16 128k:
-# 342 -> 306 ms; fp8: 439 -> 433 ms). float32 (not measured) keeps the session-2 blocks.
+# Prefill defaults per operand dtype, the fastest of the H100 sweeps (pallas_kernels/NOTES_dsa.md,
+# sweep_indexer.md): bf16 (session 5, 32 launch variants at 32k, the best rerun at 128k): 3
+# pipeline stages over the head loop, one head per step (128k: 342 -> 306 ms). fp8 (session 6,
+# after fp8_dot's one promotion per dot; 16 variants at 32k, the best 4 at 128k): 3 stages and
+# two heads per step (128k: 209 -> 199 ms). float32 (not measured) keeps the session-2 blocks.
 _DEFAULT_BLOCKS = {
-    "float8_e4m3fn": IndexerBlocks(num_stages=3),
+    "float8_e4m3fn": IndexerBlocks(num_stages=3, heads_per_step=2),
     "bfloat16": IndexerBlocks(num_stages=3),
     "float16": IndexerBlocks(num_stages=3),
 }
@@ -76,11 +82,14 @@ def default_indexer_blocks(dtype) -> IndexerBlocks:
 
 
 def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_heads: int,
-            k_transposed: bool, heads_per_step: int = 1):
+            k_transposed: bool, heads_per_step: int = 1, fast_accumulation: bool = True):
   """q_ref [H_I, bq, d]; k_ref [bk, d] ([d, bk] if k_transposed); w_ref [H_I, bq]; qpos [bq];
   kpos/kscale [bk]; o [bq, bk]."""
   q_pos, k_pos = qpos_ref[...], kpos_ref[...]
   any_visible = jnp.min(jnp.where(k_pos >= 0, k_pos, _BIG)) <= jnp.max(q_pos)
+
+  # HIGHEST keeps Triton's per-wgmma fp32 promotion of fp8 products (see pallas_kernels.fp8_dot)
+  precision = None if fast_accumulation else jax.lax.Precision.HIGHEST
 
   @pl.when(any_visible)
   def _():
@@ -88,7 +97,8 @@ def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_h
 
     def heads(j0, n, acc):
       """Heads j0 .. j0 + n - 1: all n MMAs first, then the n epilogues (same order of sums)."""
-      logits = [plgpu.dot(q_ref[j0 + u], k, trans_b=not k_transposed) for u in range(n)]  # [bq, bk] f32
+      logits = [plgpu.dot(q_ref[j0 + u], k, trans_b=not k_transposed, precision=precision)
+                for u in range(n)]  # [bq, bk] f32
       for u, lg in enumerate(logits):
         acc = acc + jnp.maximum(lg, 0.0) * w_ref[j0 + u][:, None]
       return acc
@@ -138,7 +148,8 @@ def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
   k_spec = (pl.BlockSpec((None, dim, bk), lambda b, i, j: (b, 0, j)) if tk else
             pl.BlockSpec((None, bk, dim), lambda b, i, j: (b, j, 0)))
   out = pl.pallas_call(
-      functools.partial(_kernel, num_heads=num_heads, k_transposed=tk, heads_per_step=blocks.heads_per_step),
+      functools.partial(_kernel, num_heads=num_heads, k_transposed=tk, heads_per_step=blocks.heads_per_step,
+                        fast_accumulation=blocks.fp8_fast_accumulation),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, num_heads, bq, dim), lambda b, i, j: (b, 0, i, 0)),
