@@ -485,21 +485,28 @@ def _sel_tile(geo: NSAGeometry):
   return r, h < geo.group
 
 
+def _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo: NSAGeometry):
+  """-> (k [l', D], v [l', Dv], visible [l']): the keys of position t's n-th selected block (an
+  empty slot (-1) and keys after t are masked to zero)."""
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  lb = geo.select_block
+  blk = plgpu.load(idx_ref.at[bh, t, n])
+  s_pos = jnp.maximum(blk, 0) * lb + jnp.arange(lb)
+  key_ok = (s_pos <= t) & (blk >= 0)
+  rows = pl.ds(jnp.maximum(blk, 0) * lb, lb)
+  load = lambda ref: plgpu.load(ref.at[b, rows, g, :], mask=key_ok[:, None], other=0.0)
+  return load(k_ref), load(v_ref), key_ok
+
+
 def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeometry, unroll: bool):
   bh, t = pl.program_id(0), pl.program_id(1)
-  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   r, ok = _sel_tile(geo)
   start = t * geo.gp
   q = plgpu.load(q_ref.at[bh, pl.ds(start, r), :], mask=ok[:, None], other=0.0)
-  lb = geo.select_block
   qk_scale = geo.scale * LOG2E
 
   def body(n, carry):
-    blk = plgpu.load(idx_ref.at[bh, t, n])
-    s_pos = jnp.maximum(blk, 0) * lb + jnp.arange(lb)
-    key_ok = (s_pos <= t) & (blk >= 0)
-    k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
-    v = plgpu.load(v_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+    k, v, key_ok = _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo)
     return _softmax_step(carry, plgpu.dot(q, k.T) * qk_scale, key_ok[None, :], v)
 
   carry = _softmax_init(r, v_ref.shape[-1])
@@ -527,22 +534,16 @@ def _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret):
 
 def _sel_dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo):
   bh, t = pl.program_id(0), pl.program_id(1)
-  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   r, ok = _sel_tile(geo)
   start = t * geo.gp
   q = _load_rows(q_ref, bh, start, r, ok)
   do = _load_rows(do_ref, bh, start, r, ok)
   lse = plgpu.load(lse_ref.at[bh, pl.ds(start, r)], mask=ok, other=jnp.inf)
   delta = plgpu.load(delta_ref.at[bh, pl.ds(start, r)], mask=ok, other=0.0)
-  lb = geo.select_block
   qk_scale = geo.scale * LOG2E
 
   def body(n, dq):
-    blk = plgpu.load(idx_ref.at[bh, t, n])
-    s_pos = jnp.maximum(blk, 0) * lb + jnp.arange(lb)
-    key_ok = (s_pos <= t) & (blk >= 0)
-    k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
-    v = plgpu.load(v_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :], mask=key_ok[:, None], other=0.0)
+    k, v, key_ok = _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo)
     p = jnp.where(key_ok[None, :] & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
