@@ -2,6 +2,7 @@
 
     python -m experiments.demo                  # about 5 minutes on a 2-core CPU
     python -m experiments.demo --steps=30       # a quick look
+    python -m experiments.demo --steps=2 --batch_size=2 --sample_length=8  # a smoke test
 
 Trains two byte-level LMs of the same size on the same data for the same number of
 steps (configs/full_tiny.py and configs/local_global_tiny.py), then prints a table
@@ -23,13 +24,18 @@ from lca import data, decode, train
 
 _STEPS = flags.DEFINE_integer("steps", 120, "Training steps per model.")
 _OUT = flags.DEFINE_string("out", "results/demo", "Results folder (its runs are replaced).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Sequences per training step and per eval batch (default: the configs' 16).")
+_SAMPLE_LENGTH = flags.DEFINE_integer("sample_length", 80, "Bytes of each model's greedy sample.")
 _LONG_CONTEXT = 131_072  # context at which the cache column is also reported
 
 MODELS = {"full": full_tiny, "local_global": local_global_tiny}
 
 
-def _config(module, steps):
+def _config(module, steps, batch_size=None):
   c = module.get_config()
+  if batch_size is not None:
+    c.data.batch_size = batch_size
   c.train.num_steps = steps
   c.train.warmup_steps = max(1, steps // 10)
   c.train.eval_every = max(1, steps // 3)
@@ -38,8 +44,7 @@ def _config(module, steps):
   return c
 
 
-def _sample(workdir, prompt="def ", length=80) -> str:
-  model, _ = train.load_model(workdir)
+def _sample(model, length, prompt="def ") -> str:
   out = decode.generate(model, jnp.asarray(data.encode(prompt))[None].astype(jnp.int32), length)
   return data.decode(out[0])
 
@@ -72,7 +77,7 @@ def main(argv):
   for name, module in MODELS.items():
     workdir = out / name
     shutil.rmtree(workdir, ignore_errors=True)
-    config = _config(module, _STEPS.value)
+    config = _config(module, _STEPS.value, _BATCH_SIZE.value)
     print(f"\n=== {name}: layer_pattern={config.model.layer_pattern!r} ===")
     summary = train.run(config, workdir)
     model, _ = train.load_model(workdir)
@@ -83,7 +88,7 @@ def main(argv):
         "tokens_per_s": summary["tokens_per_s"],
         f"cache_bytes_per_token@{config.data.seq_len}": model.cache_bytes_per_token(config.data.seq_len),
         f"cache_bytes_per_token@{_LONG_CONTEXT}": model.cache_bytes_per_token(_LONG_CONTEXT),
-        "sample": _sample(workdir),
+        "sample": _sample(model, _SAMPLE_LENGTH.value),
     })
   with (out / "results.jsonl").open("w") as f:
     for row in rows:

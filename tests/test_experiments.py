@@ -31,9 +31,11 @@ def test_train_then_generate_from_the_command_line(tmp_path):
 @pytest.mark.slow
 def test_demo_writes_table_results_and_plot(tmp_path):
   repo = __import__("pathlib").Path(__file__).resolve().parents[1]
-  out = _run("experiments.demo", "--steps=2", f"--out={tmp_path}", cwd=repo).stdout
+  out = _run("experiments.demo", "--steps=2", "--batch_size=2", "--sample_length=8",
+             f"--out={tmp_path}", cwd=repo).stdout
   assert "| full | G |" in out and "| local_global | GLL |" in out
   rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert [r["model"] for r in rows] == ["full", "local_global"]
+  assert all(r["steps"] == 2 and r["sample"].startswith("def ") for r in rows)
   assert rows[1]["cache_bytes_per_token@131072"] < rows[0]["cache_bytes_per_token@131072"]
   assert (tmp_path / "loss_curves.png").stat().st_size > 10_000

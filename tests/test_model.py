@@ -44,7 +44,8 @@ def test_model_is_causal(conv):
 @pytest.mark.parametrize("pattern,conv", [("G", 0), ("L", 0), ("GLL", 0), ("GLL", 4)])
 def test_cached_decoding_reproduces_forward_logits(pattern, conv):
   """A prompt longer than the window, then one token at a time (ring buffers wrap; the
-  short conv's tail crosses from the prompt into the steps)."""
+  short conv's tail crosses from the prompt into the steps). The steps run in a scan
+  with a traced position, as decode.generate runs them (one compiled step)."""
   m = _model(layer_pattern=pattern, attn_conv_size=conv)
   tokens = _tokens(jax.random.key(2), length=23)
   graphdef, state = nnx.split(m)
@@ -54,11 +55,13 @@ def test_cached_decoding_reproduces_forward_logits(pattern, conv):
     model = nnx.merge(graphdef, state)
     caches = model.init_caches(tokens.shape[0], 32)
     logits, caches = decode.prefill(model, tokens[:, :11], caches)
-    steps = [logits]
-    for t in range(11, tokens.shape[1]):
+
+    def step(caches, t):
       step_logits, caches = decode.decode_step(model, tokens[:, t], t, caches)
-      steps.append(step_logits[:, None])
-    return jnp.concatenate(steps, axis=1), caches
+      return caches, step_logits
+
+    caches, steps = jax.lax.scan(step, caches, jnp.arange(11, tokens.shape[1]))
+    return jnp.concatenate([logits, steps.transpose(1, 0, 2)], axis=1), caches
 
   logits, caches = incremental(state, tokens)
   np.testing.assert_allclose(logits, jax.jit(lambda t: m(t))(tokens), rtol=1e-4, atol=1e-4)
