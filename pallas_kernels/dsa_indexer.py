@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import fp8_dot, resolve_interpret
+from pallas_kernels import fp8_dot, pad_axis, resolve_interpret
 
 fp8_dot.install()
 _BIG = 2 ** 30
@@ -117,12 +117,7 @@ def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_h
 
 
 def _pad_to(x, axis, multiple, fill):
-  pad = -x.shape[axis] % multiple
-  if not pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=fill)
+  return pad_axis(x, axis, -(-x.shape[axis] // multiple) * multiple, fill)
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))

@@ -45,7 +45,7 @@ from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
 from pallas_kernels import flash_mgpu
-from pallas_kernels import resolve_interpret
+from pallas_kernels import pad_axis, resolve_interpret
 
 LOG2E = math.log2(math.e)
 _INIT_MAX = -1e30  # finite start for the running max: a fully masked row never gives inf - inf
@@ -503,14 +503,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ----------------------------------------------------------------------------- public API
 
 
-def _pad_axis(x, axis: int, size: int, fill=0):
-  if x is None or x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=fill)
-
-
 def check_args(q, k, v, *, window, scale, segment_ids, kv_segment_ids, block_sizes) -> None:
   """ValueError/TypeError naming the argument, before anything is traced."""
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -623,9 +615,9 @@ def flash_attention(q, k, v, *, causal: bool = True, window: int | None = None,
   q_pad = pl.cdiv(q_len, q_tile) * q_tile
   kv_pad = pl.cdiv(kv_len, kv_tile) * kv_tile
   # head dims padded to powers of two, q·k's and v's each on its own (they may differ)
-  pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, _pow2_at_least(x.shape[-1]))
-  seg_q = _pad_axis(None if segment_ids is None else segment_ids.astype(jnp.int32), 1, q_pad, -1)
-  seg_k = _pad_axis(None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32), 1,
+  pad = lambda x, length: pad_axis(pad_axis(x, 1, length), 3, _pow2_at_least(x.shape[-1]))
+  seg_q = pad_axis(None if segment_ids is None else segment_ids.astype(jnp.int32), 1, q_pad, -1)
+  seg_k = pad_axis(None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32), 1,
                     kv_pad, -2)
   out = _flash(pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), seg_q, seg_k, st)
   return out[:, :q_len, :, :v.shape[-1]]

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import resolve_interpret
+from pallas_kernels import pad_axis, resolve_interpret
 
 LOG2E = math.log2(math.e)
 _INIT_MAX = -1e30
@@ -185,8 +185,8 @@ def flash_decode(q, k_cache, v_cache, kv_lengths, *, scale: float | None = None,
                     (0, d_pad - head_dim)))
   head_dim_v = v_cache.shape[-1]
   dv_pad = _pow2_at_least(head_dim_v)   # v's head dim may differ from q·k's
-  k_cache = _pad_last(k_cache, d_pad)
-  v_cache = _pad_last(v_cache, dv_pad)
+  k_cache = pad_axis(k_cache, -1, d_pad)
+  v_cache = pad_axis(v_cache, -1, dv_pad)
 
   grid = (num_splits * num_row_blocks, batch, num_kv_heads)
   nr = num_row_blocks
@@ -224,12 +224,6 @@ def combine_splits(o, lse):
   total = jnp.sum(w, axis=0)
   out = jnp.sum(w[..., None] * o, axis=0)
   return out / jnp.where(total > 0, total, 1.0)[..., None]
-
-
-def _pad_last(x, size):
-  if x.shape[-1] == size:
-    return x
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
 def flash_decode_reference(q, k_cache, v_cache, kv_lengths, *, scale: float | None = None,

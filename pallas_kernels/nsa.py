@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import resolve_interpret
+from pallas_kernels import pad_axis, resolve_interpret
 
 LOG2E = math.log2(math.e)
 _NEG = -1e30
@@ -690,10 +690,7 @@ def pad_head_dims(*xs):
   """Zero-pads each array's last (head) dim to a power of two >= 16, as the kernels' tiles need.
   Zero columns leave q·k and p·v unchanged: a 192-dim q·k (128 + 64 RoPE dims, as in DeepSeek)
   runs as 256, at 4/3 of the q·k work."""
-  def pad(x):
-    extra = pow2(x.shape[-1], 16) - x.shape[-1]
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
-  return [pad(x) for x in xs]
+  return [pad_axis(x, -1, pow2(x.shape[-1], 16)) for x in xs]
 
 
 def compressed_attention(q, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpret=None,
