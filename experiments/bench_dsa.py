@@ -57,7 +57,7 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 _PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
-_RUN = flags.DEFINE_string("run", "s4", "Label of this run, stored in each row.")
+_RUN = flags.DEFINE_string("run", "s6", "Label of this run, stored in each row (and the sweeps).")
 _DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
 _SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
                                    "its longest length runs the sparse attention (default: default_blocks).")
