@@ -293,7 +293,7 @@ def _fwd(q, k, v, seg_q, seg_k, st: _Static, *, out=None, lse=None):
     return flash_mgpu.forward(q, k, v, causal=st.causal, scale=st.scale, q_len=st.q_len,
                               kv_len=st.kv_len, config=st.mosaic)
   batch, q_pad, num_heads, head_dim = q.shape
-  kv_pad, num_kv_heads = k.shape[1], k.shape[2]
+  kv_pad = k.shape[1]
   bq, g = st.blocks.block_q, st.group
   nq = q_pad // bq
   grid = (num_heads, batch, nq)

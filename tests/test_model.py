@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from lca import decode, model as model_lib
-from lca.attention import full, parse_layer_pattern
+from lca.attention import parse_layer_pattern
 
 
 def _model(**overrides):
