@@ -79,13 +79,16 @@ def test_sparse_kernel_forward_and_gradients_gqa_odd_length():
 def test_sparse_kernel_shared_kv_forward_and_gradient():
   """k = v (MLA's latent): one gather for both MMAs, dk + dv into one buffer; 20 heads -> 2 blocks."""
   q, kv, _, idx = _case(60, 6, 20, 1, 24, 24, 5, batch=1)
-  blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16)
-  fast = lambda q, kv: dsa_attention.sparse_attention(q, kv, kv, idx, blocks=blocks)
   ref = lambda q, kv: dsa.sparse_attention_reference(q, kv, kv, idx)
-  chex.assert_trees_all_close(fast(q, kv), ref(q, kv), atol=1e-5, rtol=1e-5)
   ct = _normal(61, (1, 6, 20, 24))
   grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1))(q, kv)
-  chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+  # other head blocks in the backward: 20 heads padded to 64 forward and to 32 backward, or back
+  for blocks in (dsa_attention.SparseBlocks(block_h=16, block_k=16),
+                 dsa_attention.SparseBlocks(block_h=64, block_k=16, bwd_block_h=16),
+                 dsa_attention.SparseBlocks(block_h=16, block_k=16, bwd_block_h=64)):
+    fast = lambda q, kv, blocks=blocks: dsa_attention.sparse_attention(q, kv, kv, idx, blocks=blocks)
+    chex.assert_trees_all_close(fast(q, kv), ref(q, kv), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
   split = dsa_attention.SparseBlocks(block_h=32, block_k=16, num_splits=2)   # v=None: shared too
   chex.assert_trees_all_close(dsa_attention.sparse_attention(q, kv, None, idx, blocks=split),
                               ref(q, kv), atol=1e-5, rtol=1e-5)
@@ -105,7 +108,7 @@ def test_indexer_kernel_on_quantized_and_transposed_keys():
 
 
 def test_sparse_kernel_mqa_split_k_decode_form():
-  q, k, v, idx = _case(30, 5, 4, 1, 16, 16, 40, batch=1)  # MQA: one row serves all 4 heads
+  q, k, v, idx = _case(30, 45, 4, 1, 16, 16, 40, batch=1)  # MQA: one row serves all 4 heads; 2 steps a split
   blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16, num_splits=2)
   got = dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks)
   chex.assert_trees_all_close(got, dsa.sparse_attention_reference(q, k, v, idx), atol=1e-5, rtol=1e-5)
@@ -149,6 +152,24 @@ def test_kernels_on_gpu_bf16():
     fin = np.isfinite(np.asarray(ref))
     err = np.linalg.norm(np.asarray(got)[fin] - np.asarray(ref)[fin]) / np.linalg.norm(np.asarray(ref)[fin])
     assert err < 3e-2, (fp8, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_sparse_kernel_mla_latent_default_blocks_on_gpu():
+  """The benchmark's MLA shape (128 heads over one 512-dim latent, k = v) with default_blocks:
+  64 heads a program at 8 warps in the forward, forward and gradients against the reference."""
+  assert dsa_attention.default_blocks(300, 64, 512, 128).block_h == 64
+  q, kv, _, idx = _case(50, 300, 128, 1, 512, 512, 64, batch=1)
+  q, kv = q.astype(jnp.bfloat16) * 0.1, kv.astype(jnp.bfloat16)
+  fast = lambda q, kv: dsa_attention.sparse_attention(q, kv, kv, idx)
+  ref = lambda q, kv: dsa.sparse_attention_reference(q, kv, kv, idx)
+  rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+  assert rel(jax.jit(fast)(q, kv), ref(q, kv)) < 1e-2
+  ct = _normal(51, q.shape, jnp.bfloat16)
+  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum((f(*a) * ct).astype(jnp.float32)), argnums=(0, 1)))(q, kv)
+  for a, b in zip(grads(fast), grads(ref)):
+    assert rel(a, b) < 2e-2
 
 
 @pytest.mark.gpu
