@@ -57,12 +57,16 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 _PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
-_RUN = flags.DEFINE_string("run", "s6", "Label of this run, stored in each row (and the sweeps).")
+_RUN = flags.DEFINE_string("run", "s7", "Label of this run, stored in each row (and the sweeps).")
 _DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
 _SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
                                    "its longest length runs the sparse attention (default: default_blocks).")
 _SPARSE_VARIANTS = flags.DEFINE_list("sparse_variants", [], "Sparse sweep: only these SPARSE_VARIANTS "
                                      "(default: all).")
+_SPARSE_BWD = flags.DEFINE_bool("sparse_bwd", False, "Sparse sweep: also time each variant's backward "
+                                 "(row <variant>_bwd).")
+_PREFILL_EXTRAS = flags.DEFINE_bool("prefill_extras", True, "Prefill: also time the fp8 quantization and "
+                                    "the fp8 scoring-kernel variants alone (false: only the parts and the total).")
 _SWEEP_TOP = flags.DEFINE_integer("sweep_top", 4, "Sparse sweep: variants rerun at the longer lengths.")
 
 
@@ -131,6 +135,22 @@ def _sparse_variant():
   return timed[0][1], SPARSE_VARIANTS[timed[0][1]][1]
 
 
+def _prefill_fp8_extras(res, qi, ki, w, pos, n_chunks, reps):
+  """The fp8 quantization alone and the fp8 scoring kernel's variants alone (pre-quantized)."""
+  res["quantize_q_ms"] = _ms(_try("fp8 quantize q (all)", jax.jit(dsa_indexer.fp8_query_operands), qi, w, reps=reps))
+  res["quantize_k_ms"] = _ms(_try("fp8 quantize k (all)", jax.jit(dsa.quantize_index_keys), ki, reps=reps))
+  q8, w8 = jax.jit(dsa_indexer.fp8_query_operands)(qi, w)
+  k8, ks = jax.jit(dsa.quantize_index_keys)(ki)
+  for key, blocks in (("indexer_fp8_kernel_ms", dsa_indexer.default_indexer_blocks(jnp.float8_e4m3fn)),
+                      ("indexer_fp8_kernel_kT_ms", dsa_indexer.IndexerBlocks(k_transposed=True)),
+                      ("indexer_fp8_kernel_q128w8_ms", dsa_indexer.IndexerBlocks(block_q=128, num_warps=8)),
+                      ("indexer_fp8_kernel_promote_every_wgmma_ms", dataclasses.replace(
+                          dsa_indexer.default_indexer_blocks(jnp.float8_e4m3fn), fp8_fast_accumulation=False))):
+    kk = jnp.swapaxes(k8, 1, 2) if blocks.k_transposed else k8
+    f = jax.jit(lambda q8, kk, w8, ks, blocks=blocks: _kernel_all_chunks(q8, kk, w8, ks, pos, n_chunks, blocks))
+    res[key] = _ms(_try(f"{key[:-3]} (pre-quantized, all chunks)", f, q8, kk, w8, ks[..., 0], reps=reps))
+
+
 def prefill_case(length, reps):
   h, lat, hi, di, top_k = _HEADS.value, _LATENT.value, _INDEX_HEADS.value, _INDEX_DIM.value, _TOP_K.value
   keys = jax.random.split(jax.random.key(length), 8)
@@ -156,20 +176,8 @@ def prefill_case(length, reps):
     f = jax.jit(lambda qi, ki, w, fp8=fp8: _indexer_all_chunks(
         qi, dsa.quantize_index_keys(ki) if fp8 else ki, w, pos, n_chunks, fp8=fp8))
     res[f"indexer_{name}_ms"] = _ms(_try(f"indexer scores {name} (all chunks)", f, qi, ki, w, reps=reps))
-  # fp8: the quantization alone, and the scoring kernel alone on pre-quantized operands
-  res["quantize_q_ms"] = _ms(_try("fp8 quantize q (all)", jax.jit(dsa_indexer.fp8_query_operands), qi, w, reps=reps))
-  res["quantize_k_ms"] = _ms(_try("fp8 quantize k (all)", jax.jit(dsa.quantize_index_keys), ki, reps=reps))
-  q8, w8 = jax.jit(dsa_indexer.fp8_query_operands)(qi, w)
-  k8, ks = jax.jit(dsa.quantize_index_keys)(ki)
-  for key, blocks in (("indexer_fp8_kernel_ms", dsa_indexer.default_indexer_blocks(jnp.float8_e4m3fn)),
-                      ("indexer_fp8_kernel_kT_ms", dsa_indexer.IndexerBlocks(k_transposed=True)),
-                      ("indexer_fp8_kernel_q128w8_ms", dsa_indexer.IndexerBlocks(block_q=128, num_warps=8)),
-                      ("indexer_fp8_kernel_promote_every_wgmma_ms", dataclasses.replace(
-                          dsa_indexer.default_indexer_blocks(jnp.float8_e4m3fn), fp8_fast_accumulation=False))):
-    kk = jnp.swapaxes(k8, 1, 2) if blocks.k_transposed else k8
-    f = jax.jit(lambda q8, kk, w8, ks, blocks=blocks: _kernel_all_chunks(q8, kk, w8, ks, pos, n_chunks, blocks))
-    res[key] = _ms(_try(f"{key[:-3]} (pre-quantized, all chunks)", f, q8, kk, w8, ks[..., 0], reps=reps))
-  del q8, w8, k8, ks
+  if _PREFILL_EXTRAS.value:
+    _prefill_fp8_extras(res, qi, ki, w, pos, n_chunks, reps)
   lengths = lambda p: jnp.clip(p + 1, 0, length)
   # top-k on the last chunk (most visible keys): the kernel and lax.top_k
   sc = dsa_indexer.indexer_scores(qi[:, -chunk:], ki, w[:, -chunk:], pos[:, -chunk:], pos, fp8=True)
@@ -305,6 +313,14 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
     "sh_h32_k32_w4_s3": (True, SB(block_h=32, block_k=32, num_warps=4, num_stages=3)),
     "sh_h16_k32_w4_s2": (True, SB(block_h=16, block_k=32, num_warps=4, num_stages=2)),
     "sh_h64_k32_w4_s2": (True, SB(block_h=64, block_k=32, num_warps=4, num_stages=2)),
+    # session 7: 64 heads at 64 rows a step (8 warps: two warpgroups); the backward (--sparse_bwd)
+    # at 32 heads and 32 (bk32) or 64 rows a step
+    "sh_h64_k64_w8_s2": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2)),
+    "sh_h64_k64_w8_s2_bk32": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=32,
+                                       bwd_block_h=32)),
+    "sh_h64_k64_w8_s2_bk64": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=64,
+                                       bwd_block_h=32)),
+    "sh_h32_k64_w4_s2_bk32": (True, SB(block_h=32, block_k=64, num_warps=4, num_stages=2, bwd_block_k=32)),
 }
 
 
@@ -355,6 +371,11 @@ def sparse_case(length, reps, state):
       print(f"  sparse {name}: {once * 1e3:.3f} ms (one call, > 3x the best: not repeated)", flush=True)
     else:
       res[f"{name}_ms"] = _ms(_try(f"sparse {name}", f, q, kv, idx, reps=reps))
+    if _SPARSE_BWD.value:   # the backward kernel alone: residuals passed as arguments, not constants
+      _, pullback = jax.vjp(lambda q, kv, f=f: f(q, kv, idx), q, kv)
+      ct = jax.random.normal(jax.random.key(3), q.shape, q.dtype)
+      res[f"{name}_bwd_ms"] = _ms(_try(f"sparse {name} backward", jax.jit(lambda pb, c: pb(c)), pullback, ct,
+                                       reps=reps))
   if "sparse_order" not in state:
     timed = sorted((res[f"{n}_ms"], n) for n in names if res.get(f"{n}_ms") is not None)
     top = [n for _, n in timed[:_SWEEP_TOP.value]]
