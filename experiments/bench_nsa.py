@@ -25,6 +25,7 @@ one head dim), lca flash takes both as they are; the fused decode needs power-of
 (its XLA path runs). Not measured yet.
 """
 
+import functools
 import json
 import pathlib
 
@@ -46,7 +47,8 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_nsa", "Output direc
 _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward part at this L and exit.")
 _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "What to time: fwd, fwd_bwd, dense_fwd_bwd (cuDNN and flash only), decode "
-                           "(fused NSA, cuDNN), decode_xla.")
+                           "(fused NSA, cuDNN), decode_xla, profile (the GPU kernels of the NSA and cuDNN "
+                           "forwards, jax.profiler).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
@@ -147,6 +149,16 @@ def case(length, reps, bandwidth):
     r["nsa_fwd"] = _try("nsa fwd", jax.jit(nsa_fwd), *args, reps=reps)
     r["cudnn_fwd"] = _try("cudnn fwd", jax.jit(cudnn), q, k, v, reps=reps)
     r["flash_fwd"] = _try("flash fwd", jax.jit(flash), q, k, v, reps=reps)
+  if "profile" in parts:   # every GPU kernel of the NSA forward (and cuDNN's), median µs per call
+    for name, fn, fargs in (("nsa_fwd_kernels_us", nsa_fwd, args), ("cudnn_fwd_kernels_us", cudnn, (q, k, v))):
+      try:
+        r[name] = profile_kernels(fn, *fargs, calls=4)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  {name}: profile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      print(f"  {name}:", flush=True)
+      for kernel, us in sorted(r[name].items(), key=lambda kv: -kv[1]):
+        print(f"    {us:9.1f}  {kernel}", flush=True)
   if "fwd_bwd" in parts:
     r["nsa_fwd_bwd"] = _try("nsa fwd+bwd", fwd_bwd(nsa_fwd, 6), *args, reps=reps)
   if parts & {"fwd_bwd", "dense_fwd_bwd"}:
@@ -318,10 +330,14 @@ def _kernel_inputs(length):
 
 
 def _vjp_timer(f, *primals):
-  """jitted (cotangent) -> gradients of f at `primals`: the backward kernels alone."""
+  """jitted (cotangent) -> gradients of f at `primals`: the backward kernels alone.
+
+  The pullback's residuals are passed to the jitted call as arguments (the pullback is a pytree):
+  as closed-over constants XLA would constant-fold work on them at compile time (the selected
+  backward's argsort of the block indices took 30 s at 16k)."""
   out, pullback = jax.vjp(f, *primals)
   ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(1), o.shape, o.dtype), out)
-  return jax.jit(pullback), ct
+  return functools.partial(jax.jit(lambda pb, c: pb(c)), pullback), ct
 
 
 def sweep(length, reps):
