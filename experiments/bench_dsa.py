@@ -324,6 +324,22 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
 }
 
 
+def _time_unless_slow(label, f, args, limit_s, reps, keep_output=False):
+  """Compiles f and times one call; repeats it `reps` times (median) unless that call took more
+  than limit_s (a variant far behind the sweep's best so far is not worth the repetitions).
+  -> (seconds, f's output if keep_output else None); raises what f raises."""
+  out = jax.block_until_ready(f(*args))
+  if not keep_output:
+    out = None   # frees it before the timed calls
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  once = time.perf_counter() - t0
+  if once > limit_s:
+    print(f"  {label}: {once * 1e3:.3f} ms (one call, > {limit_s * 1e3:.3g} ms: not repeated)", flush=True)
+    return once, out
+  return _try(label, f, *args, reps=reps) or once, out
+
+
 def _sparse_check(name, shared, blocks):
   """Relative error vs the XLA gather path (fp32 math on the bf16 inputs), MQA 128 x 512."""
   keys = jax.random.split(jax.random.key(7), 2)
@@ -357,20 +373,13 @@ def sparse_case(length, reps, state):
         continue
     f = jax.jit(lambda q, kv, i, shared=shared, blocks=blocks: dsa_attention.sparse_attention(
         q, kv, kv if shared else kv + 0, i, blocks=blocks))
-    try:   # one call first: a variant 3x slower than the fastest so far gets no repetitions
-      jax.block_until_ready(f(q, kv, idx))
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(q, kv, idx))
-      once = time.perf_counter() - t0
+    best = min([res[f"{n}_ms"] for n in names if res.get(f"{n}_ms")] or [1e12]) * 1e-3
+    try:
+      t, _ = _time_unless_slow(f"sparse {name}", f, (q, kv, idx), 3 * best, reps)
     except Exception as e:  # pylint: disable=broad-except
       print(f"  sparse {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
       continue
-    best = min([res[f"{n}_ms"] for n in names if res.get(f"{n}_ms")] or [1e9])
-    if once * 1e3 > 3 * best:
-      res[f"{name}_ms"] = once * 1e3
-      print(f"  sparse {name}: {once * 1e3:.3f} ms (one call, > 3x the best: not repeated)", flush=True)
-    else:
-      res[f"{name}_ms"] = _ms(_try(f"sparse {name}", f, q, kv, idx, reps=reps))
+    res[f"{name}_ms"] = _ms(t)
     if _SPARSE_BWD.value:   # the backward kernel alone: residuals passed as arguments, not constants
       _, pullback = jax.vjp(lambda q, kv, f=f: f(q, kv, idx), q, kv)
       ct = jax.random.normal(jax.random.key(3), q.shape, q.dtype)
@@ -447,20 +456,13 @@ def indexer_case(length, reps, state):
       continue
     ops = operands[dt]
     f = jax.jit(lambda q, k, w_, s, blocks=blocks: _kernel_all_chunks(q, k, w_, s, pos, n, blocks))
-    try:   # compile + one call first: a variant > 1.5x its dtype's fastest so far gets no repetitions
-      got = jax.block_until_ready(f(*ops))
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*ops))
-      once = time.perf_counter() - t0
+    try:
+      t, got = _time_unless_slow(f"indexer kernel {name}", f, ops, 1.5 * best.get(dt, (1e9,))[0], reps,
+                                 keep_output=True)
     except Exception as e:  # pylint: disable=broad-except
       print(f"  indexer kernel {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
       res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
       continue
-    if once > 1.5 * best.get(dt, (1e9,))[0]:
-      t = once
-      print(f"  indexer kernel {name}: {once * 1e3:.3f} ms (one call, > 1.5x the best: not repeated)", flush=True)
-    else:
-      t = _try(f"indexer kernel {name}", f, *ops, reps=reps) or once
     res[f"{name}_ms"] = _ms(t)
     if t < best.get(dt, (1e9,))[0]:
       best[dt] = (t, name)
