@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import resolve_interpret
-from pallas_kernels.nsa import num_compressed_blocks, num_select_blocks, pow2
+from pallas_kernels.nsa import NSAGeometry, pow2
 
 LOG2E = math.log2(math.e)
 _NEG = -1e30
@@ -57,34 +57,20 @@ _RANK_GROUPS = 16   # groups kept by the grouped rank search (>= num_selected)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeGeometry:
-  """Static sizes of one decode call (hashable)."""
+class DecodeGeometry(NSAGeometry):
+  """`NSAGeometry` of one decode call, whose length is the raw cache's capacity C (slot s holds
+  position s), plus the sizes only decoding needs (hashable)."""
 
-  capacity: int       # C: raw cache slots (slot s holds position s)
-  num_kv_heads: int
-  group: int          # G query heads per KV head
-  head_dim: int
   value_dim: int
-  block_len: int      # l
-  block_stride: int   # d
-  select_block: int   # l'
-  num_selected: int   # n
-  num_initial: int
-  num_local: int
   window: int         # w
-  scale: float
+
+  @property
+  def capacity(self) -> int:
+    return self.length
 
   @property
   def rows(self) -> int:
     return max(16, pow2(self.group))
-
-  @property
-  def num_compressed(self) -> int:
-    return num_compressed_blocks(self.capacity, self.block_len, self.block_stride)
-
-  @property
-  def num_select_blocks(self) -> int:
-    return num_select_blocks(self.capacity, self.select_block)
 
   @property
   def per_s(self) -> int:
@@ -407,11 +393,11 @@ def geometry(q, cache: dict, *, sizes, scale=None) -> DecodeGeometry:
   if pow2(heads // k.shape[2]) > 64:
     raise NotImplementedError(f"nsa_decode takes at most 64 query heads per group, got {heads // k.shape[2]}")
   return DecodeGeometry(
-      capacity=k.shape[1], num_kv_heads=k.shape[2], group=heads // k.shape[2], head_dim=dim,
-      value_dim=cache["v"].shape[-1], block_len=sizes.block_len, block_stride=sizes.block_stride,
-      select_block=sizes.select_block, num_selected=sizes.num_selected,
-      num_initial=sizes.num_initial, num_local=sizes.num_local, window=sizes.window,
-      scale=1.0 / math.sqrt(dim) if scale is None else float(scale))
+      length=k.shape[1], num_kv_heads=k.shape[2], group=heads // k.shape[2],
+      block_len=sizes.block_len, block_stride=sizes.block_stride, select_block=sizes.select_block,
+      num_selected=sizes.num_selected, num_initial=sizes.num_initial, num_local=sizes.num_local,
+      scale=1.0 / math.sqrt(dim) if scale is None else float(scale),
+      value_dim=cache["v"].shape[-1], window=sizes.window)
 
 
 def nsa_decode(q, gates, positions, cache: dict, *, sizes, scale=None, num_warps: int = 4,

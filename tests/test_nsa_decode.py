@@ -63,9 +63,9 @@ def test_select_one_matches_select_blocks(topn, capacity, num_initial, num_local
   on half the rows), and early positions where the initial and local blocks overlap."""
   sizes = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=8, window=24,
                        num_initial=num_initial, num_local=num_local)
-  geo = nsa_decode.DecodeGeometry(capacity=capacity, num_kv_heads=1, group=1, head_dim=16, value_dim=16,
-                                  block_len=8, block_stride=4, select_block=16, num_selected=8,
-                                  num_initial=num_initial, num_local=num_local, window=24, scale=1.0)
+  geo = nsa_decode.DecodeGeometry(length=capacity, num_kv_heads=1, group=1, block_len=8, block_stride=4,
+                                  select_block=16, num_selected=8, num_initial=num_initial,
+                                  num_local=num_local, scale=1.0, value_dim=16, window=24)
   ns, nsp = geo.num_select_blocks, geo.padded_select_blocks
   positions = jnp.asarray([0, 5, 16, 20, 33, 47, 50, 100, 160, capacity - 1, capacity // 2,
                            capacity - 200], jnp.int32)
