@@ -321,6 +321,12 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
     "sh_h64_k64_w8_s2_bk64": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=64,
                                        bwd_block_h=32)),
     "sh_h32_k64_w4_s2_bk32": (True, SB(block_h=32, block_k=64, num_warps=4, num_stages=2, bwd_block_k=32)),
+    # the backward's warps (default 8 at a 512-dim latent): 16 with 64 rows (the fp32 accumulator
+    # spilled at 8), and 4
+    "sh_h64_k64_w8_s2_bk64_bw16": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=64,
+                                            bwd_block_h=32, bwd_num_warps=16)),
+    "sh_h64_k64_w8_s2_bk32_bw4": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=32,
+                                           bwd_block_h=32, bwd_num_warps=4)),
 }
 
 
