@@ -1,5 +1,6 @@
 """Timing helpers shared by the GPU benchmark scripts (experiments/bench_*.py)."""
 
+import functools
 import statistics
 import time
 
@@ -28,6 +29,18 @@ def try_bench(label: str, fn, *args, reps: int) -> float | None:
   except Exception as e:  # pylint: disable=broad-except
     print(f"  {label}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
     return None
+
+
+def backward_timer(f, *primals):
+  """-> (fn, ct): fn(ct) runs the gradients of f at `primals` for a random cotangent ct, jitted:
+  the backward kernels alone.
+
+  The pullback's residuals go to the jitted call as arguments (the pullback is a pytree): as
+  closed-over constants XLA would constant-fold work on them at compile time (NSA's selected
+  backward's argsort of the block indices took 30 s at 16k)."""
+  out, pullback = jax.vjp(f, *primals)
+  ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(1), o.shape, o.dtype), out)
+  return functools.partial(jax.jit(lambda pb, c: pb(c)), pullback), ct
 
 
 def bench_in_loop(fn, first, *rest, inner: int = 64, reps: int = 5) -> float:

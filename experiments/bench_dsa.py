@@ -386,11 +386,9 @@ def sparse_case(length, reps, state):
       print(f"  sparse {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
       continue
     res[f"{name}_ms"] = _ms(t)
-    if _SPARSE_BWD.value:   # the backward kernel alone: residuals passed as arguments, not constants
-      _, pullback = jax.vjp(lambda q, kv, f=f: f(q, kv, idx), q, kv)
-      ct = jax.random.normal(jax.random.key(3), q.shape, q.dtype)
-      res[f"{name}_bwd_ms"] = _ms(_try(f"sparse {name} backward", jax.jit(lambda pb, c: pb(c)), pullback, ct,
-                                       reps=reps))
+    if _SPARSE_BWD.value:   # the backward kernels alone
+      bwd, ct = bench_common.backward_timer(lambda q, kv, f=f: f(q, kv, idx), q, kv)
+      res[f"{name}_bwd_ms"] = _ms(_try(f"sparse {name} backward", bwd, ct, reps=reps))
   if "sparse_order" not in state:
     timed = sorted((res[f"{n}_ms"], n) for n in names if res.get(f"{n}_ms") is not None)
     top = [n for _, n in timed[:_SWEEP_TOP.value]]

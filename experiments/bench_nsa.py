@@ -25,7 +25,6 @@ one head dim), lca flash takes both as they are; the fused decode needs power-of
 its decode cache holds k and kc zero-padded to 256 (padded once, outside the timed calls).
 """
 
-import functools
 import json
 import pathlib
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 
 from experiments import bench_common
 from lca.attention import full, nsa
-from pallas_kernels import pad_axis
+from pallas_kernels import nsa as kernels
 
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768", "65536"], "Context lengths.")
 _HEADS = flags.DEFINE_integer("heads", 64, "Query heads.")
@@ -172,11 +171,10 @@ def case(length, reps, bandwidth):
                  kc=nsa.compress(k, phi_k, **kw), vc=nsa.compress(v, phi_v, **kw))
     q1, g1 = q[:, -1:], gates[:, -1:]
     dense_q1, dense_k = q1, k
-    if d & (d - 1):   # the fused decode takes power-of-two dims: q·k zero-padded (e.g. 192 -> 256)
-      # once, as a model would store its cache; zero columns leave every q·k unchanged
-      wide = 1 << (d - 1).bit_length()
-      q1 = pad_axis(q1, -1, wide)
-      cache = dict(cache, k=pad_axis(k, -1, wide), kc=pad_axis(cache["kc"], -1, wide))
+    # the fused decode takes power-of-two dims: q·k zero-padded (e.g. 192 -> 256) once, as a model
+    # would store its cache; zero columns leave every q·k unchanged
+    q1, k_wide, kc_wide = kernels.pad_head_dims(q1, k, cache["kc"])
+    cache = dict(cache, k=k_wide, kc=kc_wide)
     pos1 = jnp.full((1, 1), length - 1, jnp.int32)
     dec = lambda impl: lambda q1, g1, pos1, cache: nsa.decode_attention(
         q1, g1, pos1, cache, sizes=sizes, scale=d ** -0.5, implementation=impl)
@@ -276,7 +274,6 @@ def write(results, meta):
 
 def breakdown(length, reps):
   """Time of each NSA part at one length, forward and backward (what limits the total)."""
-  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
   from lca.attention import local  # pylint: disable=g-import-not-at-top
   sizes = nsa.NSASizes()
   x = _kernel_inputs(length)
@@ -297,11 +294,11 @@ def breakdown(length, reps):
       "sel fwd, every slot empty (no K/V bytes)": (sel, (q_rows, x["k"], x["v"], no_idx)),
   }
   if _BREAKDOWN_BWD.value:
-    cmp_bwd, cmp_ct = _vjp_timer(lambda a, b, c: kernels._cmp_rows(a, b, c, geo, tn, False),  # pylint: disable=protected-access
+    cmp_bwd, cmp_ct = bench_common.backward_timer(lambda a, b, c: kernels._cmp_rows(a, b, c, geo, tn, False),  # pylint: disable=protected-access
                                  q_rows, kc, x["vc"])
-    sel_bwd, sel_ct = _vjp_timer(lambda a, b, c: kernels._sel_rows(a, b, c, idx, geo, tn, False),  # pylint: disable=protected-access
+    sel_bwd, sel_ct = bench_common.backward_timer(lambda a, b, c: kernels._sel_rows(a, b, c, idx, geo, tn, False),  # pylint: disable=protected-access
                                  q_rows, x["k"], x["v"])
-    win_bwd, win_ct = _vjp_timer(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window),
+    win_bwd, win_ct = bench_common.backward_timer(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window),
                                  q, x["k"], x["v"])
     parts.update({"cmp bwd (dq, dkdv)": (cmp_bwd, (cmp_ct,)),
                   "sel bwd (dq, work list, dkdv)": (sel_bwd, (sel_ct,)),
@@ -315,7 +312,6 @@ def breakdown(length, reps):
 
 def _kernel_inputs(length):
   """bf16 q_rows, k, v, kc, vc, LSE2, importance, top-n indices and the geometry at one length."""
-  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
   sizes = nsa.NSASizes()
   d = _DIM.value
   if _v_dim() != d or d & (d - 1):
@@ -336,22 +332,10 @@ def _kernel_inputs(length):
   return dict(q_rows=q_rows, k=k, v=v, kc=kc, vc=vc, lse=lse, idx=idx, geo=geo, phi=phi)
 
 
-def _vjp_timer(f, *primals):
-  """jitted (cotangent) -> gradients of f at `primals`: the backward kernels alone.
-
-  The pullback's residuals are passed to the jitted call as arguments (the pullback is a pytree):
-  as closed-over constants XLA would constant-fold work on them at compile time (the selected
-  backward's argsort of the block indices took 30 s at 16k)."""
-  out, pullback = jax.vjp(f, *primals)
-  ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(1), o.shape, o.dtype), out)
-  return functools.partial(jax.jit(lambda pb, c: pb(c)), pullback), ct
-
-
 def sweep(length, reps):
   """Times launch-parameter variants (Tuning) of nsa_cmp_fwd and of the compressed and selected
   backward passes at one length; each forward variant's largest difference from the default
   output is printed too (a variant that computes something else must not win)."""
-  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
   x = _kernel_inputs(length)
   geo, T = x["geo"], kernels.Tuning
   out = {}
@@ -376,12 +360,12 @@ def sweep(length, reps):
                                        (4, 3, 128, None, 64), (4, 2, 64, None, 64)):
     tn = T(num_warps=w, num_stages=st, cmp_rows=rows, cmp_dkdv_splits=splits, cmp_dkdv_rows=kv_rows)
     label = f"cmp_bwd w{w} s{st} rows{rows} dkdv splits {splits or 'auto'} rows {kv_rows}"
-    f, ct = _vjp_timer(lambda q, kc, vc: kernels._cmp_rows(q, kc, vc, geo, tn, False), *cmp_args)  # pylint: disable=protected-access
+    f, ct = bench_common.backward_timer(lambda q, kc, vc: kernels._cmp_rows(q, kc, vc, geo, tn, False), *cmp_args)  # pylint: disable=protected-access
     t = _try(label, f, ct, reps=reps)
     out[label] = dict(ms=None if t is None else t * 1e3)
   for w, st in ((4, 2), (8, 2), (4, 3)):
     tn = T(num_warps=w, num_stages=st)
-    f, ct = _vjp_timer(lambda q, k, v: kernels._sel_rows(q, k, v, x["idx"], geo, tn, False),  # pylint: disable=protected-access
+    f, ct = bench_common.backward_timer(lambda q, k, v: kernels._sel_rows(q, k, v, x["idx"], geo, tn, False),  # pylint: disable=protected-access
                        *sel_args)
     t = _try(f"sel_bwd w{w} s{st}", f, ct, reps=reps)
     out[f"sel_bwd w{w} s{st}"] = dict(ms=None if t is None else t * 1e3)
@@ -392,7 +376,6 @@ def sel_sweep(length, reps):
   """nsa_sel_fwd by warps and stages, each also with every slot empty (the loop without K/V
   bytes: what is left is the serial chain of small MMAs and row reductions). Max |diff| vs the
   default is printed for each variant."""
-  from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top
   x = _kernel_inputs(length)
   geo, T = x["geo"], kernels.Tuning
   args = (x["q_rows"], x["k"], x["v"], x["idx"])
