@@ -21,6 +21,12 @@ kernels gather each row once and use the tile for both MMAs (half the gathered b
 measured: only ~4% faster, the second gather hit the caches; see NOTES_dsa.md),
 and the backward adds dk + dv into one buffer (one atomic add per row).
 
+MLA's split key (`k_rope`, shared path only): DeepSeek-V3.2 attends with a 576-dim key,
+[c_KV (512) ; k_R (64)], and the 512-dim latent c_KV as the value. q then carries D + R
+dims; the kernels gather the R-dim RoPE rows beside the latent rows and add a second,
+small MMA to the logits (padding 576 to one power of two, 1024, would double the
+gathered bytes and the QK MMA).
+
 Triton tiles are powers of two: head_dim and v's head_dim are zero-padded to the
 next power of two (>= 16), and the head block to >= 16 rows.
 """
@@ -73,13 +79,31 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int) -> SparseBlocks
                       bwd_block_k=32, bwd_block_h=min(block_h, MAX_BLOCK_H))
 
 
-def _fwd_kernel(*refs, scale, block_k, steps, shared):
-  """q [bh, D]; k [S, D]; v [S, Dv] (absent when shared: v = k); idx [K/splits]; o [bh, Dv]; lse [bh]."""
-  if shared:
-    (q_ref, k_ref, idx_ref, o_ref, lse_ref), v_ref = refs, None
-  else:
-    q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref = refs
+def _unpack(refs, shared, rope):
+  """Kernel refs in call order: q, [q_rope], k, [v unless shared], [k_rope], rest..."""
+  refs = list(refs)
+  q_ref = refs.pop(0)
+  qr_ref = refs.pop(0) if rope else None
+  k_ref = refs.pop(0)
+  v_ref = None if shared else refs.pop(0)
+  kr_ref = refs.pop(0) if rope else None
+  return q_ref, qr_ref, k_ref, v_ref, kr_ref, refs
+
+
+def _logits(q, qr, kg, krg, scale):
+  """scale * [q ; qr] . [kg ; krg] -> [bh, bk] f32 (qr, krg None: no RoPE part)."""
+  s = plgpu.dot(q, kg, trans_b=True)
+  if qr is not None:
+    s += plgpu.dot(qr, krg, trans_b=True)
+  return s * scale
+
+
+def _fwd_kernel(*refs, scale, block_k, steps, shared, rope):
+  """q [bh, D]; (q_rope [bh, R]); k [S, D]; v [S, Dv] (absent when shared: v = k); (k_rope [S, R]);
+  idx [K/splits]; o [bh, Dv]; lse [bh]."""
+  q_ref, qr_ref, k_ref, v_ref, kr_ref, (idx_ref, o_ref, lse_ref) = _unpack(refs, shared, rope)
   q = q_ref[...]
+  qr = qr_ref[...] if rope else None
   bh = q.shape[0]
 
   def body(i, carry):
@@ -89,7 +113,7 @@ def _fwd_kernel(*refs, scale, block_k, steps, shared):
     rows = jnp.where(valid, ids, 0)
     kg = k_ref[rows, :]                                            # gather [bk, D]
     vg = kg if shared else v_ref[rows, :]
-    s = plgpu.dot(q, kg, trans_b=True) * scale                     # [bh, bk]
+    s = _logits(q, qr, kg, kr_ref[rows, :] if rope else None, scale)   # [bh, bk]
     s = jnp.where(valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -107,56 +131,67 @@ def _fwd_kernel(*refs, scale, block_k, steps, shared):
   lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _layout(q, k, v, indices, blocks):
+def _pad_dim(x, to):
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, to - x.shape[-1])])
+
+
+def _pow2(d):
+  return max(16, pl.next_power_of_2(d))
+
+
+def _layout(q, k, v, k_rope, indices, blocks):
   """Pads head dims to powers of two, the group to the head block, K to block_k * splits.
 
-  Returns q5 [B, L, H_kv, Gp, Dp], k [B, S, H_kv, Dp], v [B, S, H_kv, Dvp] (None when
-  shared), idx [B, L, Kp].
+  Returns q5 [B, L, H_kv, Gp, Dp], qr5 [B, L, H_kv, Gp, Rp] (None without k_rope: q's last
+  R dims are its RoPE part), k [B, S, H_kv, Dp], v [B, S, H_kv, Dvp] (None when shared),
+  k_rope [B, S, H_kv, Rp] or None, idx [B, L, Kp].
   """
-  batch, q_len, num_heads, dim = q.shape
-  num_kv_heads = k.shape[2]
+  batch, q_len, num_heads, _ = q.shape
+  num_kv_heads, dim = k.shape[2], k.shape[3]
   group = num_heads // num_kv_heads
-  dp = max(16, pl.next_power_of_2(dim))
   gp = -(-group // blocks.block_h) * blocks.block_h
   kmult = blocks.block_k * blocks.num_splits
   kp = -(-indices.shape[-1] // kmult) * kmult
-  q5 = q.reshape(batch, q_len, num_kv_heads, group, dim)
-  q5 = jnp.pad(q5, [(0, 0), (0, 0), (0, 0), (0, gp - group), (0, dp - dim)])
-  k = jnp.pad(k, [(0, 0), (0, 0), (0, 0), (0, dp - dim)])
-  if v is not None:
-    dvp = max(16, pl.next_power_of_2(v.shape[-1]))
-    v = jnp.pad(v, [(0, 0), (0, 0), (0, 0), (0, dvp - v.shape[-1])])
+  heads = lambda x, d: _pad_dim(jnp.pad(x.reshape(batch, q_len, num_kv_heads, group, -1),
+                                        [(0, 0)] * 3 + [(0, gp - group), (0, 0)]), _pow2(d))
+  q5 = heads(q[..., :dim], dim)
+  qr5 = None if k_rope is None else heads(q[..., dim:], k_rope.shape[-1])
+  k = _pad_dim(k, _pow2(dim))
+  v = None if v is None else _pad_dim(v, _pow2(v.shape[-1]))
+  k_rope = None if k_rope is None else _pad_dim(k_rope, _pow2(k_rope.shape[-1]))
   idx = jnp.pad(indices.astype(jnp.int32), [(0, 0), (0, 0), (0, kp - indices.shape[-1])],
                 constant_values=-1)
-  return q5, k, v, idx
+  return q5, qr5, k, v, k_rope, idx
 
 
-def _forward(q, k, v, indices, scale, blocks, interpret):
+def _present(*xs):
+  return [x for x in xs if x is not None]
+
+
+def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   """v None: shared (v = k). -> out [B, L, H, Dv] (q.dtype), lse [B, L, H_kv, Gp] f32."""
-  shared = v is None
+  shared, rope = v is None, k_rope is not None
   batch, q_len, num_heads, _ = q.shape
   num_kv_heads, kv_len = k.shape[2], k.shape[1]
   dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
-  q5, kp, vp, idx = _layout(q, k, v, indices, blocks)
-  gp, dp, ksel = q5.shape[3], q5.shape[4], idx.shape[-1]
-  dvp = dp if shared else vp.shape[-1]
+  q5, qr5, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
+  gp, ksel = q5.shape[3], idx.shape[-1]
+  dvp = (kp if shared else vp).shape[-1]
   bh, splits = blocks.block_h, blocks.num_splits
   per_split = ksel // splits
   grid = (batch, q_len, num_kv_heads * (gp // bh), splits)
   nhb = gp // bh
-  kv_specs = [pl.BlockSpec((None, kv_len, None, dp), lambda b, t, h, s: (b, 0, h // nhb, 0))]
-  if not shared:
-    kv_specs.append(pl.BlockSpec((None, kv_len, None, dvp), lambda b, t, h, s: (b, 0, h // nhb, 0)))
+  head_spec = lambda x: pl.BlockSpec((None, None, None, bh, x.shape[-1]),
+                                     lambda b, t, h, s: (b, t, h // nhb, h % nhb, 0))
+  rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h, s: (b, 0, h // nhb, 0))
+  operands = _present(q5, qr5, kp, vp, krp)
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
-                        steps=per_split // blocks.block_k, shared=shared),
+                        steps=per_split // blocks.block_k, shared=shared, rope=rope),
       grid=grid,
-      in_specs=[
-          pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h, s: (b, t, h // nhb, h % nhb, 0)),
-          *kv_specs,
-          pl.BlockSpec((None, None, per_split), lambda b, t, h, s: (b, t, s)),
-      ],
+      in_specs=[*[head_spec(x) for x in _present(q5, qr5)], *[rows_spec(x) for x in _present(kp, vp, krp)],
+                pl.BlockSpec((None, None, per_split), lambda b, t, h, s: (b, t, s))],
       out_specs=[
           pl.BlockSpec((None, None, None, None, bh, dvp), lambda b, t, h, s: (b, t, s, h // nhb, h % nhb, 0)),
           pl.BlockSpec((None, None, None, None, bh), lambda b, t, h, s: (b, t, s, h // nhb, h % nhb)),
@@ -167,7 +202,7 @@ def _forward(q, k, v, indices, scale, blocks, interpret):
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="dsa_sparse_attention_fwd",
-  )(q5, kp, *([] if shared else [vp]), idx)
+  )(*operands, idx)
   if splits > 1:   # merge the partial softmaxes
     lse_all = jax.scipy.special.logsumexp(lse, axis=2, keepdims=True)
     lse_all_safe = jnp.where(jnp.isfinite(lse_all), lse_all, 0.0)
@@ -178,75 +213,89 @@ def _forward(q, k, v, indices, scale, blocks, interpret):
   return out, lse[:, :, 0]
 
 
-def _row_grads(q, do, lse, delta, kg, vg, valid, scale):
-  """One head block's softmax gradients at gathered rows kg [bk, D], vg [bk, Dv] (valid [bk]):
-  -> ds [bh, bk] (d loss / d (q . k) · scale) and p [bh, bk]."""
-  s = plgpu.dot(q, kg, trans_b=True) * scale
-  p = jnp.where(valid[None, :], jnp.exp(s - lse[:, None]), 0.0)
+def _row_grads(q, qr, do, lse, delta, kg, krg, vg, valid, scale):
+  """One head block's softmax gradients at gathered rows kg [bk, D] (krg [bk, R] or None),
+  vg [bk, Dv] (valid [bk]) -> ds [bh, bk] (d loss / d (q . k) · scale) and p [bh, bk]."""
+  p = jnp.where(valid[None, :], jnp.exp(_logits(q, qr, kg, krg, scale) - lse[:, None]), 0.0)
   dp = plgpu.dot(do, vg, trans_b=True)
   return p * (dp - delta[:, None]) * scale, p
 
 
-def _bwd_dq_kernel(*refs, scale, block_k, steps, shared):
-  """dq [bh, D] of one query and head block (the backward's first kernel)."""
-  if shared:
-    (q_ref, k_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref), v_ref = refs, None
-  else:
-    q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+def _bwd_dq_kernel(*refs, scale, block_k, steps, shared, rope):
+  """dq [bh, D] (and dq_rope [bh, R]) of one query and head block (the backward's first kernel)."""
+  q_ref, qr_ref, k_ref, v_ref, kr_ref, rest = _unpack(refs, shared, rope)
+  idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *dqr_ref = rest
   q, do, delta = q_ref[...], do_ref[...], delta_ref[...]
+  qr = qr_ref[...] if rope else None
   lse = jnp.where(lse_ref[...] == -jnp.inf, 0.0, lse_ref[...])
 
-  def body(i, dq):
+  def body(i, carry):
+    dq, dqr = carry
     ids = idx_ref[pl.ds(i * block_k, block_k)]
     valid = ids >= 0
     rows = jnp.where(valid, ids, 0)
     kg = k_ref[rows, :]
-    ds, _ = _row_grads(q, do, lse, delta, kg, kg if shared else v_ref[rows, :], valid, scale)
-    return dq + plgpu.dot(ds.astype(kg.dtype), kg)
+    krg = kr_ref[rows, :] if rope else None
+    ds, _ = _row_grads(q, qr, do, lse, delta, kg, krg, kg if shared else v_ref[rows, :], valid, scale)
+    dq += plgpu.dot(ds.astype(kg.dtype), kg)
+    if rope:
+      dqr += plgpu.dot(ds.astype(krg.dtype), krg)
+    return dq, dqr
 
-  dq_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(q.shape, jnp.float32)).astype(dq_ref.dtype)
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(qr.shape, jnp.float32) if rope else None)
+  dq, dqr = jax.lax.fori_loop(0, steps, body, init)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  if rope:
+    dqr_ref[0][...] = dqr.astype(dqr_ref[0].dtype)
 
 
-def _bwd_dkv_kernel(*refs, scale, block_h, trash_row, shared):
-  """dk, dv of block_k gathered rows of one query, summed over all head blocks of its group, then
-  one atomic add per row into dk [S+1, D], dv [S+1, Dv] fp32 (shared: dk + dv into one buffer)."""
-  if shared:
-    q_ref, k_ref, idx_ref, do_ref, lse_ref, delta_ref, _, dk_ref = refs
-    v_ref = dv_ref = None
-  else:   # dk_in, dv_in are aliased with dk_ref, dv_ref (zero-initialized)
-    q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, _, _, dk_ref, dv_ref = refs
+def _bwd_dkv_kernel(*refs, scale, block_h, trash_row, shared, rope):
+  """dk, dv (and dk_rope) of block_k gathered rows of one query, summed over all head blocks of
+  its group, then one atomic add per row into dk [S+1, D], dv [S+1, Dv], dk_rope [S+1, R] fp32
+  (shared: dk + dv into one buffer). The buffers come in twice: inputs aliased with the outputs."""
+  q_ref, qr_ref, k_ref, v_ref, kr_ref, rest = _unpack(refs, shared, rope)
+  idx_ref, do_ref, lse_ref, delta_ref, *bufs = rest
+  out_refs = bufs[len(bufs) // 2:]
   ids = idx_ref[...]
   valid = ids >= 0
   rows = jnp.where(valid, ids, 0)
   kg = k_ref[rows, :]
   vg = kg if shared else v_ref[rows, :]
+  krg = kr_ref[rows, :] if rope else None
   dk_rows = jnp.zeros(kg.shape, jnp.float32)
   dv_rows = jnp.zeros(vg.shape, jnp.float32)
+  dkr_rows = jnp.zeros(krg.shape, jnp.float32) if rope else None
   for hb in range(q_ref.shape[0] // block_h):   # static: a few head blocks
     heads = pl.ds(hb * block_h, block_h)
     q, do = q_ref[heads, :], do_ref[heads, :]
+    qr = qr_ref[heads, :] if rope else None
     lse = jnp.where(lse_ref[heads] == -jnp.inf, 0.0, lse_ref[heads])
-    ds, p = _row_grads(q, do, lse, delta_ref[heads], kg, vg, valid, scale)
+    ds, p = _row_grads(q, qr, do, lse, delta_ref[heads], kg, krg, vg, valid, scale)
     dv_rows += plgpu.dot(p.astype(do.dtype), do, trans_a=True)          # [bk, Dv]
     dk_rows += plgpu.dot(ds.astype(q.dtype), q, trans_a=True)           # [bk, D]
-  dest = jnp.where(valid, ids, trash_row)
-  cols_k = jnp.arange(kg.shape[1])
+    if rope:
+      dkr_rows += plgpu.dot(ds.astype(qr.dtype), qr, trans_a=True)      # [bk, R]
+  dest = jnp.where(valid, ids, trash_row)[:, None]
+  add = lambda ref, x: plgpu.atomic_add(ref, (dest, jnp.arange(x.shape[1])[None, :]), x)
   if shared:
-    plgpu.atomic_add(dk_ref, (dest[:, None], cols_k[None, :]), dk_rows + dv_rows)
+    add(out_refs[0], dk_rows + dv_rows)
   else:
-    plgpu.atomic_add(dk_ref, (dest[:, None], cols_k[None, :]), dk_rows)
-    plgpu.atomic_add(dv_ref, (dest[:, None], jnp.arange(vg.shape[1])[None, :]), dv_rows)
+    add(out_refs[0], dk_rows)
+    add(out_refs[1], dv_rows)
+  if rope:
+    add(out_refs[-1], dkr_rows)
 
 
-def _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret):
-  """-> dq, dk, dv (v None: shared, returns dq, dk + dv, None)."""
-  shared = v is None
-  batch, q_len, num_heads, dim = q.shape
-  num_kv_heads, kv_len = k.shape[2], k.shape[1]
+def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret):
+  """-> dq, dk, dv, dk_rope (v None: shared, dk holds dk + dv and dv is None; dk_rope None
+  without k_rope)."""
+  shared, rope = v is None, k_rope is not None
+  batch, q_len, num_heads, _ = q.shape
+  num_kv_heads, kv_len, dim = k.shape[2], k.shape[1], k.shape[3]
   dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
   blocks = dataclasses.replace(blocks, num_splits=1, block_h=blocks.bwd_block_h or blocks.block_h)
-  q5, kp, vp, idx = _layout(q, k, v, indices, blocks)
+  q5, qr5, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
   block_k = blocks.bwd_block_k or blocks.block_k
   gp, dp, ksel = q5.shape[3], q5.shape[4], idx.shape[-1]
   if ksel % block_k:
@@ -260,108 +309,131 @@ def _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret):
   delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)   # [B, L, H]
   delta = pad_g(delta[..., None])[..., 0]
   lse = pad_g(lse[..., :group, None])[..., 0]   # the forward's head padding may differ (block_h)
-  do5 = jnp.pad(pad_g(dout), [(0, 0)] * 4 + [(0, dvp - dv)]).astype(q.dtype)
-  bufs = [jnp.zeros((batch, kv_len + 1, num_kv_heads, dp), jnp.float32)]
-  if not shared:
-    bufs.append(jnp.zeros((batch, kv_len + 1, num_kv_heads, dvp), jnp.float32))
-  n_in = 6 + (0 if shared else 1)             # q, k, (v), idx, do, lse, delta
+  do5 = _pad_dim(pad_g(dout), dvp).astype(q.dtype)
+  rows_in = _present(kp, vp, krp)
+  bufs = [jnp.zeros((batch, kv_len + 1, num_kv_heads, x.shape[-1]), jnp.float32)
+          for x in _present(kp, None if shared else vp, krp)]
   params = plgpu.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
   # dq: one program per (query, head block), as the forward
   head = lambda b, t, h: (b, t, h // nhb, h % nhb)
-  rows_spec = lambda d: pl.BlockSpec((None, kv_len, None, d), lambda b, t, h: (b, 0, h // nhb, 0))
-  dq = pl.pallas_call(
+  head_spec = lambda x: pl.BlockSpec((None, None, None, bh, x.shape[-1]), lambda b, t, h: (*head(b, t, h), 0))
+  rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h: (b, 0, h // nhb, 0))
+  dqs = pl.pallas_call(
       functools.partial(_bwd_dq_kernel, scale=scale, block_k=block_k, steps=ksel // block_k,
-                        shared=shared),
+                        shared=shared, rope=rope),
       grid=(batch, q_len, num_kv_heads * nhb),
-      in_specs=[
-          pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h: (*head(b, t, h), 0)),
-          rows_spec(dp), *([] if shared else [rows_spec(dvp)]),
-          pl.BlockSpec((None, None, ksel), lambda b, t, h: (b, t, 0)),
-          pl.BlockSpec((None, None, None, bh, dvp), lambda b, t, h: (*head(b, t, h), 0)),
-          pl.BlockSpec((None, None, None, bh), head),
-          pl.BlockSpec((None, None, None, bh), head),
-      ],
-      out_specs=pl.BlockSpec((None, None, None, bh, dp), lambda b, t, h: (*head(b, t, h), 0)),
-      out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+      in_specs=[*[head_spec(x) for x in _present(q5, qr5)], *[rows_spec(x) for x in rows_in],
+                pl.BlockSpec((None, None, ksel), lambda b, t, h: (b, t, 0)),
+                head_spec(do5), pl.BlockSpec((None, None, None, bh), head),
+                pl.BlockSpec((None, None, None, bh), head)],
+      out_specs=[head_spec(x) for x in _present(q5, qr5)],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, q.dtype) for x in _present(q5, qr5)],
       compiler_params=params, interpret=interpret, name="dsa_sparse_attention_bwd_dq",
-  )(q5, kp, *([] if shared else [vp]), idx, do5, lse, delta)
+  )(*_present(q5, qr5), *rows_in, idx, do5, lse, delta)
   # dk, dv: one program per (query, KV head, block_k gathered rows), summed over all the group's
   # head blocks before one atomic add per row (atomics per head block instead: 1.5x slower)
   group_spec = lambda *d: pl.BlockSpec((None, None, None, gp, *d), lambda b, t, g, i: (b, t, g, 0, *[0] * len(d)))
   kv_spec = lambda d, n: pl.BlockSpec((None, n, None, d), lambda b, t, g, i: (b, 0, g, 0))
+  n_in = len(_present(q5, qr5)) + len(rows_in) + 4   # ..., idx, do, lse, delta
   bufs = pl.pallas_call(
-      functools.partial(_bwd_dkv_kernel, scale=scale, block_h=bh, trash_row=kv_len, shared=shared),
+      functools.partial(_bwd_dkv_kernel, scale=scale, block_h=bh, trash_row=kv_len, shared=shared,
+                        rope=rope),
       grid=(batch, q_len, num_kv_heads, ksel // block_k),
-      in_specs=[group_spec(dp), kv_spec(dp, kv_len), *([] if shared else [kv_spec(dvp, kv_len)]),
+      in_specs=[*[group_spec(x.shape[-1]) for x in _present(q5, qr5)],
+                *[kv_spec(x.shape[-1], kv_len) for x in rows_in],
                 pl.BlockSpec((None, None, block_k), lambda b, t, g, i: (b, t, i)),
                 group_spec(dvp), group_spec(), group_spec(),
-                kv_spec(dp, kv_len + 1), *([] if shared else [kv_spec(dvp, kv_len + 1)])],
-      out_specs=[kv_spec(dp, kv_len + 1), *([] if shared else [kv_spec(dvp, kv_len + 1)])],
+                *[kv_spec(b.shape[-1], kv_len + 1) for b in bufs]],
+      out_specs=[kv_spec(b.shape[-1], kv_len + 1) for b in bufs],
       out_shape=[jax.ShapeDtypeStruct(b.shape, jnp.float32) for b in bufs],
       input_output_aliases={n_in + i: i for i in range(len(bufs))},
       compiler_params=params, interpret=interpret, name="dsa_sparse_attention_bwd_dkv",
-  )(q5, kp, *([] if shared else [vp]), idx, do5, lse, delta, *bufs)
-  dq = dq[:, :, :, :group, :dim].reshape(q.shape)
-  dk = bufs[0][:, :kv_len, :, :dim].astype(k.dtype)
-  dvv = None if shared else bufs[1][:, :kv_len, :, :dv].astype(v.dtype)
-  return dq, dk, dvv
+  )(*_present(q5, qr5), *rows_in, idx, do5, lse, delta, *bufs)
+  unpad = lambda x, d: x[:, :, :, :group, :d].reshape(batch, q_len, num_heads, d)
+  dq = unpad(dqs[0], dim)
+  if rope:
+    dq = jnp.concatenate([dq, unpad(dqs[1], k_rope.shape[-1])], axis=-1)
+  cut = lambda buf, x: buf[:, :kv_len, :, :x.shape[-1]].astype(x.dtype)
+  dk = cut(bufs[0], k)
+  dvv = None if shared else cut(bufs[1], v)
+  dkr = cut(bufs[-1], k_rope) if rope else None
+  return dq, dk, dvv, dkr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _sparse_attention(q, k, v, indices, scale, blocks, interpret):
-  return _forward(q, k, v, indices, scale, blocks, interpret)[0]
+  return _forward(q, k, v, None, indices, scale, blocks, interpret)[0]
 
 
 def _vjp_fwd(q, k, v, indices, scale, blocks, interpret):
-  out, lse = _forward(q, k, v, indices, scale, blocks, interpret)
+  out, lse = _forward(q, k, v, None, indices, scale, blocks, interpret)
   return out, (q, k, v, indices, out, lse)
 
 
 def _vjp_bwd(scale, blocks, interpret, res, dout):
   q, k, v, indices, out, lse = res
-  dq, dk, dv = _backward(q, k, v, indices, out, lse, dout, scale, blocks, interpret)
+  dq, dk, dv, _ = _backward(q, k, v, None, indices, out, lse, dout, scale, blocks, interpret)
   return dq, dk, dv, None
 
 
 _sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _sparse_attention_shared(q, kv, indices, scale, blocks, interpret):
-  return _forward(q, kv, None, indices, scale, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_attention_shared(q, kv, k_rope, indices, scale, blocks, interpret):
+  return _forward(q, kv, None, k_rope, indices, scale, blocks, interpret)[0]
 
 
-def _shared_fwd(q, kv, indices, scale, blocks, interpret):
-  out, lse = _forward(q, kv, None, indices, scale, blocks, interpret)
-  return out, (q, kv, indices, out, lse)
+def _shared_fwd(q, kv, k_rope, indices, scale, blocks, interpret):
+  out, lse = _forward(q, kv, None, k_rope, indices, scale, blocks, interpret)
+  return out, (q, kv, k_rope, indices, out, lse)
 
 
 def _shared_bwd(scale, blocks, interpret, res, dout):
-  q, kv, indices, out, lse = res
-  dq, dkv, _ = _backward(q, kv, None, indices, out, lse, dout, scale, blocks, interpret)
-  return dq, dkv, None
+  q, kv, k_rope, indices, out, lse = res
+  dq, dkv, _, dkr = _backward(q, kv, None, k_rope, indices, out, lse, dout, scale, blocks, interpret)
+  return dq, dkv, dkr, None
 
 
 _sparse_attention_shared.defvjp(_shared_fwd, _shared_bwd)
 
 
-def sparse_attention(q, k, v, indices, *, scale: float | None = None,
+def check_k_rope(q, k, v, k_rope) -> None:
+  """MLA's split key: k_rope [B, S, H_kv, R] beside k [B, S, H_kv, D], q [B, L, H, D + R], v = k."""
+  if v is not None and v is not k:
+    raise ValueError("k_rope needs the shared form (v=None or v is k: the value is k's latent)")
+  if k_rope.ndim != 4 or k_rope.shape[:3] != k.shape[:3] or k_rope.dtype != k.dtype:
+    raise ValueError(f"k_rope must be [batch, seq, kv_heads, rope_dim] with k's {k.shape[:3]} and "
+                     f"dtype {k.dtype}, got {k_rope.shape} {k_rope.dtype}")
+  if q.ndim != 4 or q.shape[-1] != k.shape[-1] + k_rope.shape[-1]:
+    raise ValueError(f"with k_rope, q's head dim must be k's + k_rope's = {k.shape[-1]} + "
+                     f"{k_rope.shape[-1]}, got q {q.shape}")
+
+
+def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = None,
                      blocks: SparseBlocks | None = None, interpret: bool | None = None):
   """q [B, L, H, D], k [B, S, H_kv, D], v [B, S, H_kv, Dv] or None, indices [B, L, K] int
   (-1 none, distinct per row) -> [B, L, H, Dv]; differentiable in q, k, v (Pallas backward).
 
   v None or `v is k` (MLA's absorbed form, k = v = latent): the shared path, one gather
   per row for both MMAs; its gradient for k is dk + dv.
+  k_rope [B, S, H_kv, R] (shared path only; MLA's decoupled RoPE key): the key is
+  [k ; k_rope], q is [B, L, H, D + R], the value stays k; differentiable in k_rope too.
+  scale: default 1/sqrt(q's head dim).
   """
   from lca.attention import common, dsa  # pylint: disable=g-import-not-at-top
   shared = v is None or v is k
-  common.check_qkv(q, k, k if v is None else v)
+  if k_rope is not None:
+    check_k_rope(q, k, v, k_rope)
+    common.check_qkv(q[..., :k.shape[-1]], k, k)
+  else:
+    common.check_qkv(q, k, k if v is None else v)
   dsa.check_indices(q, k, indices)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   group = q.shape[2] // k.shape[2]
-  blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], q.shape[-1], group)
+  blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], k.shape[-1], group)
   if shared:
-    return _sparse_attention_shared(q, k, indices.astype(jnp.int32), scale, blocks,
+    return _sparse_attention_shared(q, k, k_rope, indices.astype(jnp.int32), scale, blocks,
                                     resolve_interpret(interpret))
   return _sparse_attention(q, k, v, indices.astype(jnp.int32), scale, blocks,
                            resolve_interpret(interpret))

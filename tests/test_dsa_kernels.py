@@ -94,6 +94,34 @@ def test_sparse_kernel_shared_kv_forward_and_gradient():
                               ref(q, kv), atol=1e-5, rtol=1e-5)
 
 
+def test_sparse_kernel_mla_split_key_forward_gradients_and_decode():
+  """MLA's key [latent ; RoPE] with the latent as the value: 24 + 6 dims (both padded), 20 heads."""
+  q, kv, _, idx = _case(80, 9, 20, 1, 30, 24, 6, batch=1)
+  latent, rope_dim = 24, 6
+  k_rope = _normal(81, (1, 9, 1, rope_dim))
+  scale = 0.3
+  ref = lambda q, kv, kr: dsa.sparse_attention_reference(q, jnp.concatenate([kv, kr], -1), kv, idx,
+                                                         scale=scale)
+  ct = _normal(82, (1, 9, 20, latent))
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(q, kv[..., :latent], k_rope)
+  for blocks in (dsa_attention.SparseBlocks(block_h=16, block_k=16),
+                 dsa_attention.SparseBlocks(block_h=32, block_k=16, bwd_block_h=16)):
+    fast = lambda q, kv, kr, blocks=blocks: dsa_attention.sparse_attention(
+        q, kv, None, idx, k_rope=kr, scale=scale, blocks=blocks)
+    got = fast(q, kv[..., :latent], k_rope)
+    chex.assert_shape(got, (1, 9, 20, latent))
+    chex.assert_trees_all_close(got, ref(q, kv[..., :latent], k_rope), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+  split = dsa_attention.SparseBlocks(block_h=32, block_k=16, num_splits=2)
+  chex.assert_trees_all_close(
+      dsa_attention.sparse_attention(q, kv[..., :latent], None, idx, k_rope=k_rope, scale=scale, blocks=split),
+      ref(q, kv[..., :latent], k_rope), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="q's head dim"):
+    dsa_attention.sparse_attention(q[..., :28], kv[..., :latent], None, idx, k_rope=k_rope)
+  with pytest.raises(ValueError, match="shared form"):
+    dsa_attention.sparse_attention(q, kv[..., :latent], kv[..., :latent] + 1, idx, k_rope=k_rope)
+
+
 def test_indexer_kernel_on_quantized_and_transposed_keys():
   """FP8Keys quantized once = the fp8 path quantizing per call; k stored [d, S] likewise."""
   q, k, w = _normal(70, (1, 21, 2, 16)), _normal(71, (1, 21, 16)), _normal(72, (1, 21, 2))
