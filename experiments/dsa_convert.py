@@ -1,13 +1,15 @@
 """Converts a dense checkpoint of the demo LM to DeepSeek Sparse Attention, in two stages.
 
     python -m experiments.dsa_convert --config=configs/dsa_tiny.py --workdir=results/dsa_convert
+    python -m experiments.dsa_convert --config=configs/dsa_tiny.py:mla --workdir=results/dsa_convert_mla
 
 The same three runs as configs/dsa_convert.py's commands, chained with `lca.train.run`
 (each can be run and resumed on its own with experiments/train.py):
   0. the dense LM: restored from --config.convert.dense_workdir, or trained here in
-     workdir/dense (layer_pattern "G", convert.dense_steps);
-  1. workdir/stage1, dense warm-up: every attention layer becomes a DSA layer ("D")
-     with the dense weights and a fresh indexer; the main model is frozen and only
+     workdir/dense (layer_pattern "G", convert.dense_steps; "M" for the ":mla" variant,
+     DeepSeek-V3.1 -> V3.2);
+  1. workdir/stage1, dense warm-up: every attention layer becomes a DSA layer ("D", or "S":
+     DSA under MLA) with the dense weights and a fresh indexer; the main model is frozen and only
      the indexer is trained, on sum_layers KL(p_t || softmax(I_t)), attention dense;
   2. workdir/stage2, sparse training: top-k attention, all parameters trained on
      CE + the indexer KL over the selected set (the indexer's input detached, so
@@ -27,6 +29,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import dsa_convert as stages
+from lca import attention
 from lca import data as data_lib
 from lca import train
 
@@ -35,9 +38,15 @@ _WORKDIR = flags.DEFINE_string("workdir", "results/dsa_convert", "Where runs and
 _RESULTS = flags.DEFINE_string("results", None, "Also write convert.json + .md here.")
 
 
+DENSE_KIND = {"D": "G", "S": "M"}   # each DSA layer kind and the dense layer it converts from
+
+
 def dense_config(config):
+  """The dense LM that `config` (DSA layers) converts from: "D" layers become full attention
+  ("G"), "S" layers (V3.2: DSA under MLA) plain MLA ("M")."""
   c = copy.deepcopy(config).unlock()
-  c.model.layer_pattern = "G"
+  kinds = attention.parse_layer_pattern(c.model.layer_pattern, c.model.num_layers)
+  c.model.layer_pattern = "".join(DENSE_KIND.get(k, k) for k in kinds)
   c.train.num_steps = config.convert.dense_steps
   del c["convert"]
   return c

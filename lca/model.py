@@ -236,7 +236,7 @@ class Transformer(nnx.Module):
       metrics["moe_balance_loss"] = balance / len(aux)
       metrics["moe_max_violation"] = sum(s["max_violation"] for s in aux) / len(aux)
       metrics["moe_max_violation_worst_layer"] = jnp.max(jnp.stack([s["max_violation"] for s in aux]))
-    kl_layers = [m for _, m in nnx.iter_graph(self) if isinstance(m, dsa.DSAttention) and m.stage > 0]
+    kl_layers = [m for _, m in nnx.iter_graph(self) if isinstance(m, dsa.DSA_LAYERS) and m.stage > 0]
     if kl_layers:  # DSA stages 1, 2: the indexer KL (it only reaches the indexer's parameters)
       kl = sum(m.indexer_kl[...] for m in kl_layers)
       loss = loss + self.cfg.dsa_kl_weight * kl
@@ -264,7 +264,7 @@ def _check_deepseek_fields(cfg: ModelConfig) -> None:
   """Clear errors for bad rope_scaling_*, mla_*, moe_*, mtp_* fields."""
   rope.scaled_rope_frequencies(2 * max(cfg.mla_rope_dim // 2, 1), cfg.rope_base, cfg.rope_scaling,
                                cfg.rope_scaling_factor, cfg.rope_original_length or None)
-  if "M" in cfg.layer_kinds:
+  if "M" in cfg.layer_kinds or "S" in cfg.layer_kinds:
     mla.check_config(cfg)
   moe.check_config(cfg)
   if cfg.mtp_depth < 0 or cfg.mtp_weight < 0:

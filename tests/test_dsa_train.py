@@ -151,3 +151,21 @@ def test_config_file_stages():
     assert one.model[k] == base[k], k          # the dense run's parameters fit
   with pytest.raises(ValueError, match="stage3"):
     dsa_convert.get_config("stage3")
+
+
+def test_mla_lm_converts_to_dsa_under_mla(tmp_path):
+  """DeepSeek-V3.1 -> V3.2 in miniature: an "M" LM trained, converted to "S" in two stages."""
+  from experiments import dsa_convert as convert_script   # pylint: disable=g-import-not-at-top
+  c = dsa_tiny.get_config("mla")
+  c.model.update(_SIZES, num_kv_heads=2, mla_q_rank=16, mla_kv_rank=16, mla_rope_dim=8,
+                 dsa_index_heads=2, dsa_index_dim=16, dsa_top_k=4, dsa_rope_dim=8)
+  c.convert.update(dense_steps=2, stage1_steps=2, stage2_steps=2)
+  c = _shrink(c)
+  assert convert_script.dense_config(c).model.layer_pattern == "M"
+  out = convert_script.convert(c, str(tmp_path), log=lambda _: None)
+  stage1 = _records(tmp_path / "stage1")
+  assert stage1[0]["val_ce"] == out["dense_val_loss"] and np.isfinite(out["dsa_val_loss_after_stage2"])
+  dense = [r for r in _records(tmp_path / "dense") if "val_ce" in r][-1]["val_ce"]
+  np.testing.assert_allclose(out["dense_val_loss"], dense, rtol=1e-5)   # stage 1 at step 0: the MLA LM
+  with pytest.raises(ValueError, match="variant|after ':'"):
+    dsa_tiny.get_config("nope")

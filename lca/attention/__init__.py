@@ -9,6 +9,7 @@ kind names), repeated to `num_layers`. Kinds registered so far:
 | L      | local  | sliding window of `window` tokens (`local.LocalAttention`) |
 | D      | dsa    | DeepSeek Sparse Attention: lightning indexer + top-`dsa_top_k` tokens (`dsa.DSAttention`) |
 | M      | mla    | Multi-head Latent Attention: cache d_c + d_R per token (`mla.MLAttention`, `mla_*` fields) |
+| S      | mla_dsa | DeepSeek-V3.2: MLA whose absorbed form attends over DSA's top-k keys (`dsa.MLASparseAttention`, `mla_*` + `dsa_*` fields) |
 | N      | nsa    | Native Sparse Attention: compression + top-n blocks + window, gated (`nsa.NSAttention`, `nsa_*` fields) |
 | E      | gdn    | Gated DeltaNet (gated delta rule, Qwen3-Next layer; `gated_deltanet.GatedDeltaNet`, `gdn_*` fields) |
 | R      | gla    | gated linear attention, per-head scalar decay (same layer with `delta=False`) |
@@ -42,18 +43,17 @@ def _local(cfg, rngs):
 
 def _mla(cfg, rngs):
   from lca.attention import mla  # pylint: disable=g-import-not-at-top
-  return mla.MLAttention(cfg.d_model, cfg.num_heads, q_rank=cfg.mla_q_rank, kv_rank=cfg.mla_kv_rank,
-                         rope_dim=cfg.mla_rope_dim, head_dim=cfg.mla_head_dim or cfg.head_dim,
-                         v_head_dim=cfg.mla_v_head_dim or cfg.head_dim, rngs=rngs,
-                         rope_base=cfg.rope_base, rope_scaling=cfg.rope_scaling,
-                         rope_scaling_factor=cfg.rope_scaling_factor,
-                         rope_original_length=cfg.rope_original_length, decode=cfg.mla_decode,
-                         implementation=cfg.implementation, dtype=cfg.compute_dtype)
+  return mla.MLAttention(cfg.d_model, cfg.num_heads, rngs=rngs, **mla.layer_kwargs(cfg))
 
 
 def _dsa(cfg, rngs):
   from lca.attention import dsa  # pylint: disable=g-import-not-at-top
   return dsa.DSAttention.from_model_config(cfg, rngs)
+
+
+def _mla_dsa(cfg, rngs):
+  from lca.attention import dsa  # pylint: disable=g-import-not-at-top
+  return dsa.MLASparseAttention.from_model_config(cfg, rngs)
 
 
 def _nsa(cfg, rngs):
@@ -75,6 +75,7 @@ LAYER_KINDS = {
     "L": ("local", _local),
     "D": ("dsa", _dsa),
     "M": ("mla", _mla),
+    "S": ("mla_dsa", _mla_dsa),
     "N": ("nsa", _nsa),
     "E": ("gdn", _gated_deltanet),
     "R": ("gla", lambda cfg, rngs: _gated_deltanet(cfg, rngs, delta=False)),

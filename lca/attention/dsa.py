@@ -21,6 +21,8 @@ Faces, in order of trust:
                                                                     decode cache); accepted as k_idx
   indexer_kl_dense / indexer_kl_sparse                              the two training stages' losses
   DSAttention(nnx.Module)                                           layer kind "D", KV + indexer-key cache
+  MLASparseAttention(mla.MLAttention)                               layer kind "S": V3.2, MLA's absorbed
+                                                                    form over the top-k (latent cache)
 
 Training from a dense checkpoint (the report): stage 1 ("dense warm-up", `stage=1`):
 main attention dense, main model frozen, indexer trained with KL(p_t || softmax(I_t));
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lca.attention import common, full
+from lca.attention import common, full, mla
 from lca.layers import rope
 
 FP8 = jnp.float8_e4m3fn
@@ -448,32 +450,51 @@ def sparse_attention_gather(q, k, v, indices, *, scale: float | None = None) -> 
   return out.reshape(batch, q_len, num_heads, v.shape[-1]).astype(q.dtype)
 
 
-def _pallas_sparse(q, k, v, indices, *, scale):
+def _pallas_sparse(q, k, v, indices, *, scale, k_rope=None):
   try:
     from pallas_kernels import dsa_attention  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise NotImplementedError("implementation='pallas': pallas_kernels.dsa_attention is not available") from e
+  if k_rope is not None:   # the kernel's split key: one gathered latent row is both k and v
+    return dsa_attention.sparse_attention(q, k, None, indices, k_rope=k_rope, scale=scale)
   return dsa_attention.sparse_attention(q, k, v, indices, scale=scale)
 
 
+def _joined_key(fn):
+  """A [k ; k_rope] key for the paths that take one key tensor (k_rope's dims appended)."""
+  def run(q, k, v, indices, *, scale, k_rope=None):
+    if k_rope is not None:
+      k = jnp.concatenate([k, k_rope], axis=-1)
+    return fn(q, k, v, indices, scale=scale)
+  return run
+
+
 SPARSE_IMPLEMENTATIONS = {
-    "reference": lambda *a, **kw: sparse_attention_reference(*a, **kw),
-    "xla": lambda *a, **kw: sparse_attention_gather(*a, **kw),
+    "reference": _joined_key(lambda *a, **kw: sparse_attention_reference(*a, **kw)),
+    "xla": _joined_key(lambda *a, **kw: sparse_attention_gather(*a, **kw)),
     "pallas": _pallas_sparse,
 }
 
 
-def sparse_attention(q, k, v, indices, *, scale: float | None = None,
+def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = None,
                      implementation: str | Sequence[str] | None = None) -> jax.Array:
   """Attention over the selected keys through "pallas", "xla" (gather) or "reference".
 
   Same arguments and result as `sparse_attention_reference`. None: GPU pallas then
-  xla; CPU xla.
+  xla; CPU xla. k_rope [B, S, H_kv, R] (MLA's absorbed form, `MLASparseAttention`): the
+  key is [k ; k_rope] and q is [B, L, H, D + R]; v must then be k (the latent).
   """
-  common.check_qkv(q, k, v)
+  if k_rope is not None:
+    if v is not k:
+      raise ValueError("with k_rope, v must be k (MLA's latent is both the key's first part and the value)")
+    if k_rope.ndim != 4 or k_rope.shape[:3] != k.shape[:3] or q.shape[-1] != k.shape[-1] + k_rope.shape[-1]:
+      raise ValueError(f"k_rope must be [batch, seq, kv_heads, R] beside k {k.shape} with q's head dim "
+                       f"= k's + R, got k_rope {k_rope.shape}, q {q.shape}")
+  common.check_qkv(q if k_rope is None else q[..., :k.shape[-1]], k, v)
   check_indices(q, k, indices)
   return full.dispatch(SPARSE_IMPLEMENTATIONS, implementation or _index_defaults(), q, k, v,
-                       indices.astype(jnp.int32), scale=scale, what="DSA sparse attention")
+                       indices.astype(jnp.int32), scale=scale, what="DSA sparse attention",
+                       **({} if k_rope is None else {"k_rope": k_rope.astype(k.dtype)}))
 
 
 # ----------------------------------------------------------------------------- DSA
@@ -584,19 +605,20 @@ class Indexer(nnx.Module):
   """Lightning-indexer projections: H_I queries and weights per token, one shared key.
 
   q_I = W_q x (RoPE on the first `rope_dim` dims), k_I = LayerNorm(W_k x) (RoPE likewise),
-  w = (W_w x) * H_I^-1/2 * d_I^-1/2. DeepSeek computes q_I from MLA's query latent c^Q;
-  without MLA it is computed from the layer input.
+  w = (W_w x) * H_I^-1/2 * d_I^-1/2. DeepSeek computes q_I from MLA's query latent c^Q
+  (`query_dim` = d_c', `queries(..., q_input=c_Q)`); without MLA from the layer input.
   """
 
   def __init__(self, d_model: int, index_heads: int, index_dim: int, rope_dim: int, *,
-               rngs: nnx.Rngs, rope_base: float = 10_000.0, dtype=jnp.float32):
+               rngs: nnx.Rngs, rope_base: float = 10_000.0, dtype=jnp.float32,
+               query_dim: int | None = None):
     for name, val in (("index_heads", index_heads), ("index_dim", index_dim)):
       if not isinstance(val, (int, np.integer)) or val <= 0:
         raise ValueError(f"DSA {name} must be a positive int, got {name}={val!r}")
     if rope_dim < 0 or rope_dim % 2 or rope_dim > index_dim:
       raise ValueError(f"DSA rope_dim must be even and in [0, index_dim={index_dim}], got {rope_dim}")
     init = nnx.initializers.lecun_normal()
-    self.wq = nnx.Param(init(rngs.params(), (d_model, index_heads * index_dim)))
+    self.wq = nnx.Param(init(rngs.params(), (query_dim or d_model, index_heads * index_dim)))
     self.wk = nnx.Param(init(rngs.params(), (d_model, index_dim)))
     self.ww = nnx.Param(init(rngs.params(), (d_model, index_heads)))
     self.k_norm_scale = nnx.Param(jnp.ones((index_dim,), jnp.float32))
@@ -618,12 +640,105 @@ class Indexer(nnx.Module):
     k = (k - mean) * jax.lax.rsqrt(var + 1e-6) * self.k_norm_scale[...] + self.k_norm_bias[...]
     return self._rope(k.astype(self.dtype)[:, :, None], positions)[:, :, 0]
 
-  def queries(self, x, positions):
-    """x [B, L, d_model] -> (q_I [B, L, H_I, d_I], weights [B, L, H_I] float32)."""
+  def queries(self, x, positions, q_input=None):
+    """x [B, L, d_model] (q_input [B, L, query_dim]: q_I's input, default x) ->
+    (q_I [B, L, H_I, d_I], weights [B, L, H_I] float32)."""
     batch, length, _ = x.shape
-    q = (x @ self.wq[...].astype(self.dtype)).reshape(batch, length, self.index_heads, self.index_dim)
+    q_in = x if q_input is None else q_input
+    q = (q_in @ self.wq[...].astype(self.dtype)).reshape(batch, length, self.index_heads, self.index_dim)
     w = (x @ self.ww[...].astype(self.dtype)).astype(jnp.float32)
     return self._rope(q, positions), w * (self.index_heads * self.index_dim) ** -0.5
+
+
+# ----------------------------------------------------------------------------- layers
+# DSAttention (MHA/GQA main attention, kind "D") and MLASparseAttention (MLA, kind "S") share
+# the indexer, its cache and the training stages through the functions below.
+
+
+def init_index_cache(batch: int, capacity: int, index_dim: int, fp8: bool, dtype) -> dict:
+  """The indexer-key part of a DSA decode cache: k_idx [B, C, d_I] (FP8: float8_e4m3fn values
+  plus k_idx_scale [B, C, nb] float32, rotated and quantized when written)."""
+  if fp8:
+    return dict(k_idx=jnp.zeros((batch, capacity, index_dim), FP8),
+                k_idx_scale=jnp.ones((batch, capacity, -(-index_dim // min(FP8_BLOCK, index_dim))), jnp.float32))
+  return dict(k_idx=jnp.zeros((batch, capacity, index_dim), dtype))
+
+
+def index_cache_bytes(index_dim: int, fp8: bool, bytes_per_value: int) -> float:
+  """Cached indexer-key bytes per token (FP8: 1 byte a value + a 4-byte scale per 128)."""
+  return index_dim + 4 * -(-index_dim // FP8_BLOCK) if fp8 else index_dim * bytes_per_value
+
+
+def write_index_cache(cache: dict, k_idx, positions):
+  """Writes the new indexer keys k_idx [B, T, d_I] at slots positions % C.
+
+  Returns (the cache's new index entries, all cached keys as the indexer takes them:
+  FP8Keys or an array in k_idx's dtype).
+  """
+  slots = positions % cache["k_idx"].shape[1]
+  bidx = jnp.arange(k_idx.shape[0])[:, None]
+  if "k_idx_scale" in cache:    # FP8 key cache: quantize the new keys once, when written
+    k8, k_scale = quantize_index_keys(jax.lax.stop_gradient(k_idx))
+    new = dict(k_idx=cache["k_idx"].at[bidx, slots].set(k8),
+               k_idx_scale=cache["k_idx_scale"].at[bidx, slots].set(k_scale))
+    return new, FP8Keys(new["k_idx"], new["k_idx_scale"])
+  new = dict(k_idx=cache["k_idx"].at[bidx, slots].set(k_idx.astype(cache["k_idx"].dtype)))
+  return new, new["k_idx"].astype(k_idx.dtype)
+
+
+def _init_selection(layer, d_model, *, rngs, index_heads, index_dim, index_rope_dim, top_k, fp8,
+                    stage, chunk, index_implementation, dense_implementation, topk_implementation,
+                    rope_base, query_dim=None):
+  """Sets a DSA layer's indexer and selection settings (after the main attention's __init__)."""
+  layer.indexer = Indexer(d_model, index_heads, index_dim, index_rope_dim, rngs=rngs,
+                          rope_base=rope_base, dtype=layer.dtype, query_dim=query_dim)
+  layer.top_k, layer.fp8, layer.stage, layer.chunk = int(top_k), fp8, stage, chunk
+  layer.index_implementation = index_implementation
+  layer.dense_implementation = dense_implementation   # stage 1's dense attention
+  layer.topk_implementation = topk_implementation     # None: see top_k_select
+  layer.indexer_kl = IndexerKL(jnp.zeros((), jnp.float32))
+
+
+def _check_selection(top_k, stage):
+  check_top_k(top_k)
+  if stage not in STAGES:
+    raise ValueError(f"DSA stage must be one of {STAGES}, got stage={stage!r}")
+
+
+def _selection_kwargs(cfg) -> dict:
+  """The indexer / selection keyword arguments of a DSA layer from a ModelConfig (dsa_*)."""
+  return dict(index_heads=cfg.dsa_index_heads, index_dim=cfg.dsa_index_dim, top_k=cfg.dsa_top_k,
+              fp8=cfg.dsa_fp8, stage=cfg.dsa_stage, chunk=cfg.dsa_chunk or None,
+              dense_implementation=cfg.implementation)
+
+
+def _fp8_cache(layer) -> bool:
+  return default_fp8() if layer.fp8 is None else bool(layer.fp8)
+
+
+def _attend_selected(layer, q_idx, k_idx, weights, *, q, k, scale, dense, sparse, mask_kw):
+  """The three stages of a DSA layer (see STAGES); returns the main attention's output.
+
+  q [B, L, H, D], k [B, S, H_kv, D]: the main logits' operands (for the KL target p_t);
+  dense(): full causal attention; sparse(indices [B, L, K]): attention over the top-k.
+  Stages 1, 2 store the indexer KL in `layer.indexer_kl`.
+  """
+  # the KL's scores: differentiable, unquantized (an FP8 key cache is dequantized)
+  k_kl = dequantize_index_keys(k_idx).astype(q_idx.dtype) if isinstance(k_idx, FP8Keys) else k_idx
+  if layer.stage == 1:
+    out = dense()
+    scores = indexer_scores(q_idx, k_kl, weights, fp8=False, implementation="xla", **mask_kw)
+    layer.indexer_kl = IndexerKL(indexer_kl_dense(q, k, scores, scale=scale, **mask_kw))
+    return out
+  stop = jax.lax.stop_gradient
+  indices = indexer_top_k(stop(q_idx), jax.tree.map(stop, k_idx), stop(weights), top_k=layer.top_k,
+                          fp8=layer.fp8, chunk=layer.chunk, implementation=layer.index_implementation,
+                          topk_implementation=layer.topk_implementation, **mask_kw)
+  out = sparse(indices)
+  if layer.stage == 2:
+    scores = indexer_scores(q_idx, k_kl, weights, fp8=False, implementation="xla", **mask_kw)
+    layer.indexer_kl = IndexerKL(indexer_kl_sparse(q, k, scores, indices, scale=scale))
+  return out
 
 
 class DSAttention(full.Attention):
@@ -644,48 +759,33 @@ class DSAttention(full.Attention):
                rope_dim: int = 64, fp8: bool | None = None, stage: int = 0,
                chunk: int | None = None, index_implementation=None, dense_implementation=None,
                topk_implementation=None, rope_base: float = 10_000.0, **kwargs):
-    check_top_k(top_k)
-    if stage not in STAGES:
-      raise ValueError(f"DSA stage must be one of {STAGES}, got stage={stage!r}")
+    _check_selection(top_k, stage)
     super().__init__(d_model, num_heads, num_kv_heads, head_dim, rngs=rngs, rope_base=rope_base,
                      **kwargs)
-    self.indexer = Indexer(d_model, index_heads, index_dim, rope_dim, rngs=rngs,
-                           rope_base=rope_base, dtype=self.dtype)
-    self.top_k, self.fp8, self.stage, self.chunk = int(top_k), fp8, stage, chunk
-    self.index_implementation = index_implementation
-    self.dense_implementation = dense_implementation   # stage 1's dense attention
-    self.topk_implementation = topk_implementation     # None: see top_k_select
-    self.indexer_kl = IndexerKL(jnp.zeros((), jnp.float32))
+    _init_selection(self, d_model, rngs=rngs, index_heads=index_heads, index_dim=index_dim,
+                    index_rope_dim=rope_dim, top_k=top_k, fp8=fp8, stage=stage, chunk=chunk,
+                    index_implementation=index_implementation,
+                    dense_implementation=dense_implementation,
+                    topk_implementation=topk_implementation, rope_base=rope_base)
 
   @classmethod
   def from_model_config(cls, cfg, rngs: nnx.Rngs) -> "DSAttention":
     """The layer of kind "D" from `lca.model.ModelConfig` (fields dsa_*)."""
     sparse_impl = cfg.implementation if cfg.implementation in SPARSE_IMPLEMENTATIONS else None
     return cls(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs,
-               index_heads=cfg.dsa_index_heads, index_dim=cfg.dsa_index_dim, top_k=cfg.dsa_top_k,
-               rope_dim=cfg.dsa_rope_dim, fp8=cfg.dsa_fp8, stage=cfg.dsa_stage,
-               chunk=cfg.dsa_chunk or None, rope_base=cfg.global_rope_base or cfg.rope_base,
+               rope_dim=cfg.dsa_rope_dim, rope_base=cfg.global_rope_base or cfg.rope_base,
                qk_norm=cfg.qk_norm, output_gate=cfg.output_gate, implementation=sparse_impl,
-               dense_implementation=cfg.implementation, dtype=cfg.compute_dtype)
-
-  def _fp8_cache(self) -> bool:
-    return default_fp8() if self.fp8 is None else bool(self.fp8)
+               dtype=cfg.compute_dtype, **_selection_kwargs(cfg))
 
   def init_cache(self, batch: int, capacity: int, dtype=None) -> dict:
     cache = full.init_kv_cache(batch, capacity, self.num_kv_heads, self.head_dim, dtype or self.dtype)
-    dim = self.indexer.index_dim
-    if self._fp8_cache():
-      cache["k_idx"] = jnp.zeros((batch, capacity, dim), FP8)
-      cache["k_idx_scale"] = jnp.ones((batch, capacity, -(-dim // min(FP8_BLOCK, dim))), jnp.float32)
-    else:
-      cache["k_idx"] = jnp.zeros((batch, capacity, dim), dtype or self.dtype)
-    return cache
+    return cache | init_index_cache(batch, capacity, self.indexer.index_dim, _fp8_cache(self),
+                                    dtype or self.dtype)
 
   def cache_bytes_per_token(self, context: int, bytes_per_value: int = 2) -> float:
     """KV plus one indexer key per token (FP8: 1 byte a value + a 4-byte scale per 128)."""
-    dim = self.indexer.index_dim
-    index_bytes = dim + 4 * -(-dim // FP8_BLOCK) if self._fp8_cache() else dim * bytes_per_value
-    return 2 * self.num_kv_heads * self.head_dim * bytes_per_value + index_bytes
+    return (2 * self.num_kv_heads * self.head_dim * bytes_per_value
+            + index_cache_bytes(self.indexer.index_dim, _fp8_cache(self), bytes_per_value))
 
   def __call__(self, x, positions, *, cache: dict | None = None, segment_ids=None):
     """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
@@ -696,37 +796,99 @@ class DSAttention(full.Attention):
     k_idx = self.indexer.keys(x_idx, positions)
     mask_kw = dict(segment_ids=segment_ids)
     if cache is not None:
-      slots = positions % cache["k"].shape[1]
-      bidx = jnp.arange(x.shape[0])[:, None]
-      new = dict(full.write_kv_cache(cache, k, v, positions))
-      if "k_idx_scale" in cache:    # FP8 key cache: quantize the new keys once, when written
-        k8, k_scale = quantize_index_keys(jax.lax.stop_gradient(k_idx))
-        new["k_idx"] = cache["k_idx"].at[bidx, slots].set(k8)
-        new["k_idx_scale"] = cache["k_idx_scale"].at[bidx, slots].set(k_scale)
-        k_idx = FP8Keys(new["k_idx"], new["k_idx_scale"])
-      else:
-        new["k_idx"] = cache["k_idx"].at[bidx, slots].set(k_idx.astype(cache["k_idx"].dtype))
-        k_idx = new["k_idx"].astype(q_idx.dtype)
-      cache = new
+      index_entries, k_idx = write_index_cache(cache, k_idx, positions)
+      cache = dict(full.write_kv_cache(cache, k, v, positions)) | index_entries
       k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
       mask_kw = dict(q_positions=positions, kv_positions=cache["pos"])
-
-    # the KL's scores: differentiable, unquantized (an FP8 key cache is dequantized)
-    k_kl = dequantize_index_keys(k_idx).astype(q_idx.dtype) if isinstance(k_idx, FP8Keys) else k_idx
-    if self.stage == 1:
-      out = full.attention(q, k, v, causal=True, implementation=self.dense_implementation, **mask_kw)
-      scores = indexer_scores(q_idx, k_kl, weights, fp8=False, implementation="xla", **mask_kw)
-      self.indexer_kl = IndexerKL(indexer_kl_dense(q, k, scores, **mask_kw))
-    else:
-      indices = indexer_top_k(jax.lax.stop_gradient(q_idx), jax.tree.map(jax.lax.stop_gradient, k_idx),
-                              jax.lax.stop_gradient(weights), top_k=self.top_k, fp8=self.fp8,
-                              chunk=self.chunk, implementation=self.index_implementation,
-                              topk_implementation=self.topk_implementation, **mask_kw)
-      out = sparse_attention(q, k, v, indices, implementation=self.implementation)
-      if self.stage == 2:
-        scores = indexer_scores(q_idx, k_kl, weights, fp8=False, implementation="xla", **mask_kw)
-        self.indexer_kl = IndexerKL(indexer_kl_sparse(q, k, scores, indices))
+    out = _attend_selected(
+        self, q_idx, k_idx, weights, q=q, k=k, scale=None,
+        dense=lambda: full.attention(q, k, v, causal=True, implementation=self.dense_implementation,
+                                     **mask_kw),
+        sparse=lambda idx: sparse_attention(q, k, v, idx, implementation=self.implementation),
+        mask_kw=mask_kw)
     return self.output(out, x), cache
+
+
+class MLASparseAttention(mla.MLAttention):
+  """DeepSeek-V3.2's attention (layer kind "S"): MLA whose absorbed form attends only over
+  the top-k keys of a lightning indexer.
+
+  The main attention is MQA over the cached latents (V3.2's DSA "instantiated under MLA"):
+  query [q_C W_UK^T ; q_R] (d_c + d_R per head), key [c_KV ; k_R], value c_KV, the output
+  latent up-projected by W_UV; one gathered latent row serves every head
+  (`sparse_attention(..., k_rope=)`). The indexer's queries come from MLA's query latent
+  c_Q, its weights and keys from the layer input, all detached from the main graph.
+  Parameters are MLAttention's plus `indexer`, so a trained "M" model converts to "S" by
+  path (`experiments/dsa_convert.py`). Stages as `DSAttention` (stage 1's dense attention
+  is MLA's naive form); decode cache: the latent cache (c_kv, k_rope, pos) plus the
+  indexer keys (`init_index_cache`).
+  """
+
+  def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs, index_heads: int = 64,
+               index_dim: int = 128, top_k: int = 2048, index_rope_dim: int = 64,
+               fp8: bool | None = None, stage: int = 0, chunk: int | None = None,
+               index_implementation=None, dense_implementation=None, topk_implementation=None,
+               rope_base: float = 10_000.0, **mla_kwargs):
+    _check_selection(top_k, stage)
+    super().__init__(d_model, num_heads, rngs=rngs, rope_base=rope_base, **mla_kwargs)
+    _init_selection(self, d_model, rngs=rngs, index_heads=index_heads, index_dim=index_dim,
+                    index_rope_dim=index_rope_dim, top_k=top_k, fp8=fp8, stage=stage, chunk=chunk,
+                    index_implementation=index_implementation,
+                    dense_implementation=dense_implementation,
+                    topk_implementation=topk_implementation, rope_base=rope_base,
+                    query_dim=mla_kwargs.get("q_rank") or d_model)
+
+  @classmethod
+  def from_model_config(cls, cfg, rngs: nnx.Rngs) -> "MLASparseAttention":
+    """The layer of kind "S" from `lca.model.ModelConfig` (fields mla_* and dsa_*)."""
+    kwargs = mla.layer_kwargs(cfg) | _selection_kwargs(cfg)
+    kwargs["implementation"] = cfg.implementation if cfg.implementation in SPARSE_IMPLEMENTATIONS else None
+    return cls(cfg.d_model, cfg.num_heads, rngs=rngs, index_rope_dim=cfg.dsa_rope_dim, **kwargs)
+
+  def init_cache(self, batch: int, capacity: int, dtype=None) -> dict:
+    return super().init_cache(batch, capacity, dtype) | init_index_cache(
+        batch, capacity, self.indexer.index_dim, _fp8_cache(self), dtype or self.dtype)
+
+  def cache_bytes_per_token(self, context: int, bytes_per_value: int = 2) -> float:
+    """The latent (d_c + d_R values) plus one indexer key per token."""
+    return (super().cache_bytes_per_token(context, bytes_per_value)
+            + index_cache_bytes(self.indexer.index_dim, _fp8_cache(self), bytes_per_value))
+
+  def __call__(self, x, positions, *, cache: dict | None = None, segment_ids=None):
+    """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
+    batch, length, _ = x.shape
+    x = x.astype(self.dtype)
+    q_nope, q_rope, c_kv, k_rope, scale = self.project(x, positions)
+    w_uk, w_uv = self.w_uk[...].astype(self.dtype), self.w_uv[...].astype(self.dtype)
+    x_idx = jax.lax.stop_gradient(x)          # the indexer never trains the main graph
+    q_idx, weights = self.indexer.queries(x_idx, positions, jax.lax.stop_gradient(self.query_latent(x)))
+    k_idx = self.indexer.keys(x_idx, positions)
+    mask_kw = dict(segment_ids=segment_ids)
+    if cache is not None:
+      index_entries, k_idx = write_index_cache(cache, k_idx, positions)
+      cache = mla.write_latent_cache(cache, c_kv, k_rope, positions) | index_entries
+      c_kv, k_rope = cache["c_kv"].astype(self.dtype), cache["k_rope"].astype(self.dtype)
+      mask_kw = dict(q_positions=positions, kv_positions=cache["pos"])
+    # absorbed form: q_C . (c W_UK) = (q_C W_UK^T) . c; one latent row is every head's k and v
+    q = jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, w_uk), q_rope], axis=-1)
+    latent, k_r = c_kv[:, :, None], k_rope[:, :, None]                 # [B, S, 1, d_c], [.., d_R]
+
+    def sparse(indices):
+      o_latent = sparse_attention(q, latent, latent, indices, k_rope=k_r, scale=scale,
+                                  implementation=self.implementation)  # [B, L, H, d_c]
+      return jnp.einsum("bthc,chd->bthd", o_latent, w_uv)
+
+    out = _attend_selected(
+        self, q_idx, k_idx, weights, q=q, k=jnp.concatenate([latent, k_r], axis=-1), scale=scale,
+        dense=lambda: mla.mla_attention_naive(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, scale=scale,
+                                              attention_implementation=self.dense_implementation,
+                                              **mask_kw),
+        sparse=sparse, mask_kw=mask_kw)
+    out = out.reshape(batch, length, self.num_heads * self.v_head_dim)
+    return out @ self.wo[...].astype(self.dtype), cache
+
+
+DSA_LAYERS = (DSAttention, MLASparseAttention)
 
 
 def indexer_kl(model: nnx.Module) -> jax.Array:
@@ -739,5 +901,5 @@ def set_stage(model: nnx.Module, stage: int) -> None:
   if stage not in STAGES:
     raise ValueError(f"DSA stage must be one of {STAGES}, got stage={stage!r}")
   for _, module in nnx.iter_graph(model):
-    if isinstance(module, DSAttention):
+    if isinstance(module, DSA_LAYERS):
       module.stage = stage

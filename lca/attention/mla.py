@@ -163,6 +163,15 @@ def check_config(cfg) -> None:
     raise ValueError(f"model.mla_decode must be one of {DECODE_FORMS}, got {cfg.mla_decode!r}")
 
 
+def layer_kwargs(cfg) -> dict:
+  """MLAttention's keyword arguments from a `lca.model.ModelConfig` (fields mla_*, rope_*)."""
+  return dict(q_rank=cfg.mla_q_rank, kv_rank=cfg.mla_kv_rank, rope_dim=cfg.mla_rope_dim,
+              head_dim=cfg.mla_head_dim or cfg.head_dim, v_head_dim=cfg.mla_v_head_dim or cfg.head_dim,
+              rope_base=cfg.rope_base, rope_scaling=cfg.rope_scaling,
+              rope_scaling_factor=cfg.rope_scaling_factor, rope_original_length=cfg.rope_original_length,
+              decode=cfg.mla_decode, implementation=cfg.implementation, dtype=cfg.compute_dtype)
+
+
 class MLAttention(nnx.Module):
   """MLA layer. Training uses the naive form (through `full.attention`, any
   implementation); decoding caches only (c_KV, k_R) and attends in `decode` form."""
@@ -212,13 +221,17 @@ class MLAttention(nnx.Module):
     del context
     return cache_values_per_token(self.kv_rank, self.rope_dim) * bytes_per_value
 
+  def query_latent(self, x):
+    """x [B, L, d_model] -> c_Q = RMSNorm(x W_DQ) [B, L, d_c'] (x itself when q_rank = 0)."""
+    return x if self.w_dq is None else self.q_norm(x @ self.w_dq[...].astype(self.dtype))
+
   def project(self, x, positions):
     """x [B, L, d_model] -> q_nope [B, L, H, d_h], q_rope [B, L, H, d_R], c_kv [B, L, d_c],
     k_rope [B, L, d_R] (RoPE applied), and the logit scale."""
     batch, length, _ = x.shape
     w = lambda param: param[...].astype(self.dtype)
     freqs, scale = self.rope()
-    c_q = x if self.w_dq is None else self.q_norm(x @ w(self.w_dq))
+    c_q = self.query_latent(x)
     q_nope = (c_q @ w(self.w_uq)).reshape(batch, length, self.num_heads, self.head_dim)
     q_rope = (c_q @ w(self.w_qr)).reshape(batch, length, self.num_heads, self.rope_dim)
     q_rope = rope.apply_rope(q_rope, positions, freqs)
