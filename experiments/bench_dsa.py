@@ -3,13 +3,15 @@
     python -m experiments.bench_dsa --lengths=16384,32768,65536,131072
 
 One DeepSeek-V3.2-like attention layer, batch 1, 128 query heads:
-  DSA      MQA (MLA-absorbed) form: q [L, 128, 512] over one 512-dim latent per token
-           (k = v = the latent; V3.2's 64 RoPE dims are left out: Triton tiles are
-           powers of two, and padding 576 to 1024 would double the gathered bytes),
-           indexer 64 heads x 128 (FP8 and bf16), top-k 2048.
+  DSA      MQA (MLA-absorbed) form, V3.2's shapes: q [L, 128, 512 + 64] over one 512-dim
+           latent per token plus its 64-dim RoPE key (key [latent ; k_R], value = the
+           latent; `--rope_dim=0`: the latent alone, as sessions 2-7 measured), indexer
+           64 heads x 128 (FP8 and bf16), top-k 2048.
   dense    cuDNN (jax.nn.dot_product_attention) and lca flash (Pallas), causal MHA
-           128 heads x 128 (prefill); decode: the same absorbed MQA attention densely
-           over the whole latent cache (XLA), and cuDNN-size MHA 128 x 128 for reference.
+           128 heads x 128 (prefill), and cuDNN at MLA's dense prefill shape (V3.1: MHA
+           128 heads, q.k 192, v 128; jax's call takes one head dim, so v is zero-padded
+           to 192, as `mla.MLAttention` runs it); decode: the same absorbed MQA attention
+           densely over the whole latent cache (XLA), and MHA 128 x 128 cuDNN for reference.
 Prefill times are medians of block_until_ready wall times after warm-up (`bench`).
 Prefill top-k: the threshold-search kernel (pallas_kernels/dsa_topk.py) on all query
 chunks, as (indexer + top-k over all chunks) - (indexer over all chunks), and both
@@ -49,6 +51,8 @@ from pallas_kernels import dsa_attention, dsa_indexer, dsa_topk, resolve_interpr
 _LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768", "65536", "131072"], "Context lengths.")
 _HEADS = flags.DEFINE_integer("heads", 128, "Query heads.")
 _LATENT = flags.DEFINE_integer("latent", 512, "MQA latent dim (k = v).")
+_ROPE = flags.DEFINE_integer("rope_dim", 64, "MLA's decoupled RoPE key dims beside the latent (V3.2: 64; "
+                             "0: the key is the latent alone).")
 _INDEX_HEADS = flags.DEFINE_integer("index_heads", 64, "Indexer heads.")
 _INDEX_DIM = flags.DEFINE_integer("index_dim", 128, "Indexer head dim.")
 _TOP_K = flags.DEFINE_integer("top_k", 2048, "Selected tokens per query.")
@@ -57,7 +61,7 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 _PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
-_RUN = flags.DEFINE_string("run", "s7", "Label of this run, stored in each row (and the sweeps).")
+_RUN = flags.DEFINE_string("run", "s8", "Label of this run, stored in each row (and the sweeps).")
 _DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
 _SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
                                    "its longest length runs the sparse attention (default: default_blocks).")
@@ -83,6 +87,23 @@ def _causal_random_indices(length, top_k, q_positions):
       else ((n.astype(jnp.float32) * (t + 1).astype(jnp.float32) / top_k)).astype(jnp.int32)
   idx = jnp.where(t + 1 >= top_k, spread, n)
   return jnp.where(n <= t, idx, -1).astype(jnp.int32)
+
+
+def _mla_operands(key, q_len, kv_len):
+  """q [1, q_len, H, latent + R], latent [1, kv_len, 1, latent], k_R [1, kv_len, 1, R] or None."""
+  h, lat, rope = _HEADS.value, _LATENT.value, _ROPE.value
+  ks = jax.random.split(key, 3)
+  q = jax.random.normal(ks[0], (1, q_len, h, lat + rope), jnp.bfloat16)
+  latent = jax.random.normal(ks[1], (1, kv_len, 1, lat), jnp.bfloat16)
+  k_rope = jax.random.normal(ks[2], (1, kv_len, 1, rope), jnp.bfloat16) if rope else None
+  return q, latent, k_rope
+
+
+def _sparse(q, latent, k_rope, idx, blocks=None, shared=True):
+  """The Pallas sparse attention in MLA's absorbed form (key [latent ; k_R], value latent)."""
+  if k_rope is None:
+    return dsa_attention.sparse_attention(q, latent, latent if shared else latent + 0, idx, blocks=blocks)
+  return dsa_attention.sparse_attention(q, latent, None, idx, k_rope=k_rope, blocks=blocks)
 
 
 def _in_loop(label, fn, first, *rest, inner, reps):
@@ -164,6 +185,14 @@ def prefill_case(length, reps):
     f = jax.jit(lambda q, k, v, impl=impl: full.attention(q, k, v, causal=True, implementation=impl))
     res[f"dense_{impl}_ms"] = _ms(_try(f"dense {impl}", f, q, kd, vd, reps=reps))
   del q, kd, vd
+  # MLA's dense prefill (V3.1): MHA q.k 192 / v 128, v zero-padded to 192 for jax's cuDNN call
+  q = jax.random.normal(keys[0], (1, length, h, 192), bf)
+  kd = jax.random.normal(keys[1], (1, length, h, 192), bf)
+  vd = jax.random.normal(keys[2], (1, length, h, 128), bf)
+  f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, 64)]), is_causal=True, implementation="cudnn")[..., :128])
+  res["dense_mla_cudnn_ms"] = _ms(_try("dense MLA 192/128 cuDNN (v padded to 192)", f, q, kd, vd, reps=reps))
+  del q, kd, vd
   # DSA pieces
   qi = jax.random.normal(keys[3], (1, length, hi, di), bf)
   ki = jax.random.normal(keys[4], (1, length, di), bf)
@@ -197,19 +226,18 @@ def prefill_case(length, reps):
   res["indexer_topk_ms"] = _ms(t)
   if t is not None and res.get("indexer_fp8_ms") is not None:
     res["topk_ms"] = res["indexer_topk_ms"] - res["indexer_fp8_ms"]
-  latent = jax.random.normal(keys[6], (1, length, 1, lat), bf)
-  qs = jax.random.normal(keys[7], (1, length, h, lat), bf)
+  qs, latent, k_rope = _mla_operands(keys[6], length, length)
   idx = _causal_random_indices(length, top_k, pos[0])
   variant, blocks = _sparse_variant()
   res["sparse_variant"] = variant
-  f = jax.jit(lambda q, kv, i: dsa_attention.sparse_attention(q, kv, kv, i, blocks=blocks))
-  res["sparse_attention_ms"] = _ms(_try(f"sparse attention (MQA, pallas, {variant})", f, qs, latent, idx,
-                                        reps=reps))
+  f = jax.jit(lambda q, kv, kr, i: _sparse(q, kv, kr, i, blocks))
+  res["sparse_attention_ms"] = _ms(_try(f"sparse attention (MQA, pallas, {variant})", f, qs, latent, k_rope,
+                                        idx, reps=reps))
   del idx
 
-  def prefill(q, kv, qi, ki, w):
-    return dsa_attention.sparse_attention(q, kv, kv, index_top_k(qi, ki, w), blocks=blocks)
-  res["dsa_total_ms"] = _ms(_try("DSA prefill (end to end)", jax.jit(prefill), qs, latent, qi, ki, w,
+  def prefill(q, kv, kr, qi, ki, w):
+    return _sparse(q, kv, kr, index_top_k(qi, ki, w), blocks)
+  res["dsa_total_ms"] = _ms(_try("DSA prefill (end to end)", jax.jit(prefill), qs, latent, k_rope, qi, ki, w,
                                  reps=reps))
   return res
 
@@ -221,12 +249,12 @@ def decode_case(length, reps):
   res = {"length": length}
   loop = functools.partial(_in_loop, inner=_INNER.value, reps=reps)
 
-  latent = jax.random.normal(keys[0], (1, length, 1, lat), bf)
-  q = jax.random.normal(keys[1], (1, 1, h, lat), bf)
+  q, latent, k_rope = _mla_operands(keys[0], 1, length)
   qpos = jnp.full((1, 1), length - 1, jnp.int32)
   kvpos = jnp.arange(length, dtype=jnp.int32)[None]
-  res["dense_mqa_xla_ms"] = loop("dense absorbed-MQA decode (XLA)", lambda q, kv: full.attention_reference(
-      q, kv, kv, causal=True, q_positions=qpos, kv_positions=kvpos), q, latent)
+  key = lambda kv, kr: kv if kr is None else jnp.concatenate([kv, kr], axis=-1)
+  res["dense_mqa_xla_ms"] = loop("dense absorbed-MQA decode (XLA)", lambda q, kv, kr: full.attention_reference(
+      q, key(kv, kr), kv, causal=True, q_positions=qpos, kv_positions=kvpos), q, latent, k_rope)
   qm = jax.random.normal(keys[2], (1, 1, h, 128), bf)
   km = jax.random.normal(keys[3], (1, length, h, 128), bf)
   res["dense_mha_cudnn_ms"] = loop("dense MHA 128x128 decode (cuDNN)", lambda q, k: jax.nn.dot_product_attention(
@@ -246,16 +274,16 @@ def decode_case(length, reps):
   for impl, key in (("pallas", "topk_ms"), ("xla", "topk_xla_ms")):
     res[key] = loop(f"top-k {impl}", lambda s, impl=impl: dsa.top_k_select(s, top_k, implementation=impl), sc)
   idx = dsa.top_k_select(sc, top_k, implementation="xla")
-  res["sparse_attention_ms"] = loop("sparse attention (split-K)", lambda q, kv, i: dsa.sparse_attention(
-      q, kv, kv, i, implementation="pallas"), q, latent, idx)
+  res["sparse_attention_ms"] = loop("sparse attention (split-K)", lambda q, kv, kr, i: dsa.sparse_attention(
+      q, kv, kv, i, k_rope=kr, implementation="pallas"), q, latent, k_rope, idx)
 
-  def step(qi, q, ki, w, kv, topk=None):   # the indexer query first: nothing hoisted
+  def step(qi, q, ki, w, kv, kr, topk=None):   # the indexer query first: nothing hoisted
     i = dsa.top_k_select(dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos), top_k, implementation=topk)
-    return dsa.sparse_attention(q, kv, kv, i, implementation="pallas")
+    return dsa.sparse_attention(q, kv, kv, i, k_rope=kr, implementation="pallas")
   # default: bf16 indexer (decode kernel), top_k_select's default (lax.top_k for one row)
-  for key, keys, kw in (("dsa_total_ms", ki, {}), ("dsa_total_fp8_ms", k8, {}),
-                        ("dsa_total_kernel_topk_ms", ki, dict(topk="pallas"))):
-    res[key] = loop(f"DSA decode step {key}", functools.partial(step, **kw), qi, q, keys, w, latent)
+  for name, keys, kw in (("dsa_total_ms", ki, {}), ("dsa_total_fp8_ms", k8, {}),
+                         ("dsa_total_kernel_topk_ms", ki, dict(topk="pallas"))):
+    res[name] = loop(f"DSA decode step {name}", functools.partial(step, **kw), qi, q, keys, w, latent, k_rope)
   return res
 
 
@@ -346,15 +374,19 @@ def _time_unless_slow(label, f, args, limit_s, reps, keep_output=False):
   return _try(label, f, *args, reps=reps) or once, out
 
 
+def _present(*xs):
+  return [x for x in xs if x is not None]
+
+
 def _sparse_check(name, shared, blocks):
-  """Relative error vs the XLA gather path (fp32 math on the bf16 inputs), MQA 128 x 512."""
-  keys = jax.random.split(jax.random.key(7), 2)
-  q = jax.random.normal(keys[0], (1, 300, _HEADS.value, _LATENT.value), jnp.bfloat16)
-  kv = jax.random.normal(keys[1], (1, 300, 1, _LATENT.value), jnp.bfloat16)
+  """Relative error vs the XLA gather path (fp32 math on the bf16 inputs), MQA 128 x (512 + R)."""
+  del name
+  q, kv, kr = _mla_operands(jax.random.key(7), 300, 300)
   idx = _causal_random_indices(300, 256, jnp.arange(300, dtype=jnp.int32))
-  f = jax.jit(lambda q, kv: dsa_attention.sparse_attention(q, kv, kv if shared else kv + 0, idx, blocks=blocks))
-  got = f(q, kv).astype(jnp.float32)
-  ref = dsa.sparse_attention_gather(q.astype(jnp.float32), kv.astype(jnp.float32), kv.astype(jnp.float32), idx)
+  got = jax.jit(lambda *a: _sparse(*a, blocks, shared))(q, kv, kr, idx).astype(jnp.float32)
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  kv32 = f32(kv)
+  ref = dsa.sparse_attention(f32(q), kv32, kv32, idx, k_rope=f32(kr), implementation="xla")
   return float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
 
 
@@ -363,11 +395,11 @@ def sparse_case(length, reps, state):
   later lengths the `--sweep_top` fastest of the first plus the first variant (baseline)."""
   res = {"length": length}
   keys = jax.random.split(jax.random.key(length + 2), 2)
-  q = jax.random.normal(keys[0], (1, length, _HEADS.value, _LATENT.value), jnp.bfloat16)
-  kv = jax.random.normal(keys[1], (1, length, 1, _LATENT.value), jnp.bfloat16)
+  q, kv, kr = _mla_operands(keys[0], length, length)
   idx = _causal_random_indices(length, _TOP_K.value, jnp.arange(length, dtype=jnp.int32))
   names = state.get("sparse_order") or [n for n in SPARSE_VARIANTS
-                                        if not _SPARSE_VARIANTS.value or n in _SPARSE_VARIANTS.value]
+                                        if (not _SPARSE_VARIANTS.value or n in _SPARSE_VARIANTS.value)
+                                        and (SPARSE_VARIANTS[n][0] or kr is None)]   # k_R: shared only
   for name in names:
     shared, blocks = SPARSE_VARIANTS[name]
     if "sparse_order" not in state:
@@ -377,17 +409,16 @@ def sparse_case(length, reps, state):
       except Exception as e:  # pylint: disable=broad-except
         print(f"  {name}: check failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
-    f = jax.jit(lambda q, kv, i, shared=shared, blocks=blocks: dsa_attention.sparse_attention(
-        q, kv, kv if shared else kv + 0, i, blocks=blocks))
+    f = jax.jit(lambda q, kv, kr, i, shared=shared, blocks=blocks: _sparse(q, kv, kr, i, blocks, shared))
     best = min([res[f"{n}_ms"] for n in names if res.get(f"{n}_ms")] or [1e12]) * 1e-3
     try:
-      t, _ = _time_unless_slow(f"sparse {name}", f, (q, kv, idx), 3 * best, reps)
+      t, _ = _time_unless_slow(f"sparse {name}", f, (q, kv, kr, idx), 3 * best, reps)
     except Exception as e:  # pylint: disable=broad-except
       print(f"  sparse {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
       continue
     res[f"{name}_ms"] = _ms(t)
     if _SPARSE_BWD.value:   # the backward kernels alone
-      bwd, ct = bench_common.backward_timer(lambda q, kv, f=f: f(q, kv, idx), q, kv)
+      bwd, ct = bench_common.backward_timer(lambda *a, f=f: f(*a, idx), *_present(q, kv, kr))
       res[f"{name}_bwd_ms"] = _ms(_try(f"sparse {name} backward", bwd, ct, reps=reps))
   if "sparse_order" not in state:
     timed = sorted((res[f"{n}_ms"], n) for n in names if res.get(f"{n}_ms") is not None)
@@ -567,13 +598,15 @@ def plot_indexer_sweep(rows, meta, path: pathlib.Path):
 
 
 def _merge(old, new):
-  """Rows of `new` replace those of `old` with the same length; the others are kept."""
+  """Rows of `new` replace those of `old` with the same length and key dims; the others are kept
+  (rows before session 8 have no key-dim fields: latent 512, no RoPE part)."""
   out = {}
+  row_key = lambda r: (r["length"], r.get("latent", 512), r.get("rope_dim", 0))
   for part in set(old) | set(new):
     if part == "meta":
       continue
-    rows = {r["length"]: r for r in old.get(part, [])}
-    rows.update({r["length"]: r for r in new.get(part, [])})
+    rows = {row_key(r): r for r in old.get(part, [])}
+    rows.update({row_key(r): r for r in new.get(part, [])})
     out[part] = [rows[k] for k in sorted(rows)]
   return out
 
@@ -581,7 +614,7 @@ def _merge(old, new):
 def write(results, out: pathlib.Path, **meta_extra):
   out.mkdir(parents=True, exist_ok=True)
   meta = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__,
-              heads=_HEADS.value, latent=_LATENT.value, index_heads=_INDEX_HEADS.value,
+              heads=_HEADS.value, latent=_LATENT.value, rope_dim=_ROPE.value, index_heads=_INDEX_HEADS.value,
               index_dim=_INDEX_DIM.value, top_k=_TOP_K.value, chunk=_CHUNK.value,
               decode_timing=f"device time per call, bench_in_loop(inner={_INNER.value})",
               prefill_timing="bench (median wall time of one call)")
@@ -593,22 +626,27 @@ def write(results, out: pathlib.Path, **meta_extra):
            "Prefill: wall ms of one call; top-k = (indexer fp8 + top-k, all chunks) - indexer fp8. "
            "Decode: device ms per call (bench_in_loop).", ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
   lines += _table(
-      ["prefill L", "run", "dense cuDNN", "dense flash", "indexer fp8", "indexer bf16", "top-k (kernel, all chunks)",
+      ["prefill L", "run", "key dims", "dense cuDNN 128x128", "dense flash", "dense MLA cuDNN 192/128",
+       "indexer fp8", "indexer bf16", "top-k (kernel, all chunks)",
        "top-k lax (1 chunk x n)", "top-k kernel / lax, last chunk", "sparse attn", "DSA total",
-       "speed-up vs cuDNN", "indexer share"], results.get("prefill", []),
-      [g("length"), g("run"), g("dense_cudnn_ms"), g("dense_pallas_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+       "speed-up vs cuDNN 128x128", "vs MLA cuDNN 192/128", "indexer share"], results.get("prefill", []),
+      [g("length"), g("run"), lambda r: f"{r.get('latent', 512)}+{r['rope_dim']}" if "rope_dim" in r else "512",
+       g("dense_cudnn_ms"), g("dense_pallas_ms"), g("dense_mla_cudnn_ms"),
+       g("indexer_fp8_ms"), g("indexer_bf16_ms"),
        g("topk_ms"), g("topk_xla_ms_scaled"),
        lambda r: None if r.get("topk_pallas_chunk_ms") is None else
        f"{r['topk_pallas_chunk_ms']:.3g} / {r.get('topk_xla_chunk_ms') or float('nan'):.3g}",
        g("sparse_attention_ms"), g("dsa_total_ms"),
        lambda r: _ratio(r.get("dense_cudnn_ms"), r.get("dsa_total_ms")),
+       lambda r: _ratio(r.get("dense_mla_cudnn_ms"), r.get("dsa_total_ms")),
        lambda r: _ratio(r.get("indexer_fp8_ms"), r.get("dsa_total_ms"))])
   lines += [""] + _table(
-      ["decode L", "run", "dense MQA (XLA)", "dense MHA cuDNN", "indexer fp8", "indexer bf16", "top-k kernel",
+      ["decode L", "run", "key dims", "dense MQA (XLA)", "dense MHA cuDNN", "indexer fp8", "indexer bf16", "top-k kernel",
        "top-k lax", "sparse attn", "DSA step", "DSA step, fp8 indexer", "DSA step, top-k kernel",
        "speed-up vs dense MQA", "vs MHA cuDNN"],
       results.get("decode", []),
-      [g("length"), g("run"), g("dense_mqa_xla_ms"), g("dense_mha_cudnn_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+      [g("length"), g("run"), lambda r: f"{r.get('latent', 512)}+{r['rope_dim']}" if "rope_dim" in r else "512",
+       g("dense_mqa_xla_ms"), g("dense_mha_cudnn_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
        g("topk_ms"), g("topk_xla_ms"), g("sparse_attention_ms"), g("dsa_total_ms"),
        g("dsa_total_fp8_ms"), g("dsa_total_kernel_topk_ms"),
        lambda r: _ratio(r.get("dense_mqa_xla_ms"), r.get("dsa_total_ms")),
@@ -632,7 +670,8 @@ def write(results, out: pathlib.Path, **meta_extra):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, series in ((axes[0], "prefill", ("dense_cudnn_ms", "dense_pallas_ms", "indexer_fp8_ms",
+    for ax, key, series in ((axes[0], "prefill", ("dense_cudnn_ms", "dense_pallas_ms", "dense_mla_cudnn_ms",
+                                                  "indexer_fp8_ms",
                                                   "topk_ms", "topk_xla_ms_scaled", "sparse_attention_ms",
                                                   "dsa_total_ms")),
                             (axes[1], "decode", ("dense_mqa_xla_ms", "dense_mha_cudnn_ms", "indexer_fp8_ms",
@@ -667,7 +706,7 @@ def main(argv):
   if (out / "results.json").exists():
     old = json.loads((out / "results.json").read_text())
   meta_old = {k: v for k, v in old.get("meta", {}).items() if k not in (
-      "device", "date", "jax", "heads", "latent", "index_heads", "index_dim", "top_k", "chunk",
+      "device", "date", "jax", "heads", "latent", "rope_dim", "index_heads", "index_dim", "top_k", "chunk",
       "decode_timing", "prefill_timing")}
   results, sweeps, state = {}, {}, {}
   for part in _PARTS.value:
@@ -680,7 +719,8 @@ def main(argv):
         target[part].append(cases[part](length, _REPS.value, state))
         write_sweep(sweeps, out)
       else:
-        target[part].append(dict(cases[part](length, _REPS.value), run=_RUN.value))
+        target[part].append(dict(cases[part](length, _REPS.value), run=_RUN.value, latent=_LATENT.value,
+                                 rope_dim=_ROPE.value))
         write(_merge(old, results), out, **meta_old)
 
 

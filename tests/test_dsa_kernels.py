@@ -184,18 +184,24 @@ def test_kernels_on_gpu_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_sparse_kernel_mla_latent_default_blocks_on_gpu():
-  """The benchmark's MLA shape (128 heads over one 512-dim latent, k = v) with default_blocks:
-  64 heads a program at 8 warps in the forward, forward and gradients against the reference."""
+@pytest.mark.parametrize("rope_dim", [0, 64])
+def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
+  """The benchmark's MLA shape (128 heads over one 512-dim latent, k = v; with rope_dim, V3.2's
+  key [latent ; 64 RoPE dims]) with default_blocks: 64 heads a program at 8 warps in the
+  forward, forward and gradients against the reference."""
   assert dsa_attention.default_blocks(300, 64, 512, 128).block_h == 64
-  q, kv, _, idx = _case(50, 300, 128, 1, 512, 512, 64, batch=1)
-  q, kv = q.astype(jnp.bfloat16) * 0.1, kv.astype(jnp.bfloat16)
-  fast = lambda q, kv: dsa_attention.sparse_attention(q, kv, kv, idx)
-  ref = lambda q, kv: dsa.sparse_attention_reference(q, kv, kv, idx)
+  q, kv, _, idx = _case(50, 300, 128, 1, 512 + rope_dim, 512, 64, batch=1)
+  q, kv = q.astype(jnp.bfloat16) * 0.1, kv[..., :512].astype(jnp.bfloat16)
+  kr = _normal(52, (1, 300, 1, rope_dim), jnp.bfloat16) if rope_dim else None
+  fast = lambda q, kv, kr: dsa_attention.sparse_attention(q, kv, None, idx, k_rope=kr)
+  ref = lambda q, kv, kr: dsa.sparse_attention_reference(
+      q, kv if kr is None else jnp.concatenate([kv, kr], -1), kv, idx)
   rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
-  assert rel(jax.jit(fast)(q, kv), ref(q, kv)) < 1e-2
-  ct = _normal(51, q.shape, jnp.bfloat16)
-  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum((f(*a) * ct).astype(jnp.float32)), argnums=(0, 1)))(q, kv)
+  assert rel(jax.jit(fast)(q, kv, kr), ref(q, kv, kr)) < 1e-2
+  ct = _normal(51, (*q.shape[:3], 512), jnp.bfloat16)
+  argnums = (0, 1, 2) if rope_dim else (0, 1)
+  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum((f(*a) * ct).astype(jnp.float32)), argnums=argnums))(
+      q, kv, kr)
   for a, b in zip(grads(fast), grads(ref)):
     assert rel(a, b) < 2e-2
 
