@@ -355,6 +355,12 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
                                             bwd_block_h=32, bwd_num_warps=16)),
     "sh_h64_k64_w8_s2_bk32_bw4": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=32,
                                            bwd_block_h=32, bwd_num_warps=4)),
+    # session 8, V3.2's 512 + 64 key: the 8-warp backward overflows the shared memory (287 KB);
+    # 16 rows a step at 8 or 4 warps
+    "sh_h64_k64_w8_s2_bk16_bw8": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=16,
+                                           bwd_block_h=32, bwd_num_warps=8)),
+    "sh_h64_k64_w8_s2_bk16_bw4": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=16,
+                                           bwd_block_h=32, bwd_num_warps=4)),
 }
 
 

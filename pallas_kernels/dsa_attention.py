@@ -60,7 +60,7 @@ class SparseBlocks:
 MAX_BLOCK_H = 32   # head block cap, except the wide-latent prefill (see default_blocks)
 
 
-def default_blocks(q_len: int, top_k: int, dim: int, group: int) -> SparseBlocks:
+def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int = 0) -> SparseBlocks:
   """Launch parameters measured on an H100 (MQA 128 heads x 512 latent, top-k 2048; NOTES_dsa.md).
 
   Prefill: 64 rows a step (32 -> 64 rows took 32k from 97 to 77 ms). Heads per program: 32 at
@@ -69,14 +69,16 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int) -> SparseBlocks
   heads do not fit the registers. The backward keeps 32 heads a program (64 overflow the shared
   memory at a 512-dim latent), 32 rows a step (64: 3x slower) and, for head dims > 256, 8 warps.
   Decode (split K over programs) keeps 32 heads, 32 rows and, for head dims > 256, 8 warps, as
-  measured in session 3.
+  measured in session 3. With MLA's RoPE key part (rope_dim > 0) at head dims > 256 the 8-warp
+  backward overflows the shared memory (287 KB at 512 + 64): it runs at 4 warps (session 8).
   """
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
   wide_prefill = splits == 1 and dim > 256
   block_h = min(2 * MAX_BLOCK_H if wide_prefill else MAX_BLOCK_H, max(16, pl.next_power_of_2(group)))
   return SparseBlocks(block_h=block_h, block_k=64 if splits == 1 else 32, num_splits=splits,
                       num_warps=8 if dim > 256 and (splits > 1 or block_h > MAX_BLOCK_H) else 4,
-                      bwd_block_k=32, bwd_block_h=min(block_h, MAX_BLOCK_H))
+                      bwd_block_k=32, bwd_block_h=min(block_h, MAX_BLOCK_H),
+                      bwd_num_warps=4 if rope_dim and dim > 256 else None)
 
 
 def _unpack(refs, shared, rope):
@@ -142,9 +144,11 @@ def _pow2(d):
 def _layout(q, k, v, k_rope, indices, blocks):
   """Pads head dims to powers of two, the group to the head block, K to block_k * splits.
 
-  Returns q5 [B, L, H_kv, Gp, Dp], qr5 [B, L, H_kv, Gp, Rp] (None without k_rope: q's last
-  R dims are its RoPE part), k [B, S, H_kv, Dp], v [B, S, H_kv, Dvp] (None when shared),
-  k_rope [B, S, H_kv, Rp] or None, idx [B, L, Kp].
+  Returns q_parts, k [B, S, H_kv, Dp], v [B, S, H_kv, Dvp] (None when shared), k_rope
+  [B, S, H_kv, Rp] or None, idx [B, L, Kp]. q_parts: [(q5, Dp, 0)] or, with k_rope, q's latent
+  and RoPE parts as (array [B, L, H_kv, Gp, *], block width, block index along the last dim):
+  both views of one [.., D + R] array when D and R are powers of two and R divides D (V3.2's
+  512 + 64: no copy of q, which is 19 GB at 128k x 128 heads), else two zero-padded copies.
   """
   batch, q_len, num_heads, _ = q.shape
   num_kv_heads, dim = k.shape[2], k.shape[3]
@@ -152,16 +156,25 @@ def _layout(q, k, v, k_rope, indices, blocks):
   gp = -(-group // blocks.block_h) * blocks.block_h
   kmult = blocks.block_k * blocks.num_splits
   kp = -(-indices.shape[-1] // kmult) * kmult
-  heads = lambda x, d: _pad_dim(jnp.pad(x.reshape(batch, q_len, num_kv_heads, group, -1),
-                                        [(0, 0)] * 3 + [(0, gp - group), (0, 0)]), _pow2(d))
-  q5 = heads(q[..., :dim], dim)
-  qr5 = None if k_rope is None else heads(q[..., dim:], k_rope.shape[-1])
-  k = _pad_dim(k, _pow2(dim))
+  heads = lambda x: jnp.pad(x.reshape(batch, q_len, num_kv_heads, group, -1),
+                            [(0, 0)] * 3 + [(0, gp - group), (0, 0)])
+  dp = _pow2(dim)
+  if k_rope is None:
+    q_parts = [(_pad_dim(heads(q), dp), dp, 0)]
+  else:
+    rope = k_rope.shape[-1]
+    rp = _pow2(rope)
+    if dp == dim and rp == rope and dim % rope == 0:
+      q5 = heads(q)
+      q_parts = [(q5, dim, 0), (q5, rope, dim // rope)]
+    else:
+      q_parts = [(_pad_dim(heads(q[..., :dim]), dp), dp, 0), (_pad_dim(heads(q[..., dim:]), rp), rp, 0)]
+  k = _pad_dim(k, dp)
   v = None if v is None else _pad_dim(v, _pow2(v.shape[-1]))
   k_rope = None if k_rope is None else _pad_dim(k_rope, _pow2(k_rope.shape[-1]))
   idx = jnp.pad(indices.astype(jnp.int32), [(0, 0), (0, 0), (0, kp - indices.shape[-1])],
                 constant_values=-1)
-  return q5, qr5, k, v, k_rope, idx
+  return q_parts, k, v, k_rope, idx
 
 
 def _present(*xs):
@@ -175,22 +188,22 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   num_kv_heads, kv_len = k.shape[2], k.shape[1]
   dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
-  q5, qr5, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
-  gp, ksel = q5.shape[3], idx.shape[-1]
+  q_parts, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
+  gp, ksel = q_parts[0][0].shape[3], idx.shape[-1]
   dvp = (kp if shared else vp).shape[-1]
   bh, splits = blocks.block_h, blocks.num_splits
   per_split = ksel // splits
   grid = (batch, q_len, num_kv_heads * (gp // bh), splits)
   nhb = gp // bh
-  head_spec = lambda x: pl.BlockSpec((None, None, None, bh, x.shape[-1]),
-                                     lambda b, t, h, s: (b, t, h // nhb, h % nhb, 0))
+  head_spec = lambda width, j: pl.BlockSpec((None, None, None, bh, width),
+                                            lambda b, t, h, s: (b, t, h // nhb, h % nhb, j))
   rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h, s: (b, 0, h // nhb, 0))
-  operands = _present(q5, qr5, kp, vp, krp)
+  operands = [x for x, _, _ in q_parts] + _present(kp, vp, krp)
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
                         steps=per_split // blocks.block_k, shared=shared, rope=rope),
       grid=grid,
-      in_specs=[*[head_spec(x) for x in _present(q5, qr5)], *[rows_spec(x) for x in _present(kp, vp, krp)],
+      in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[rows_spec(x) for x in _present(kp, vp, krp)],
                 pl.BlockSpec((None, None, per_split), lambda b, t, h, s: (b, t, s))],
       out_specs=[
           pl.BlockSpec((None, None, None, None, bh, dvp), lambda b, t, h, s: (b, t, s, h // nhb, h % nhb, 0)),
@@ -295,9 +308,10 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
   blocks = dataclasses.replace(blocks, num_splits=1, block_h=blocks.bwd_block_h or blocks.block_h)
-  q5, qr5, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
+  q_parts, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
   block_k = blocks.bwd_block_k or blocks.block_k
-  gp, dp, ksel = q5.shape[3], q5.shape[4], idx.shape[-1]
+  gp, dp, ksel = q_parts[0][0].shape[3], q_parts[0][1], idx.shape[-1]
+  q_arrays, q_widths = [x for x, _, _ in q_parts], [w for _, w, _ in q_parts]
   if ksel % block_k:
     raise ValueError(f"SparseBlocks.bwd_block_k={block_k} must divide the top-k padded to "
                      f"block_k={blocks.block_k} ({ksel})")
@@ -316,30 +330,30 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   params = plgpu.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
   # dq: one program per (query, head block), as the forward
   head = lambda b, t, h: (b, t, h // nhb, h % nhb)
-  head_spec = lambda x: pl.BlockSpec((None, None, None, bh, x.shape[-1]), lambda b, t, h: (*head(b, t, h), 0))
+  head_spec = lambda width, j=0: pl.BlockSpec((None, None, None, bh, width), lambda b, t, h: (*head(b, t, h), j))
   rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h: (b, 0, h // nhb, 0))
   dqs = pl.pallas_call(
       functools.partial(_bwd_dq_kernel, scale=scale, block_k=block_k, steps=ksel // block_k,
                         shared=shared, rope=rope),
       grid=(batch, q_len, num_kv_heads * nhb),
-      in_specs=[*[head_spec(x) for x in _present(q5, qr5)], *[rows_spec(x) for x in rows_in],
+      in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[rows_spec(x) for x in rows_in],
                 pl.BlockSpec((None, None, ksel), lambda b, t, h: (b, t, 0)),
-                head_spec(do5), pl.BlockSpec((None, None, None, bh), head),
+                head_spec(dvp), pl.BlockSpec((None, None, None, bh), head),
                 pl.BlockSpec((None, None, None, bh), head)],
-      out_specs=[head_spec(x) for x in _present(q5, qr5)],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, q.dtype) for x in _present(q5, qr5)],
+      out_specs=[head_spec(w) for w in q_widths],
+      out_shape=[jax.ShapeDtypeStruct((batch, q_len, num_kv_heads, gp, w), q.dtype) for w in q_widths],
       compiler_params=params, interpret=interpret, name="dsa_sparse_attention_bwd_dq",
-  )(*_present(q5, qr5), *rows_in, idx, do5, lse, delta)
+  )(*q_arrays, *rows_in, idx, do5, lse, delta)
   # dk, dv: one program per (query, KV head, block_k gathered rows), summed over all the group's
   # head blocks before one atomic add per row (atomics per head block instead: 1.5x slower)
-  group_spec = lambda *d: pl.BlockSpec((None, None, None, gp, *d), lambda b, t, g, i: (b, t, g, 0, *[0] * len(d)))
+  group_spec = lambda *d, j=0: pl.BlockSpec((None, None, None, gp, *d), lambda b, t, g, i: (b, t, g, 0, *[j] * len(d)))
   kv_spec = lambda d, n: pl.BlockSpec((None, n, None, d), lambda b, t, g, i: (b, 0, g, 0))
-  n_in = len(_present(q5, qr5)) + len(rows_in) + 4   # ..., idx, do, lse, delta
+  n_in = len(q_arrays) + len(rows_in) + 4   # ..., idx, do, lse, delta
   bufs = pl.pallas_call(
       functools.partial(_bwd_dkv_kernel, scale=scale, block_h=bh, trash_row=kv_len, shared=shared,
                         rope=rope),
       grid=(batch, q_len, num_kv_heads, ksel // block_k),
-      in_specs=[*[group_spec(x.shape[-1]) for x in _present(q5, qr5)],
+      in_specs=[*[group_spec(w, j=j) for _, w, j in q_parts],
                 *[kv_spec(x.shape[-1], kv_len) for x in rows_in],
                 pl.BlockSpec((None, None, block_k), lambda b, t, g, i: (b, t, i)),
                 group_spec(dvp), group_spec(), group_spec(),
@@ -348,7 +362,7 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
       out_shape=[jax.ShapeDtypeStruct(b.shape, jnp.float32) for b in bufs],
       input_output_aliases={n_in + i: i for i in range(len(bufs))},
       compiler_params=params, interpret=interpret, name="dsa_sparse_attention_bwd_dkv",
-  )(*_present(q5, qr5), *rows_in, idx, do5, lse, delta, *bufs)
+  )(*q_arrays, *rows_in, idx, do5, lse, delta, *bufs)
   unpad = lambda x, d: x[:, :, :, :group, :d].reshape(batch, q_len, num_heads, d)
   dq = unpad(dqs[0], dim)
   if rope:
@@ -431,7 +445,8 @@ def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = Non
   dsa.check_indices(q, k, indices)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   group = q.shape[2] // k.shape[2]
-  blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], k.shape[-1], group)
+  blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], k.shape[-1], group,
+                                    0 if k_rope is None else k_rope.shape[-1])
   if shared:
     return _sparse_attention_shared(q, k, k_rope, indices.astype(jnp.int32), scale, blocks,
                                     resolve_interpret(interpret))

@@ -116,6 +116,17 @@ def test_sparse_kernel_mla_split_key_forward_gradients_and_decode():
   chex.assert_trees_all_close(
       dsa_attention.sparse_attention(q, kv[..., :latent], None, idx, k_rope=k_rope, scale=scale, blocks=split),
       ref(q, kv[..., :latent], k_rope), atol=1e-5, rtol=1e-5)
+  # powers of two with R | D (V3.2's 512 + 64): the kernels read q's two parts in place
+  q2, kv2, _, idx2 = _case(83, 9, 16, 1, 48, 24, 6, batch=1)
+  kr2 = _normal(84, (1, 9, 1, 16))
+  fast2 = lambda q, kv, kr: dsa_attention.sparse_attention(q, kv, None, idx2, k_rope=kr,
+                                                           blocks=dsa_attention.SparseBlocks(16, 16))
+  ref2 = lambda q, kv, kr: dsa.sparse_attention_reference(q, jnp.concatenate([kv, kr], -1), kv, idx2)
+  ct2 = _normal(85, (1, 9, 16, 32))
+  args2 = (q2, kv2[..., :32], kr2)
+  chex.assert_trees_all_close(fast2(*args2), ref2(*args2), atol=1e-5, rtol=1e-5)
+  grads2 = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct2), argnums=(0, 1, 2))(*args2)
+  chex.assert_trees_all_close(grads2(fast2), grads2(ref2), atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="q's head dim"):
     dsa_attention.sparse_attention(q[..., :28], kv[..., :latent], None, idx, k_rope=k_rope)
   with pytest.raises(ValueError, match="shared form"):
