@@ -374,42 +374,24 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   return dq, dk, dvv, dkr
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse_attention(q, k, v, indices, scale, blocks, interpret):
-  return _forward(q, k, v, None, indices, scale, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _sparse_attention(q, k, v, k_rope, indices, scale, blocks, interpret):
+  """v None: shared (v = k); k_rope None: no RoPE part. Cotangents None for absent operands."""
+  return _forward(q, k, v, k_rope, indices, scale, blocks, interpret)[0]
 
 
-def _vjp_fwd(q, k, v, indices, scale, blocks, interpret):
-  out, lse = _forward(q, k, v, None, indices, scale, blocks, interpret)
-  return out, (q, k, v, indices, out, lse)
+def _vjp_fwd(q, k, v, k_rope, indices, scale, blocks, interpret):
+  out, lse = _forward(q, k, v, k_rope, indices, scale, blocks, interpret)
+  return out, (q, k, v, k_rope, indices, out, lse)
 
 
 def _vjp_bwd(scale, blocks, interpret, res, dout):
-  q, k, v, indices, out, lse = res
-  dq, dk, dv, _ = _backward(q, k, v, None, indices, out, lse, dout, scale, blocks, interpret)
-  return dq, dk, dv, None
+  q, k, v, k_rope, indices, out, lse = res
+  dq, dk, dv, dkr = _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret)
+  return dq, dk, dv, dkr, None
 
 
 _sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse_attention_shared(q, kv, k_rope, indices, scale, blocks, interpret):
-  return _forward(q, kv, None, k_rope, indices, scale, blocks, interpret)[0]
-
-
-def _shared_fwd(q, kv, k_rope, indices, scale, blocks, interpret):
-  out, lse = _forward(q, kv, None, k_rope, indices, scale, blocks, interpret)
-  return out, (q, kv, k_rope, indices, out, lse)
-
-
-def _shared_bwd(scale, blocks, interpret, res, dout):
-  q, kv, k_rope, indices, out, lse = res
-  dq, dkv, _, dkr = _backward(q, kv, None, k_rope, indices, out, lse, dout, scale, blocks, interpret)
-  return dq, dkv, dkr, None
-
-
-_sparse_attention_shared.defvjp(_shared_fwd, _shared_bwd)
 
 
 def check_k_rope(q, k, v, k_rope) -> None:
@@ -447,8 +429,5 @@ def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = Non
   group = q.shape[2] // k.shape[2]
   blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], k.shape[-1], group,
                                     0 if k_rope is None else k_rope.shape[-1])
-  if shared:
-    return _sparse_attention_shared(q, k, k_rope, indices.astype(jnp.int32), scale, blocks,
-                                    resolve_interpret(interpret))
-  return _sparse_attention(q, k, v, indices.astype(jnp.int32), scale, blocks,
+  return _sparse_attention(q, k, None if shared else v, k_rope, indices.astype(jnp.int32), scale, blocks,
                            resolve_interpret(interpret))
