@@ -22,9 +22,25 @@ import copy
 from ml_collections import config_dict
 
 from configs import dsa_tiny
+from lca import attention
 
 STAGES = {"stage1": 1, "stage2": 2}
 DEFAULT_INIT = {1: "results/dsa_dense", 2: "results/dsa_stage1"}
+
+
+DENSE_KIND = {"D": "G", "S": "M"}   # each DSA layer kind and the dense layer it converts from
+
+
+def dense_config(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """The dense LM that `config` (DSA layers, a `convert` section) converts from: "D" layers
+  become full attention ("G"), "S" layers (V3.2: DSA under MLA) plain MLA ("M"); trained for
+  convert.dense_steps."""
+  c = copy.deepcopy(config).unlock()
+  kinds = attention.parse_layer_pattern(c.model.layer_pattern, c.model.num_layers)
+  c.model.layer_pattern = "".join(DENSE_KIND.get(k, k) for k in kinds)
+  c.train.num_steps = config.convert.dense_steps
+  del c["convert"]
+  return c
 
 
 def stage_config(config: config_dict.ConfigDict, stage: int, init_from: str) -> config_dict.ConfigDict:

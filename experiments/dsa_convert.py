@@ -29,27 +29,12 @@ from flax import nnx
 from ml_collections import config_flags
 
 from configs import dsa_convert as stages
-from lca import attention
 from lca import data as data_lib
 from lca import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dsa_tiny.py", "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "results/dsa_convert", "Where runs and results go.")
 _RESULTS = flags.DEFINE_string("results", None, "Also write convert.json + .md here.")
-
-
-DENSE_KIND = {"D": "G", "S": "M"}   # each DSA layer kind and the dense layer it converts from
-
-
-def dense_config(config):
-  """The dense LM that `config` (DSA layers) converts from: "D" layers become full attention
-  ("G"), "S" layers (V3.2: DSA under MLA) plain MLA ("M")."""
-  c = copy.deepcopy(config).unlock()
-  kinds = attention.parse_layer_pattern(c.model.layer_pattern, c.model.num_layers)
-  c.model.layer_pattern = "".join(DENSE_KIND.get(k, k) for k in kinds)
-  c.train.num_steps = config.convert.dense_steps
-  del c["convert"]
-  return c
 
 
 def _evals(workdir: pathlib.Path) -> list[dict]:
@@ -76,7 +61,7 @@ def convert(config, workdir: str, log=print) -> dict:
   dense_dir = config.convert.dense_workdir or str(workdir / "dense")
   if not (pathlib.Path(dense_dir) / "checkpoints").exists():
     log(f"training the dense LM in {dense_dir}")
-    train.run(dense_config(config), dense_dir, log=log)
+    train.run(stages.dense_config(config), dense_dir, log=log)
   random = random_indexer_val(config, dense_dir, log)
   log(f"DSA, random indexer (top-{config.model.dsa_top_k}): val CE {random['ce']:.4f}")
   for stage, init_from in ((1, dense_dir), (2, str(workdir / "stage1"))):

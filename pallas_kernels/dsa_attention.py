@@ -394,18 +394,6 @@ def _vjp_bwd(scale, blocks, interpret, res, dout):
 _sparse_attention.defvjp(_vjp_fwd, _vjp_bwd)
 
 
-def check_k_rope(q, k, v, k_rope) -> None:
-  """MLA's split key: k_rope [B, S, H_kv, R] beside k [B, S, H_kv, D], q [B, L, H, D + R], v = k."""
-  if v is not None and v is not k:
-    raise ValueError("k_rope needs the shared form (v=None or v is k: the value is k's latent)")
-  if k_rope.ndim != 4 or k_rope.shape[:3] != k.shape[:3] or k_rope.dtype != k.dtype:
-    raise ValueError(f"k_rope must be [batch, seq, kv_heads, rope_dim] with k's {k.shape[:3]} and "
-                     f"dtype {k.dtype}, got {k_rope.shape} {k_rope.dtype}")
-  if q.ndim != 4 or q.shape[-1] != k.shape[-1] + k_rope.shape[-1]:
-    raise ValueError(f"with k_rope, q's head dim must be k's + k_rope's = {k.shape[-1]} + "
-                     f"{k_rope.shape[-1]}, got q {q.shape}")
-
-
 def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = None,
                      blocks: SparseBlocks | None = None, interpret: bool | None = None):
   """q [B, L, H, D], k [B, S, H_kv, D], v [B, S, H_kv, Dv] or None, indices [B, L, K] int
@@ -420,10 +408,8 @@ def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = Non
   from lca.attention import common, dsa  # pylint: disable=g-import-not-at-top
   shared = v is None or v is k
   if k_rope is not None:
-    check_k_rope(q, k, v, k_rope)
-    common.check_qkv(q[..., :k.shape[-1]], k, k)
-  else:
-    common.check_qkv(q, k, k if v is None else v)
+    dsa.check_k_rope(q, k, k if v is None else v, k_rope)
+  common.check_qkv(q if k_rope is None else q[..., :k.shape[-1]], k, k if v is None else v)
   dsa.check_indices(q, k, indices)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   group = q.shape[2] // k.shape[2]

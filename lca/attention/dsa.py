@@ -78,6 +78,19 @@ def check_indices(q, k, indices) -> None:
     raise TypeError(f"indices must be integers, got {indices.dtype}")
 
 
+def check_k_rope(q, k, v, k_rope) -> None:
+  """MLA's split key: k_rope [B, S, H_kv, R] beside k [B, S, H_kv, D], q [B, L, H, D + R], v is k."""
+  if v is not k:
+    raise ValueError("with k_rope, v must be k (MLA's latent is both the key's first part and the value: "
+                     "the shared form)")
+  if k_rope.ndim != 4 or k_rope.shape[:3] != k.shape[:3] or k_rope.dtype != k.dtype:
+    raise ValueError(f"k_rope must be [batch, seq, kv_heads, rope_dim] with k's {k.shape[:3]} and "
+                     f"dtype {k.dtype}, got {k_rope.shape} {k_rope.dtype}")
+  if q.ndim != 4 or q.shape[-1] != k.shape[-1] + k_rope.shape[-1]:
+    raise ValueError(f"with k_rope, q's head dim must be k's + k_rope's = {k.shape[-1]} + "
+                     f"{k_rope.shape[-1]}, got q {q.shape}")
+
+
 def _positions(batch, q_len, kv_len, q_positions, kv_positions):
   default_q, default_kv = common.default_positions(batch, q_len, kv_len)
   return (default_q if q_positions is None else q_positions,
@@ -485,16 +498,13 @@ def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = Non
   key is [k ; k_rope] and q is [B, L, H, D + R]; v must then be k (the latent).
   """
   if k_rope is not None:
-    if v is not k:
-      raise ValueError("with k_rope, v must be k (MLA's latent is both the key's first part and the value)")
-    if k_rope.ndim != 4 or k_rope.shape[:3] != k.shape[:3] or q.shape[-1] != k.shape[-1] + k_rope.shape[-1]:
-      raise ValueError(f"k_rope must be [batch, seq, kv_heads, R] beside k {k.shape} with q's head dim "
-                       f"= k's + R, got k_rope {k_rope.shape}, q {q.shape}")
+    k_rope = k_rope.astype(k.dtype)
+    check_k_rope(q, k, v, k_rope)
   common.check_qkv(q if k_rope is None else q[..., :k.shape[-1]], k, v)
   check_indices(q, k, indices)
   return full.dispatch(SPARSE_IMPLEMENTATIONS, implementation or _index_defaults(), q, k, v,
                        indices.astype(jnp.int32), scale=scale, what="DSA sparse attention",
-                       **({} if k_rope is None else {"k_rope": k_rope.astype(k.dtype)}))
+                       **({} if k_rope is None else {"k_rope": k_rope}))
 
 
 # ----------------------------------------------------------------------------- DSA
