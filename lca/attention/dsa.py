@@ -868,10 +868,11 @@ class MLASparseAttention(mla.MLAttention):
     """x: [B, L, d_model], positions: [B, L] -> ([B, L, d_model], new cache or None)."""
     batch, length, _ = x.shape
     x = x.astype(self.dtype)
-    q_nope, q_rope, c_kv, k_rope, scale = self.project(x, positions)
+    c_q = self.query_latent(x)
+    q_nope, q_rope, c_kv, k_rope, scale = self.project(x, positions, c_q)
     w_uk, w_uv = self.w_uk[...].astype(self.dtype), self.w_uv[...].astype(self.dtype)
     x_idx = jax.lax.stop_gradient(x)          # the indexer never trains the main graph
-    q_idx, weights = self.indexer.queries(x_idx, positions, jax.lax.stop_gradient(self.query_latent(x)))
+    q_idx, weights = self.indexer.queries(x_idx, positions, jax.lax.stop_gradient(c_q))
     k_idx = self.indexer.keys(x_idx, positions)
     mask_kw = dict(segment_ids=segment_ids)
     if cache is not None:

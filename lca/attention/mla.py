@@ -225,13 +225,14 @@ class MLAttention(nnx.Module):
     """x [B, L, d_model] -> c_Q = RMSNorm(x W_DQ) [B, L, d_c'] (x itself when q_rank = 0)."""
     return x if self.w_dq is None else self.q_norm(x @ self.w_dq[...].astype(self.dtype))
 
-  def project(self, x, positions):
+  def project(self, x, positions, c_q=None):
     """x [B, L, d_model] -> q_nope [B, L, H, d_h], q_rope [B, L, H, d_R], c_kv [B, L, d_c],
-    k_rope [B, L, d_R] (RoPE applied), and the logit scale."""
+    k_rope [B, L, d_R] (RoPE applied), and the logit scale. c_q: `query_latent(x)` when the
+    caller already has it."""
     batch, length, _ = x.shape
     w = lambda param: param[...].astype(self.dtype)
     freqs, scale = self.rope()
-    c_q = self.query_latent(x)
+    c_q = self.query_latent(x) if c_q is None else c_q
     q_nope = (c_q @ w(self.w_uq)).reshape(batch, length, self.num_heads, self.head_dim)
     q_rope = (c_q @ w(self.w_qr)).reshape(batch, length, self.num_heads, self.rope_dim)
     q_rope = rope.apply_rope(q_rope, positions, freqs)
