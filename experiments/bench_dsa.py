@@ -15,7 +15,8 @@ One DeepSeek-V3.2-like attention layer, batch 1, 128 query heads:
 Prefill times are medians of block_until_ready wall times after warm-up (`bench`).
 Prefill top-k: the threshold-search kernel (pallas_kernels/dsa_topk.py) on all query
 chunks, as (indexer + top-k over all chunks) - (indexer over all chunks), and both
-implementations (kernel, `lax.top_k`) on the last chunk alone; "DSA total" is one
+implementations (kernel, `lax.top_k`) on the last chunk alone; on the bf16 scores that the
+FP8 path writes and selects on (`dsa.selection_dtype`), and again on float32 scores ("_f32"); "DSA total" is one
 jitted prefill (chunked indexer + top-k, then sparse attention). Decode times are
 device time per call (`bench_common.bench_in_loop`: 64 calls inside one jitted loop,
 loop cost subtracted), not one dispatched call. `--parts=topk` sweeps the top-k
@@ -61,7 +62,7 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 _PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
-_RUN = flags.DEFINE_string("run", "s8", "Label of this run, stored in each row (and the sweeps).")
+_RUN = flags.DEFINE_string("run", "s9", "Label of this run, stored in each row (and the sweeps).")
 _DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
 _SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
                                    "its longest length runs the sparse attention (default: default_blocks).")
@@ -117,14 +118,16 @@ def _in_loop(label, fn, first, *rest, inner, reps):
     return None
 
 
-def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None):
+def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype=None):
   """Indexer scores of every query chunk (max over keys kept: the [chunk, S] buffer is not
-  written to the output); ki bf16 or FP8Keys."""
+  written to the output); ki bf16 or FP8Keys. out_dtype None: what the prefill writes,
+  `dsa.selection_dtype(fp8)` (bf16 for fp8)."""
   _, length, hi, di = qi.shape
   chunk = length // n_chunks
+  out_dtype = dsa.selection_dtype(fp8) if out_dtype is None else out_dtype
   return jax.lax.map(
-      lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos, fp8=fp8, blocks=blocks),
-                        axis=-1),
+      lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos, fp8=fp8, blocks=blocks,
+                                                   out_dtype=out_dtype), axis=-1),
       (qi.reshape(n_chunks, 1, chunk, hi, di), w.reshape(n_chunks, 1, chunk, hi),
        pos.reshape(n_chunks, 1, chunk)))
 
@@ -200,32 +203,37 @@ def prefill_case(length, reps):
   pos = jnp.arange(length, dtype=jnp.int32)[None]
   chunk = min(_CHUNK.value, length)
   n_chunks = length // chunk
-  for fp8 in (True, False):   # fp8: keys quantized once (outside the chunk loop), q per chunk
-    name = "fp8" if fp8 else "bf16"
-    f = jax.jit(lambda qi, ki, w, fp8=fp8: _indexer_all_chunks(
-        qi, dsa.quantize_index_keys(ki) if fp8 else ki, w, pos, n_chunks, fp8=fp8))
+  # fp8: keys quantized once (outside the chunk loop), q per chunk; scores written in bf16 (the
+  # FP8 path's selection dtype) and, "_f32", in float32 (sessions 2-8)
+  for fp8, out_dtype, name in ((True, None, "fp8"), (True, jnp.float32, "fp8_f32"), (False, None, "bf16")):
+    f = jax.jit(lambda qi, ki, w, fp8=fp8, out_dtype=out_dtype: _indexer_all_chunks(
+        qi, dsa.quantize_index_keys(ki) if fp8 else ki, w, pos, n_chunks, fp8=fp8, out_dtype=out_dtype))
     res[f"indexer_{name}_ms"] = _ms(_try(f"indexer scores {name} (all chunks)", f, qi, ki, w, reps=reps))
   if _PREFILL_EXTRAS.value:
     _prefill_fp8_extras(res, qi, ki, w, pos, n_chunks, reps)
   lengths = lambda p: jnp.clip(p + 1, 0, length)
-  # top-k on the last chunk (most visible keys): the kernel and lax.top_k
+  # top-k on the last chunk (most visible keys): the kernel and lax.top_k, on bf16 scores (the
+  # FP8 path's default) and, "_f32", on float32 scores
   sc = dsa_indexer.indexer_scores(qi[:, -chunk:], ki, w[:, -chunk:], pos[:, -chunk:], pos, fp8=True)
   for impl in ("pallas", "xla"):
     f = jax.jit(lambda s, impl=impl: dsa.top_k_select(s, top_k, lengths=lengths(pos[:, -chunk:]),
                                                         implementation=impl))
-    t = _try(f"top-k {impl}, last chunk", f, sc, reps=reps)
-    res[f"topk_{impl}_chunk_ms"] = _ms(t)
-    if impl == "xla":
-      res["topk_xla_ms_scaled"] = _ms(None if t is None else t * n_chunks)
+    for suffix, scores in (("", sc.astype(jnp.bfloat16)), ("_f32", sc)):
+      t = _try(f"top-k {impl}{suffix}, last chunk", f, scores, reps=reps)
+      res[f"topk_{impl}{suffix}_chunk_ms"] = _ms(t)
+      if impl == "xla":
+        res[f"topk_xla{suffix}_ms_scaled"] = _ms(None if t is None else t * n_chunks)
   del sc
 
-  def index_top_k(qi, ki, w):
+  def index_top_k(qi, ki, w, score_dtype=None):
     return dsa.indexer_top_k(qi, ki, w, top_k=top_k, fp8=True, chunk=chunk, implementation="pallas",
-                             topk_implementation="pallas")
-  t = _try("indexer fp8 + top-k (all chunks)", jax.jit(index_top_k), qi, ki, w, reps=reps)
-  res["indexer_topk_ms"] = _ms(t)
-  if t is not None and res.get("indexer_fp8_ms") is not None:
-    res["topk_ms"] = res["indexer_topk_ms"] - res["indexer_fp8_ms"]
+                             topk_implementation="pallas", score_dtype=score_dtype)
+  for suffix, score_dtype in (("", None), ("_f32", jnp.float32)):
+    t = _try(f"indexer fp8 + top-k{suffix} (all chunks)",
+             jax.jit(functools.partial(index_top_k, score_dtype=score_dtype)), qi, ki, w, reps=reps)
+    res[f"indexer_topk{suffix}_ms"] = _ms(t)
+    if t is not None and res.get(f"indexer_fp8{suffix}_ms") is not None:
+      res[f"topk{suffix}_ms"] = res[f"indexer_topk{suffix}_ms"] - res[f"indexer_fp8{suffix}_ms"]
   qs, latent, k_rope = _mla_operands(keys[6], length, length)
   idx = _causal_random_indices(length, top_k, pos[0])
   variant, blocks = _sparse_variant()
@@ -287,11 +295,15 @@ def decode_case(length, reps):
   return res
 
 
-TOPK_CONFIGS = {
-    "b1024_bits4_w4": dsa_topk.TopKBlocks(),
-    "b2048_bits4_w8": dsa_topk.TopKBlocks(block=2048, num_warps=8),
-    "b1024_bits2_w8_acc": dsa_topk.TopKBlocks(block=1024, bits=2, num_warps=8, accumulate=True),
-    "b512_bits4_w8_acc": dsa_topk.TopKBlocks(block=512, num_warps=8, accumulate=True),
+TOPK_CONFIGS = {   # name: (score dtype, blocks)
+    "b1024_bits4_w4": (jnp.float32, dsa_topk.TopKBlocks()),
+    "b2048_bits4_w8": (jnp.float32, dsa_topk.TopKBlocks(block=2048, num_warps=8)),
+    "b1024_bits2_w8_acc": (jnp.float32, dsa_topk.TopKBlocks(block=1024, bits=2, num_warps=8, accumulate=True)),
+    "b512_bits4_w8_acc": (jnp.float32, dsa_topk.TopKBlocks(block=512, num_warps=8, accumulate=True)),
+    "bf16_b1024_bits4_w4": (jnp.bfloat16, dsa_topk.TopKBlocks()),
+    "bf16_b2048_bits4_w4": (jnp.bfloat16, dsa_topk.TopKBlocks(block=2048)),
+    "bf16_b2048_bits4_w8": (jnp.bfloat16, dsa_topk.TopKBlocks(block=2048, num_warps=8)),
+    "bf16_b1024_bits2_w4": (jnp.bfloat16, dsa_topk.TopKBlocks(bits=2)),
 }
 ROW_SPLITS = (1, 4, 16, 32)
 
@@ -307,15 +319,17 @@ def topk_case(length, reps):
   ref = jax.jit(lambda s: dsa.top_k_select(s, top_k, implementation="xla"))
   res["xla_chunk_ms"] = _ms(_try("lax.top_k chunk", ref, sc, reps=reps))
   res["xla_row_ms"] = _in_loop("lax.top_k row", ref, row, inner=16, reps=reps)
-  want = jnp.sort(ref(sc), axis=-1)
-  for name, blocks in TOPK_CONFIGS.items():
+  want = {jnp.float32: jnp.sort(ref(sc), axis=-1)}
+  res["xla_bf16_chunk_ms"] = _ms(_try("lax.top_k chunk, bf16", ref, sc.astype(jnp.bfloat16), reps=reps))
+  want[jnp.bfloat16] = jnp.sort(ref(sc.astype(jnp.bfloat16)), axis=-1)   # lax: ties to the lower index too
+  for name, (dtype, blocks) in TOPK_CONFIGS.items():
     f = jax.jit(lambda s, n, blocks=blocks: dsa_topk.top_k(s, top_k, lengths=n, blocks=blocks))
-    got = _try(f"pallas {name} chunk", f, sc, lens, reps=reps)
+    got = _try(f"pallas {name} chunk", f, sc.astype(dtype), lens, reps=reps)
     res[f"{name}_chunk_ms"] = _ms(got)
     if got is not None:
-      res[f"{name}_exact"] = bool(jnp.all(jnp.sort(f(sc, lens), axis=-1) == want))
+      res[f"{name}_exact"] = bool(jnp.all(jnp.sort(f(sc.astype(dtype), lens), axis=-1) == want[dtype]))
       g = jax.jit(lambda s, blocks=blocks: dsa_topk.top_k(s, top_k, blocks=blocks))
-      res[f"{name}_row_ms"] = _in_loop(f"pallas {name} row", g, row, inner=16, reps=reps)
+      res[f"{name}_row_ms"] = _in_loop(f"pallas {name} row", g, row.astype(dtype), inner=16, reps=reps)
       print(f"    exact {res[f'{name}_exact']}", flush=True)
   for split in ROW_SPLITS:
     g = jax.jit(lambda s, split=split: dsa_topk.top_k(s, top_k, split=split))
@@ -629,12 +643,14 @@ def write(results, out: pathlib.Path, **meta_extra):
   g = lambda key: lambda r: r.get(key)
   lines = [f"device {meta['device']}, jax {meta['jax']}, {meta['date']}; batch 1, {meta['heads']} heads, "
            f"top-k {meta['top_k']}, indexer {meta['index_heads']}x{meta['index_dim']}, chunk {meta['chunk']}. "
-           "Prefill: wall ms of one call; top-k = (indexer fp8 + top-k, all chunks) - indexer fp8. "
+           "Prefill: wall ms of one call; top-k = (indexer fp8 + top-k, all chunks) - indexer fp8, on "
+           "the bf16 scores the FP8 path selects on from run s9 (float32 before; both in s9 rows). "
            "Decode: device ms per call (bench_in_loop).", ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
   lines += _table(
       ["prefill L", "run", "key dims", "dense cuDNN 128x128", "dense flash", "dense MLA cuDNN 192/128",
        "indexer fp8", "indexer bf16", "top-k (kernel, all chunks)",
-       "top-k lax (1 chunk x n)", "top-k kernel / lax, last chunk", "sparse attn", "DSA total",
+       "top-k lax (1 chunk x n)", "top-k kernel / lax, last chunk", "indexer fp8 / top-k, f32 scores",
+       "sparse attn", "DSA total",
        "speed-up vs cuDNN 128x128", "vs MLA cuDNN 192/128", "indexer share"], results.get("prefill", []),
       [g("length"), g("run"), lambda r: f"{r.get('latent', 512)}+{r['rope_dim']}" if "rope_dim" in r else "512",
        g("dense_cudnn_ms"), g("dense_pallas_ms"), g("dense_mla_cudnn_ms"),
@@ -642,6 +658,8 @@ def write(results, out: pathlib.Path, **meta_extra):
        g("topk_ms"), g("topk_xla_ms_scaled"),
        lambda r: None if r.get("topk_pallas_chunk_ms") is None else
        f"{r['topk_pallas_chunk_ms']:.3g} / {r.get('topk_xla_chunk_ms') or float('nan'):.3g}",
+       lambda r: None if r.get("indexer_fp8_f32_ms") is None else
+       f"{r['indexer_fp8_f32_ms']:.3g} / {r.get('topk_f32_ms') or float('nan'):.3g}",
        g("sparse_attention_ms"), g("dsa_total_ms"),
        lambda r: _ratio(r.get("dense_cudnn_ms"), r.get("dsa_total_ms")),
        lambda r: _ratio(r.get("dense_mla_cudnn_ms"), r.get("dsa_total_ms")),
@@ -661,8 +679,8 @@ def write(results, out: pathlib.Path, **meta_extra):
     names = list(TOPK_CONFIGS)
     lines += ["", "top-k kernel launch parameters (ms; chunk = causal [chunk, L] scores, wall; row = one "
               "row, device time in loop; exact = same sets as lax.top_k)", ""]
-    lines += _table(["L", "lax chunk", "lax row"] + [f"{n} chunk / row / exact" for n in names],
-                    results["topk"], [g("length"), g("xla_chunk_ms"), g("xla_row_ms")] + [
+    lines += _table(["L", "lax chunk", "lax chunk bf16", "lax row"] + [f"{n} chunk / row / exact" for n in names],
+                    results["topk"], [g("length"), g("xla_chunk_ms"), g("xla_bf16_chunk_ms"), g("xla_row_ms")] + [
                         (lambda r, n=n: None if r.get(f"{n}_chunk_ms") is None else
                          f"{r[f'{n}_chunk_ms']:.3g} / {r.get(f'{n}_row_ms') or float('nan'):.3g} / "
                          f"{r.get(f'{n}_exact')}") for n in names])

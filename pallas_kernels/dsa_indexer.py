@@ -18,8 +18,8 @@ accumulate each head's 128 products on the tensor cores and promote to fp32 once
 (`pallas_kernels.fp8_dot`, DeepSeek-V3's interval); `IndexerBlocks(fp8_fast_accumulation=False)`
 keeps Triton's promotion after every 32-product wgmma (2.1x slower at 128k: 429 vs 208 ms).
 
-The scores of a chunk of queries go to HBM ([chunk, S] float32) and top-k runs on
-them (see `lca.attention.dsa.indexer_top_k`): memory O(chunk * S), not O(L * S).
+The scores of a chunk of queries go to HBM ([chunk, S], float32 or bfloat16: `out_dtype`)
+and top-k runs on them (see `lca.attention.dsa.indexer_top_k`): memory O(chunk * S), not O(L * S).
 Decode (at most DECODE_MAX_QUERIES queries): one program per (query, key tile) with
 the H_I heads as the rows of a single [H_I, d] x [d, block_k] MMA, instead of a query
 tile padded to block_q rows (16x the MMA work and 64x the q reads at one query).
@@ -109,23 +109,25 @@ def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_h
     if rest:
       acc = heads(steps * heads_per_step, rest, acc)
     visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
-    o_ref[...] = jnp.where(visible, acc * kscale_ref[...][None, :], -jnp.inf)
+    o_ref[...] = jnp.where(visible, acc * kscale_ref[...][None, :], -jnp.inf).astype(o_ref.dtype)
 
   @pl.when(jnp.logical_not(any_visible))
   def _():
-    o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+    o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, o_ref.dtype)
 
 
 def _pad_to(x, axis, multiple, fill):
   return pad_axis(x, axis, -(-x.shape[axis] // multiple) * multiple, fill)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+@functools.partial(jax.jit, static_argnames=("blocks", "out_dtype", "interpret"))
 def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
-                          blocks: IndexerBlocks | None = None, interpret: bool = False):
+                          blocks: IndexerBlocks | None = None, out_dtype=jnp.float32,
+                          interpret: bool = False):
   """q [B, L, H_I, d] (bf16/f32/fp8), k [B, S, d] (same dtype; [B, d, S] if
   blocks.k_transposed), w [B, L, H_I] f32, k_scale [B, S] f32, positions [B, L] / [B, S]
-  int32 (-1 = empty) -> [B, L, S] f32. blocks None: `default_indexer_blocks(q.dtype)`."""
+  int32 (-1 = empty) -> [B, L, S] out_dtype (fp32 sums, rounded once when written).
+  blocks None: `default_indexer_blocks(q.dtype)`."""
   blocks = blocks or default_indexer_blocks(q.dtype)
   batch, q_len, num_heads, dim = q.shape
   tk = blocks.k_transposed
@@ -155,7 +157,7 @@ def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
           pl.BlockSpec((None, bk), lambda b, i, j: (b, j)),
       ],
       out_specs=pl.BlockSpec((None, bq, bk), lambda b, i, j: (b, i, j)),
-      out_shape=jax.ShapeDtypeStruct((batch, lp, sp), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((batch, lp, sp), out_dtype),
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="dsa_indexer_scores",
@@ -222,12 +224,14 @@ def fp8_query_operands(q_idx, weights):
 
 
 def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: bool = False,
-                   blocks: IndexerBlocks | None = None, interpret: bool | None = None):
-  """Indexer scores [B, L, S] f32, the math of `lca.attention.dsa.indexer_scores_reference`.
+                   blocks: IndexerBlocks | None = None, out_dtype=jnp.float32,
+                   interpret: bool | None = None):
+  """Indexer scores [B, L, S] out_dtype, the math of `lca.attention.dsa.indexer_scores_reference`.
 
   fp8: Hadamard-rotate and quantize q_idx (and k_idx unless it is FP8Keys, which implies
   fp8) to float8_e4m3fn (one scale per vector; d_I <= 128) and run the MMAs on fp8
-  operands with fp32 accumulation.
+  operands with fp32 accumulation. out_dtype: the scores as written (bfloat16 halves the
+  [chunk, S] write and the top-k's reads; the sums are fp32 either way).
   """
   from lca.attention import dsa  # pylint: disable=g-import-not-at-top
   dsa.check_indexer(q_idx, k_idx, weights)
@@ -243,9 +247,9 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
     raise NotImplementedError(f"the indexer kernel needs a power-of-two index_dim >= 16, got {q_idx.shape[-1]}")
   if q_idx.shape[1] <= DECODE_MAX_QUERIES:
     return indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions,
-                                        interpret=resolve_interpret(interpret))
+                                        interpret=resolve_interpret(interpret)).astype(out_dtype)
   blocks = blocks or default_indexer_blocks(q.dtype)
   if blocks.k_transposed:
     k = jnp.swapaxes(k, 1, 2)
   return indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, blocks=blocks,
-                               interpret=resolve_interpret(interpret))
+                               out_dtype=jnp.dtype(out_dtype), interpret=resolve_interpret(interpret))

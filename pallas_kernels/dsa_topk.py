@@ -10,14 +10,16 @@ counting, then one more pass collects every position with key > T plus the first
 k - #(key > T) positions with key == T (ties broken by position).
 
 Keys: the float32 bits b read as int32, key = b for b >= 0 and b ^ 0x7fffffff otherwise,
-ordered like the floats (-inf lowest among non-NaN values). One program owns one row
-and makes `32 / bits` counting passes over it; pass p fixes `bits` more bits of T (the
+ordered like the floats (-inf lowest among non-NaN values); bfloat16/float16 scores keep
+their 16 bits (b ^ 0x7fff for negatives): half the bytes a pass and half the passes
+(`lca.attention.dsa` selects on bf16 scores on its FP8 path). One program owns one row
+and makes `key bits / bits` counting passes over it; pass p fixes `bits` more bits of T (the
 unsigned key, most significant first) by counting, for each of the 2^bits candidates
 c_j = prefix | j << shift, how many keys are >= c_j, and keeping the largest c_j whose
 count is still >= k; a pass whose chosen candidate has exactly k keys above it ends the
 search early (then every key >= it is taken). Per element and pass that is 2^bits
-compares + adds (16 with the default bits = 4: at most 8 passes); bytes per pass = the
-row once (4 S). Then one compaction
+compares + adds (16 with the default bits = 4: at most 8 passes for float32, 4 for
+16-bit scores); bytes per pass = the row once (4 S, or 2 S). Then one compaction
 pass: an in-block exclusive cumsum of the take mask gives each selected position its
 output slot, and a masked scatter writes it.
 
@@ -40,6 +42,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -47,14 +50,14 @@ from pallas_kernels import resolve_interpret
 
 _INT_MIN = -(2 ** 31)
 _FLIP = 0x7FFFFFFF
-_NEG_INF_KEY = (-8388608) ^ _FLIP        # key of -inf (bits 0xff800000)
+_FLIP16 = 0x7FFF
 
 
 @dataclasses.dataclass(frozen=True)
 class TopKBlocks:
   """Launch parameters; the default was the fastest measured on a [2048, 128k] chunk (H100)."""
   block: int = 1024        # row elements per loop step
-  bits: int = 4            # key bits fixed per counting pass (2^bits candidates); divides 32
+  bits: int = 4            # key bits fixed per counting pass (2^bits candidates); divides 16
   accumulate: bool = False  # True: [block, 2^bits] int32 counters in registers, reduced once
                             # per pass (False: a [block, 2^bits] -> [2^bits] reduction per step)
   out_block: int = 1024    # output slots per -1 fill step
@@ -62,14 +65,36 @@ class TopKBlocks:
   num_stages: int = 3
 
 
+def key_bits(dtype) -> int:
+  """Bits of the order-preserving key of a score dtype: 32 (float32) or 16 (bfloat16, float16)."""
+  return 16 if jnp.dtype(dtype).itemsize == 2 else 32
+
+
 def float_keys(x: jax.Array) -> jax.Array:
-  """float32 -> int32 keys with the same order (signed int compare), the kernel's map."""
+  """float32 / bfloat16 / float16 -> int32 keys with the same order (signed int compare), the
+  kernel's map: 16-bit floats give keys in [-2^15, 2^15), float32 (other dtypes cast) all of int32."""
+  if key_bits(x.dtype) == 16:
+    bits = jax.lax.bitcast_convert_type(x, jnp.int16).astype(jnp.int32)    # sign-extended
+    return jnp.where(bits < 0, bits ^ _FLIP16, bits)
   bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
   return jnp.where(bits < 0, bits ^ _FLIP, bits)
 
 
+def _neg_inf_key(dtype) -> int:
+  """The key of -inf (lowest of the non-NaN keys), a Python int (computed in numpy: traced code
+  calls this)."""
+  if key_bits(dtype) == 16:
+    bits = int(np.array(-np.inf, jnp.dtype(dtype)).view(np.int16))
+    return bits ^ _FLIP16
+  return int(np.array(-np.inf, np.float32).view(np.int32)) ^ _FLIP
+
+
 def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, trash):
-  """s_ref [Sp] f32; len_ref [] int32 (entries >= length are -inf); o_ref [Kp + 1] int32."""
+  """s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 (entries >= length are -inf); o_ref [Kp + 1] int32."""
+  width = key_bits(s_ref.dtype)
+  neg_inf_key = _neg_inf_key(s_ref.dtype)
+  # unsigned key bits (the search's prefix) <-> signed keys: flip the top bit of 32 or shift by 2^15
+  signed = (lambda u: u ^ _INT_MIN) if width == 32 else (lambda u: u - 2 ** 15)
   length = len_ref[...]
   num_blocks = (length + block - 1) // block
   cols = jnp.arange(block, dtype=jnp.int32)
@@ -78,15 +103,15 @@ def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, tra
   def keys(i):
     x = s_ref[pl.ds(pl.multiple_of(i * block, block), block)]
     key = float_keys(x)
-    return jnp.where(i * block + cols < length, key, _NEG_INF_KEY)
+    return jnp.where(i * block + cols < length, key, neg_inf_key)
 
   num_cand = 2 ** bits
   jj = jnp.arange(num_cand, dtype=jnp.int32)
 
   def search(carry):
     p, prefix, count_hi, _ = carry                    # prefix: unsigned key bits, as int32
-    shift = 32 - bits * (p + 1)
-    cand = (prefix | (jj << shift)) ^ _INT_MIN        # signed keys of the candidates
+    shift = width - bits * (p + 1)
+    cand = signed(prefix | (jj << shift))             # signed keys of the candidates
 
     if accumulate:                                    # per-lane counts, reduced after the loop
       count = lambda i, acc: acc + (keys(i)[:, None] >= cand[None, :]).astype(jnp.int32)
@@ -102,13 +127,13 @@ def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, tra
     # exactly k keys >= the candidate: it is a threshold already (early exit)
     return p + 1, prefix | (best << shift), count_hi, at_best == k_row
 
-  passes = 32 // bits
+  passes = width // bits
   _, prefix, count_gt, exact = jax.lax.while_loop(
       lambda c: (c[0] < passes) & jnp.logical_not(c[3]), search,
       (jnp.int32(0), jnp.int32(0), jnp.int32(0), k_row <= 0))
-  kth = prefix ^ _INT_MIN                             # the k-th largest key (or a threshold)
-  all_finite = kth <= _NEG_INF_KEY                    # fewer than k finite: take them all
-  thr = jnp.where(all_finite, _NEG_INF_KEY, kth)
+  kth = signed(prefix)                                # the k-th largest key (or a threshold)
+  all_finite = kth <= neg_inf_key                     # fewer than k finite: take them all
+  thr = jnp.where(all_finite, neg_inf_key, kth)
   # how many keys == thr to take: all of them after an early exit
   need = jnp.where(all_finite, 0, jnp.where(exact, k_row, k_row - count_gt))
 
@@ -133,11 +158,12 @@ def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, tra
 @functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
 def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
                interpret: bool = False):
-  """scores [R, S] f32, lengths [R] int32 -> [R, min(k, S)] int32 (position order, -1 = none)."""
+  """scores [R, S] f32 / bf16 / f16, lengths [R] int32 -> [R, min(k, S)] int32 (position order,
+  -1 = none)."""
   rows, width = scores.shape
   kk = min(k, width)
-  if 32 % blocks.bits:
-    raise ValueError(f"TopKBlocks.bits must divide 32, got {blocks.bits}")
+  if 16 % blocks.bits:
+    raise ValueError(f"TopKBlocks.bits must divide 16, got {blocks.bits}")
   block = min(blocks.block, max(16, pl.next_power_of_2(width)))
   out_block = min(blocks.out_block, max(16, pl.next_power_of_2(kk)))
   padded = -(-width // block) * block
@@ -155,8 +181,13 @@ def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="dsa_topk",
-  )(scores.astype(jnp.float32), jnp.clip(lengths.astype(jnp.int32), 0, width))
+  )(_score_dtype(scores), jnp.clip(lengths.astype(jnp.int32), 0, width))
   return out[:, :kk]
+
+
+def _score_dtype(x):
+  """16-bit floats keep their dtype (16-bit keys: half the passes and bytes); others -> float32."""
+  return x if x.dtype in (jnp.bfloat16, jnp.float16) else x.astype(jnp.float32)
 
 
 def default_split(rows: int, width: int, k: int) -> int:
@@ -179,7 +210,7 @@ def top_k(scores: jax.Array, k: int, *, lengths: jax.Array | None = None, split:
     raise ValueError(f"top_k needs a positive int k, got k={k!r}")
   lead, width = scores.shape[:-1], scores.shape[-1]
   kk = min(k, width)
-  flat = scores.reshape(-1, width).astype(jnp.float32)
+  flat = _score_dtype(scores.reshape(-1, width))
   rows = flat.shape[0]
   lens = (jnp.full((rows,), width, jnp.int32) if lengths is None
           else jnp.broadcast_to(lengths, lead).reshape(rows).astype(jnp.int32))

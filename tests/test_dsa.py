@@ -61,6 +61,37 @@ def test_fp8_indexer_close_to_fp32():
   assert 1e-4 < err < 0.1, err   # quantized (not exact), but close
 
 
+def test_fp8_path_selects_on_bf16_scores():
+  """indexer_top_k's FP8 path selects on the fp8 scores rounded to bf16 (`selection_dtype`);
+  score_dtype=float32 selects on the unrounded ones; the reference agrees with both choices."""
+  q, k, w = _indexer_inputs(30, batch=1, q_len=40, kv_len=40, heads=4, dim=32)
+  fp8 = dsa.indexer_scores_reference(q, k, w, fp8=True)
+  for score_dtype, rounded in ((None, fp8.astype(jnp.bfloat16)), (jnp.float32, fp8)):
+    got = dsa.indexer_top_k(q, k, w, top_k=7, fp8=True, chunk=16, score_dtype=score_dtype)
+    want = dsa.top_k_indices(rounded, 7)
+    np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(np.asarray(want), -1))
+  _, ref_idx = dsa.dsa_attention_reference(*_qkv(31, batch=1, length=40), q, k, w, top_k=7, fp8=True)
+  np.testing.assert_array_equal(ref_idx, dsa.top_k_indices(fp8.astype(jnp.bfloat16), 7))
+  with pytest.raises(ValueError, match="score_dtype"):
+    dsa.indexer_scores(q, k, w, score_dtype=jnp.float16)
+
+
+def test_bf16_rounding_is_far_below_the_fp8_error():
+  """Why the FP8 path may select on bf16: rounding moves the scores >10x less than fp8 does, and
+  the top-32 sets overlap the exact (fp32) ones as much with it as without it."""
+  q, k, w = _indexer_inputs(32, batch=1, q_len=256, kv_len=256, heads=8, dim=128)
+  exact = np.asarray(dsa.indexer_scores_reference(q, k, w))[0]
+  fp8 = dsa.indexer_scores_reference(q, k, w, fp8=True)
+  rounded = np.asarray(fp8.astype(jnp.bfloat16), np.float32)[0]
+  fp8 = np.asarray(fp8)[0]
+  fin = np.isfinite(exact)
+  rel = lambda a, b: np.linalg.norm(a[fin] - b[fin]) / np.linalg.norm(b[fin])
+  assert 10 * rel(rounded, fp8) < rel(fp8, exact) < 0.1
+  top = lambda s, t: set(np.argsort(-s[t, :t + 1], kind="stable")[:32].tolist())
+  overlap = lambda s: np.mean([len(top(s, t) & top(exact, t)) for t in range(64, 256)]) / 32
+  assert abs(overlap(rounded) - overlap(fp8)) < 0.01 and overlap(fp8) > 0.9
+
+
 def test_quantize_fp8_blocks():
   x = _normal(7, (3, 256)) * 10
   x8, scale = dsa.quantize_fp8(x)

@@ -31,6 +31,20 @@ def test_indexer_kernel_matches_reference(fp8):
   _assert_scores_close(got, dsa.indexer_scores_reference(q, k, w, fp8=fp8), 1e-4)
 
 
+def test_indexer_kernel_writes_bf16_scores_rounded_once():
+  """out_dtype=bfloat16 (the FP8 path's selection scores): the fp32 sums rounded when written,
+  -inf kept; prefill tiles and the decode kernel."""
+  q, k, w = _normal(83, (1, 37, 3, 32)), _normal(84, (1, 37, 32)), _normal(85, (1, 37, 3))
+  pos = jnp.broadcast_to(jnp.arange(37, dtype=jnp.int32), (1, 37))
+  for rows in (slice(None), slice(36, 37)):           # 37 queries: tiles; 1 query: decode kernel
+    kw = dict(fp8=True, blocks=dsa_indexer.IndexerBlocks(block_q=16, block_k=16))
+    f32 = dsa_indexer.indexer_scores(q[:, rows], k, w[:, rows], pos[:, rows], pos, **kw)
+    bf16 = dsa_indexer.indexer_scores(q[:, rows], k, w[:, rows], pos[:, rows], pos,
+                                      out_dtype=jnp.bfloat16, **kw)
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(bf16, np.float32), np.asarray(f32.astype(jnp.bfloat16), np.float32))
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_indexer_kernel_two_heads_per_step(fp8):
   """heads_per_step=2 over 5 heads: two loop steps + a one-head remainder; same sums as 1."""

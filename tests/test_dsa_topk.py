@@ -31,11 +31,43 @@ def _assert_top_k_sets(got, scores, k, lengths=None):
     assert (got[r, n:] == -1).all(), f"row {r}: slots beyond the {n} finite entries"
 
 
-def test_float_keys_preserve_order():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_float_keys_preserve_order(dtype):
+  big = jnp.finfo(dtype).max
   x = jnp.sort(jnp.concatenate([_normal(0, (200,)) * 1e3, _normal(1, (200,)) * 1e-3,
-                                jnp.array([-jnp.inf, -0.0, 0.0, 3.4e38, -3.4e38])]))
+                                jnp.array([-jnp.inf, -0.0, 0.0, big, -big])]).astype(dtype))
   keys = np.asarray(dsa_topk.float_keys(x)).astype(np.int64)
-  assert (np.diff(keys) >= 0).all() and keys[0] == dsa_topk._NEG_INF_KEY
+  assert (np.diff(keys) >= 0).all() and keys[0] == dsa_topk._neg_inf_key(dtype)
+  assert (np.diff(keys)[np.diff(np.asarray(x, np.float32)) > 0] > 0).all()   # strictly, where x is
+  if dtype != jnp.float32:
+    assert -2 ** 15 <= keys.min() and keys.max() < 2 ** 15
+
+
+def _lowest_positions_top_k(scores, k, lengths):
+  """Brute force: per row the k largest finite entries, ties to the lower position -> sorted sets."""
+  s = np.asarray(scores, np.float32)
+  out = []
+  for row, n in zip(s, lengths):
+    row = np.where(np.arange(row.size) < n, row, -np.inf)
+    order = np.lexsort((np.arange(row.size), -row))[:k]
+    out.append(np.sort(order[np.isfinite(row[order])]))
+  return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_top_k_kernel_on_16_bit_scores_is_exact_with_ties_to_lower_positions(dtype):
+  """16-bit keys (the FP8 path selects on bf16 scores): rounding makes many ties; the kernel takes
+  exactly the k largest, the lowest positions among those equal to the k-th, in one call and split."""
+  x = jnp.concatenate([_normal(12, (3, 333)), -jnp.abs(_normal(13, (2, 333))) * 100 - 10,
+                       jnp.round(_normal(14, (2, 333)) * 3) / 3], 0).astype(dtype)   # all < -10
+  x = x.at[0, 100:].set(-jnp.inf)
+  lengths = jnp.array([333, 300, 5, 0, 333, 200, 333])
+  want = _lowest_positions_top_k(x, 37, np.asarray(lengths))
+  for split in (1, 3):
+    got = np.asarray(dsa_topk.top_k(x, 37, lengths=lengths, split=split))
+    for r, w in enumerate(want):
+      assert np.array_equal(np.sort(got[r][got[r] >= 0]), w), (split, r)
+      assert (got[r][len(w):] == -1).all()
 
 
 def test_top_k_kernel_matches_lax_top_k_as_sets():
@@ -96,3 +128,7 @@ def test_top_k_kernel_on_gpu_at_dsa_sizes():
   _assert_top_k_sets(jax.jit(lambda x, n: dsa_topk.top_k(x, k, lengths=n))(x, lengths), x, k, lengths)
   row = _normal(11, (1, 4 * width))
   _assert_top_k_sets(jax.jit(lambda x: dsa_topk.top_k(x, k))(row), row, k)
+  xb = x.astype(jnp.bfloat16)                       # 16-bit keys (the FP8 path's selection)
+  got = np.asarray(jax.jit(lambda x, n: dsa_topk.top_k(x, k, lengths=n))(xb, lengths))
+  for r, w in enumerate(_lowest_positions_top_k(xb, k, np.asarray(lengths))):
+    assert np.array_equal(np.sort(got[r][got[r] >= 0]), w), r

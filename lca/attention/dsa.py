@@ -255,7 +255,7 @@ def _xla_scores(q_idx, k_idx, weights, *, fp8, **mask_kw):
 
 
 def _pallas_scores(q_idx, k_idx, weights, *, fp8, q_positions, kv_positions, segment_ids,
-                   kv_segment_ids):
+                   kv_segment_ids, score_dtype=jnp.float32):
   try:
     from pallas_kernels import dsa_indexer  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -264,12 +264,21 @@ def _pallas_scores(q_idx, k_idx, weights, *, fp8, q_positions, kv_positions, seg
     raise NotImplementedError("implementation='pallas' indexer does not take segment_ids")
   q_positions, kv_positions = _positions(q_idx.shape[0], q_idx.shape[1], k_idx.shape[1],
                                          q_positions, kv_positions)
-  return dsa_indexer.indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, fp8=fp8)
+  return dsa_indexer.indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, fp8=fp8,
+                                    out_dtype=score_dtype)
+
+
+def _rounded(fn):
+  """An fp32 scorer that also takes score_dtype (its fp32 scores rounded once, as the kernel
+  writes them)."""
+  def run(*args, score_dtype=jnp.float32, **kw):
+    return fn(*args, **kw).astype(score_dtype)
+  return run
 
 
 INDEXER_IMPLEMENTATIONS = {
-    "reference": lambda *a, **kw: indexer_scores_reference(*a, **kw),
-    "xla": _xla_scores,
+    "reference": _rounded(lambda *a, **kw: indexer_scores_reference(*a, **kw)),
+    "xla": _rounded(_xla_scores),
     "pallas": _pallas_scores,
 }
 
@@ -283,19 +292,36 @@ def _index_defaults():
   return ("pallas", "xla") if jax.default_backend() == "gpu" else ("xla",)
 
 
+def selection_dtype(fp8: bool):
+  """The dtype the top-k selects on: bfloat16 scores on the FP8 path, float32 otherwise.
+
+  bf16 rounding (2e-3 relative on random scores, d_I = 128) is 20x below the FP8 indexer's own
+  error (e4m3 operands: 4e-2), so it only reorders near-ties that fp8 already blurs: on random
+  inputs the top-32 sets of the fp8 scores, rounded or not, overlap the exact fp32 sets alike
+  (97%; tests/test_dsa.py). It halves the [chunk, S] score buffer and the top-k's bytes and
+  passes (16-bit keys; NOTES_dsa.md, session 9). Ties go to the lower position.
+  """
+  return jnp.bfloat16 if fp8 else jnp.float32
+
+
 def indexer_scores(q_idx, k_idx, weights, *, q_positions=None, kv_positions=None,
                    segment_ids=None, kv_segment_ids=None, fp8: bool | None = None,
+                   score_dtype=jnp.float32,
                    implementation: str | Sequence[str] | None = None) -> jax.Array:
-  """Indexer scores [B, L, S] through "pallas", "xla" or "reference" (same math).
+  """Indexer scores [B, L, S] score_dtype through "pallas", "xla" or "reference" (same math).
 
   fp8: None = `default_fp8()` (on GPU); k_idx FP8Keys (quantized once) implies fp8.
+  score_dtype: the fp32 sums rounded once to this dtype (float32 or bfloat16).
   implementation None: GPU pallas then xla; CPU xla.
   """
   check_indexer(q_idx, k_idx, weights)
+  if jnp.dtype(score_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f"score_dtype must be float32 or bfloat16, got score_dtype={score_dtype!r}")
   fp8 = _resolve_fp8(k_idx, fp8)
   return full.dispatch(INDEXER_IMPLEMENTATIONS, implementation or _index_defaults(), q_idx, k_idx,
                        weights, fp8=fp8, q_positions=q_positions, kv_positions=kv_positions,
-                       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, what="DSA indexer")
+                       segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                       score_dtype=score_dtype, what="DSA indexer")
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -366,7 +392,7 @@ def _query_chunks(length: int, chunk: int | None) -> int:
 def indexer_top_k(q_idx, k_idx, weights, *, top_k: int, q_positions=None, kv_positions=None,
                   segment_ids=None, kv_segment_ids=None, fp8: bool | None = None,
                   chunk: int | None = None, implementation=None,
-                  topk_implementation=None) -> jax.Array:
+                  topk_implementation=None, score_dtype=None) -> jax.Array:
   """Top-k key indices per query -> [B, L, K] int32 (-1 = none), never holding all [L, S].
 
   Queries are processed `chunk` at a time (all at once for None): scores for a chunk
@@ -374,10 +400,12 @@ def indexer_top_k(q_idx, k_idx, weights, *, top_k: int, q_positions=None, kv_pos
   a row's indices depends on it). Memory is O(chunk * S) instead of O(L * S). With
   the default key positions (0..S-1) query t's keys beyond t are not read by the top-k.
   FP8: the keys are rotated and quantized once here (or passed as FP8Keys), not per chunk.
+  score_dtype: what the top-k selects on; None: `selection_dtype(fp8)` (bf16 on the FP8 path).
   """
   check_indexer(q_idx, k_idx, weights)
   check_top_k(top_k)
   fp8 = _resolve_fp8(k_idx, fp8)
+  score_dtype = selection_dtype(fp8) if score_dtype is None else score_dtype
   if fp8:
     k_idx = quantize_index_keys(k_idx)
   batch, length = q_idx.shape[:2]
@@ -389,7 +417,7 @@ def indexer_top_k(q_idx, k_idx, weights, *, top_k: int, q_positions=None, kv_pos
   def one(q, w, qp, seg):
     scores = indexer_scores(q, k_idx, w, q_positions=qp, kv_positions=kv_positions,
                             segment_ids=seg, kv_segment_ids=kv_segment_ids, fp8=fp8,
-                            implementation=implementation)
+                            score_dtype=score_dtype, implementation=implementation)
     lengths = jnp.clip(qp + 1, 0, k_idx.shape[1]) if default_kv else None
     return top_k_select(scores, top_k, lengths=lengths, implementation=topk_implementation)
 
@@ -516,12 +544,13 @@ def dsa_attention_reference(q, k, v, q_idx, k_idx, weights, *, top_k: int, scale
   """Indexer -> top-k -> attention over the selected keys, all by reference.
 
   Returns (out [B, L, H, Dv], indices [B, L, K]). With top_k >= every t+1 the selected
-  set is all visible keys, and the result is dense causal attention.
+  set is all visible keys, and the result is dense causal attention. The top-k selects on
+  the scores rounded to `selection_dtype(fp8)`, as `indexer_top_k` does.
   """
   scores = indexer_scores_reference(q_idx, k_idx, weights, q_positions=q_positions,
                                     kv_positions=kv_positions, segment_ids=segment_ids,
                                     kv_segment_ids=kv_segment_ids, fp8=fp8)
-  indices = top_k_indices(scores, top_k)
+  indices = top_k_indices(scores.astype(selection_dtype(fp8)), top_k)
   return sparse_attention_reference(q, k, v, indices, scale=scale), indices
 
 
