@@ -90,6 +90,21 @@ def test_sparse_kernel_forward_and_gradients_gqa_odd_length():
   chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_sparse_kernel_forward_over_many_steps():
+  """Several gather steps per program (K = 37 of 40 at 8 rows a step: 5 steps, the last partly
+  empty): separate v (GQA), and MLA's shared latent with a RoPE key part."""
+  blocks = dsa_attention.SparseBlocks(block_h=16, block_k=8)
+  q, k, v, idx = _case(70, 40, 4, 2, 16, 16, 37, batch=1)
+  chex.assert_trees_all_close(dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks),
+                              dsa.sparse_attention_reference(q, k, v, idx), atol=1e-5, rtol=1e-5)
+  q, kv, _, idx = _case(71, 40, 16, 1, 48, 32, 37, batch=1)
+  kr = _normal(72, (1, 40, 1, 16))
+  chex.assert_trees_all_close(
+      dsa_attention.sparse_attention(q, kv[..., :32], None, idx, k_rope=kr, blocks=blocks),
+      dsa.sparse_attention_reference(q, jnp.concatenate([kv[..., :32], kr], -1), kv[..., :32], idx),
+      atol=1e-5, rtol=1e-5)
+
+
 def test_sparse_kernel_shared_kv_forward_and_gradient():
   """k = v (MLA's latent): one gather for both MMAs, dk + dv into one buffer; 20 heads -> 2 blocks."""
   q, kv, _, idx = _case(60, 6, 20, 1, 24, 24, 5, batch=1)
