@@ -37,6 +37,28 @@ def decode_step(model, tokens, position, caches):
   return logits[:, -1], caches
 
 
+def stepwise_logits(model, tokens, prompt_len: int, *, capacity: int | None = None):
+  """The logits of tokens [B, T] as decoding computes them -> (logits [B, T, V], caches).
+
+  The first prompt_len tokens run as one prefill into fresh caches (capacity: default T),
+  then every later token as its own cached call at its position. When each mixer's cache is
+  right this equals model(tokens) up to rounding: the check that a new layer kind decodes
+  like it trains. Each call is jitted (one compile for the prompt, one for the steps).
+  """
+  batch, length = tokens.shape
+  if not 0 < prompt_len <= length:
+    raise ValueError(f"prompt_len must be in [1, {length}] for tokens of length {length}, got {prompt_len}")
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  run = nnx.jit(lambda m, t, p, c: m(t, p, caches=c))
+  logits, caches = run(model, tokens[:, :prompt_len], positions[:, :prompt_len],
+                       model.init_caches(batch, length if capacity is None else capacity))
+  steps = [logits]
+  for t in range(prompt_len, length):
+    logits, caches = run(model, tokens[:, t:t + 1], positions[:, t:t + 1], caches)
+    steps.append(logits)
+  return jnp.concatenate(steps, axis=1), caches
+
+
 def generate(model, prompt, max_new_tokens: int, *, key=None, temperature: float = 0.0,
              top_k: int | None = None, capacity: int | None = None, cache_dtype=None):
   """Continues `prompt` [B, P] by max_new_tokens tokens -> [B, P + max_new_tokens] int32.

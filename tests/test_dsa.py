@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lca import model as model_lib
+from lca import decode, model as model_lib
 from lca.attention import dsa, full
 
 
@@ -239,15 +239,8 @@ def test_decode_equals_forward():
   model = model_lib.Transformer(cfg, rngs=nnx.Rngs(1))
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 10)), jnp.int32)
   want = nnx.jit(lambda m, t: m(t))(model, tokens)
-  caches = model.init_caches(2, 16)
-  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
-  run = nnx.jit(lambda m, t, p, c: m(t, p, caches=c))
-  got_prompt, caches = run(model, tokens[:, :8], pos[:, :8], caches)
-  steps = [got_prompt]
-  for t in range(8, 10):
-    logits, caches = run(model, tokens[:, t:t + 1], pos[:, t:t + 1], caches)
-    steps.append(logits)
-  chex.assert_trees_all_close(jnp.concatenate(steps, 1), want, atol=1e-4, rtol=1e-4)
+  got, _ = decode.stepwise_logits(model, tokens, 8, capacity=16)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
   assert model.cache_bytes_per_token(16) > 0
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lca import model as model_lib
+from lca import decode, model as model_lib
 from lca.attention import dsa, mla
 
 SIZES = dict(q_rank=24, kv_rank=16, rope_dim=8, head_dim=8, v_head_dim=12)
@@ -83,15 +83,8 @@ def test_model_decode_equals_forward_and_cache_size():
   model = model_lib.Transformer(cfg, rngs=nnx.Rngs(1))
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 11)), jnp.int32)
   want = nnx.jit(lambda m, t: m(t))(model, tokens)
-  caches = model.init_caches(2, 16)
-  run = nnx.jit(lambda m, t, p, c: m(t, p, caches=c))
-  pos = _pos(11)
-  got, caches = run(model, tokens[:, :8], pos[:, :8], caches)
-  steps = [got]
-  for t in range(8, 11):
-    logits, caches = run(model, tokens[:, t:t + 1], pos[:, t:t + 1], caches)
-    steps.append(logits)
-  chex.assert_trees_all_close(jnp.concatenate(steps, 1), want, atol=1e-4, rtol=1e-4)
+  got, _ = decode.stepwise_logits(model, tokens, 8, capacity=16)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
   # per layer: the latent (16 + 8 values) and one bf16 indexer key (16 values)
   assert model.cache_bytes_per_token(16) == 2 * ((16 + 8) * 2 + 16 * 2)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lca import model as model_lib
+from lca import decode, model as model_lib
 from lca.attention import gated_deltanet, linear
 
 
@@ -152,13 +152,8 @@ def test_hybrid_model_decodes_equal_to_forward():
   model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(7), (2, 21), 0, cfg.vocab_size)
   want = _call(model, tokens)
-  caches = model.init_caches(2, capacity=21)
-  logits, caches = _call(model, tokens[:, :13], jnp.broadcast_to(jnp.arange(13), (2, 13)), caches=caches)
-  got = [logits]
-  for t in range(13, 21):
-    step, caches = _call(model, tokens[:, t:t + 1], jnp.full((2, 1), t), caches=caches)
-    got.append(step)
-  np.testing.assert_allclose(jnp.concatenate(got, 1), want, atol=1e-4, rtol=1e-4)
+  got, _ = decode.stepwise_logits(model, tokens, 13)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
   gdn_bytes = model.blocks[0].mixer.cache_bytes_per_token(1024) * 1024
   assert gdn_bytes == model.blocks[0].mixer.cache_bytes_per_token(4096) * 4096
 

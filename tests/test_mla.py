@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lca import model as model_lib
+from lca import decode, model as model_lib
 from lca.attention import mla
 
 B, T, H, DH, DR, DC, DV = 2, 7, 3, 5, 4, 6, 7
@@ -118,13 +118,8 @@ def test_model_with_mla_decodes_like_forward():
   model = materialize(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 6)), jnp.int32)
   logits = nnx.jit(lambda m, t: m(t))(model, tokens)
-  step = nnx.jit(lambda m, t, p, c: m(t, p, caches=c))
-  out, caches = step(model, tokens[:, :3], jnp.arange(3)[None], model.init_caches(1, 8))
-  outs = [out]
-  for t in range(3, 6):
-    out, caches = step(model, tokens[:, t:t + 1], jnp.full((1, 1), t), caches)
-    outs.append(out)
-  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), logits, atol=1e-4)
+  got, _ = decode.stepwise_logits(model, tokens, 3, capacity=8)
+  chex.assert_trees_all_close(got, logits, atol=1e-4)
 
 
 def test_yarn_temperature_in_softmax_scale():

@@ -147,6 +147,13 @@ def test_sequence_longer_than_cache_raises():
     decode.generate(_model(), jnp.zeros((1, 8), jnp.int32), 5, capacity=10)
 
 
+def test_stepwise_logits_rejects_a_bad_prompt_length():
+  tokens = jnp.zeros((1, 5), jnp.int32)
+  for bad in (0, 6):
+    with pytest.raises(ValueError, match="prompt_len"):
+      decode.stepwise_logits(_model(), tokens, bad)
+
+
 def test_unknown_model_config_field_raises():
   with pytest.raises(ValueError, match="unknown config.model fields: \\['num_layer'\\]"):
     model_lib.ModelConfig.from_config({"num_layer": 3})
