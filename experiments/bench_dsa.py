@@ -118,16 +118,17 @@ def _in_loop(label, fn, first, *rest, inner, reps):
     return None
 
 
-def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype=None):
+def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype=None, fill=False):
   """Indexer scores of every query chunk (max over keys kept: the [chunk, S] buffer is not
-  written to the output); ki bf16 or FP8Keys. out_dtype None: what the prefill writes,
-  `dsa.selection_dtype(fp8)` (bf16 for fp8)."""
+  written to the output); ki bf16 or FP8Keys. By default what `indexer_top_k` runs: scores in
+  `dsa.selection_dtype(fp8)` (bf16 for fp8), wholly-future tiles not written (fill: written,
+  as in sessions 2-8)."""
   _, length, hi, di = qi.shape
   chunk = length // n_chunks
   out_dtype = dsa.selection_dtype(fp8) if out_dtype is None else out_dtype
   return jax.lax.map(
       lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos, fp8=fp8, blocks=blocks,
-                                                   out_dtype=out_dtype), axis=-1),
+                                                   out_dtype=out_dtype, fill_future=fill), axis=-1),
       (qi.reshape(n_chunks, 1, chunk, hi, di), w.reshape(n_chunks, 1, chunk, hi),
        pos.reshape(n_chunks, 1, chunk)))
 
@@ -204,10 +205,12 @@ def prefill_case(length, reps):
   chunk = min(_CHUNK.value, length)
   n_chunks = length // chunk
   # fp8: keys quantized once (outside the chunk loop), q per chunk; scores written in bf16 (the
-  # FP8 path's selection dtype) and, "_f32", in float32 (sessions 2-8)
-  for fp8, out_dtype, name in ((True, None, "fp8"), (True, jnp.float32, "fp8_f32"), (False, None, "bf16")):
-    f = jax.jit(lambda qi, ki, w, fp8=fp8, out_dtype=out_dtype: _indexer_all_chunks(
-        qi, dsa.quantize_index_keys(ki) if fp8 else ki, w, pos, n_chunks, fp8=fp8, out_dtype=out_dtype))
+  # FP8 path's selection dtype), "_f32" in float32; "_fill": every tile written (sessions 2-8)
+  for fp8, out_dtype, fill, name in ((True, None, False, "fp8"), (True, jnp.float32, False, "fp8_f32"),
+                                     (True, jnp.float32, True, "fp8_f32_fill"), (False, None, False, "bf16")):
+    f = jax.jit(lambda qi, ki, w, fp8=fp8, out_dtype=out_dtype, fill=fill: _indexer_all_chunks(
+        qi, dsa.quantize_index_keys(ki) if fp8 else ki, w, pos, n_chunks, fp8=fp8, out_dtype=out_dtype,
+        fill=fill))
     res[f"indexer_{name}_ms"] = _ms(_try(f"indexer scores {name} (all chunks)", f, qi, ki, w, reps=reps))
   if _PREFILL_EXTRAS.value:
     _prefill_fp8_extras(res, qi, ki, w, pos, n_chunks, reps)
@@ -296,14 +299,14 @@ def decode_case(length, reps):
 
 
 TOPK_CONFIGS = {   # name: (score dtype, blocks)
-    "b1024_bits4_w4": (jnp.float32, dsa_topk.TopKBlocks()),
+    "b1024_bits4_w4": (jnp.float32, dsa_topk.TopKBlocks()),                # the float32 default
     "b2048_bits4_w8": (jnp.float32, dsa_topk.TopKBlocks(block=2048, num_warps=8)),
     "b1024_bits2_w8_acc": (jnp.float32, dsa_topk.TopKBlocks(block=1024, bits=2, num_warps=8, accumulate=True)),
     "b512_bits4_w8_acc": (jnp.float32, dsa_topk.TopKBlocks(block=512, num_warps=8, accumulate=True)),
-    "bf16_b1024_bits4_w4": (jnp.bfloat16, dsa_topk.TopKBlocks()),
-    "bf16_b2048_bits4_w4": (jnp.bfloat16, dsa_topk.TopKBlocks(block=2048)),
-    "bf16_b2048_bits4_w8": (jnp.bfloat16, dsa_topk.TopKBlocks(block=2048, num_warps=8)),
-    "bf16_b1024_bits2_w4": (jnp.bfloat16, dsa_topk.TopKBlocks(bits=2)),
+    "bf16_b1024_bits4_w4": (jnp.bfloat16, dsa_topk.TopKBlocks(bits=4)),
+    "bf16_b2048_bits4_w4": (jnp.bfloat16, dsa_topk.TopKBlocks(block=2048, bits=4)),
+    "bf16_b2048_bits4_w8": (jnp.bfloat16, dsa_topk.TopKBlocks(block=2048, bits=4, num_warps=8)),
+    "bf16_b1024_bits2_w4": (jnp.bfloat16, dsa_topk.TopKBlocks(bits=2)),   # the 16-bit default
 }
 ROW_SPLITS = (1, 4, 16, 32)
 

@@ -82,9 +82,10 @@ def default_indexer_blocks(dtype) -> IndexerBlocks:
 
 
 def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_heads: int,
-            k_transposed: bool, heads_per_step: int = 1, fast_accumulation: bool = True):
+            k_transposed: bool, heads_per_step: int = 1, fast_accumulation: bool = True,
+            fill_future: bool = True):
   """q_ref [H_I, bq, d]; k_ref [bk, d] ([d, bk] if k_transposed); w_ref [H_I, bq]; qpos [bq];
-  kpos/kscale [bk]; o [bq, bk]."""
+  kpos/kscale [bk]; o [bq, bk]. fill_future False: a tile no query sees is not written."""
   q_pos, k_pos = qpos_ref[...], kpos_ref[...]
   any_visible = jnp.min(jnp.where(k_pos >= 0, k_pos, _BIG)) <= jnp.max(q_pos)
 
@@ -111,23 +112,25 @@ def _kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref, *, num_h
     visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
     o_ref[...] = jnp.where(visible, acc * kscale_ref[...][None, :], -jnp.inf).astype(o_ref.dtype)
 
-  @pl.when(jnp.logical_not(any_visible))
-  def _():
-    o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, o_ref.dtype)
+  if fill_future:
+    @pl.when(jnp.logical_not(any_visible))
+    def _():
+      o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, o_ref.dtype)
 
 
 def _pad_to(x, axis, multiple, fill):
   return pad_axis(x, axis, -(-x.shape[axis] // multiple) * multiple, fill)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("blocks", "out_dtype", "fill_future", "interpret"))
 def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
                           blocks: IndexerBlocks | None = None, out_dtype=jnp.float32,
-                          interpret: bool = False):
+                          fill_future: bool = True, interpret: bool = False):
   """q [B, L, H_I, d] (bf16/f32/fp8), k [B, S, d] (same dtype; [B, d, S] if
   blocks.k_transposed), w [B, L, H_I] f32, k_scale [B, S] f32, positions [B, L] / [B, S]
   int32 (-1 = empty) -> [B, L, S] out_dtype (fp32 sums, rounded once when written).
-  blocks None: `default_indexer_blocks(q.dtype)`."""
+  blocks None: `default_indexer_blocks(q.dtype)`. fill_future False: the [block_q, block_k]
+  tiles that no query of theirs sees are left unwritten (undefined) instead of -inf."""
   blocks = blocks or default_indexer_blocks(q.dtype)
   batch, q_len, num_heads, dim = q.shape
   tk = blocks.k_transposed
@@ -146,7 +149,7 @@ def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
             pl.BlockSpec((None, bk, dim), lambda b, i, j: (b, j, 0)))
   out = pl.pallas_call(
       functools.partial(_kernel, num_heads=num_heads, k_transposed=tk, heads_per_step=blocks.heads_per_step,
-                        fast_accumulation=blocks.fp8_fast_accumulation),
+                        fast_accumulation=blocks.fp8_fast_accumulation, fill_future=fill_future),
       grid=grid,
       in_specs=[
           pl.BlockSpec((None, num_heads, bq, dim), lambda b, i, j: (b, 0, i, 0)),
@@ -225,13 +228,15 @@ def fp8_query_operands(q_idx, weights):
 
 def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: bool = False,
                    blocks: IndexerBlocks | None = None, out_dtype=jnp.float32,
-                   interpret: bool | None = None):
+                   fill_future: bool = True, interpret: bool | None = None):
   """Indexer scores [B, L, S] out_dtype, the math of `lca.attention.dsa.indexer_scores_reference`.
 
   fp8: Hadamard-rotate and quantize q_idx (and k_idx unless it is FP8Keys, which implies
   fp8) to float8_e4m3fn (one scale per vector; d_I <= 128) and run the MMAs on fp8
   operands with fp32 accumulation. out_dtype: the scores as written (bfloat16 halves the
-  [chunk, S] write and the top-k's reads; the sums are fp32 either way).
+  [chunk, S] write and the top-k's reads; the sums are fp32 either way). fill_future False
+  (prefill tiles): entries in tiles that none of their queries sees stay unwritten, for a
+  consumer that reads no entry at or past its query's `lengths` (half the writes at prefill).
   """
   from lca.attention import dsa  # pylint: disable=g-import-not-at-top
   dsa.check_indexer(q_idx, k_idx, weights)
@@ -252,4 +257,5 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
   if blocks.k_transposed:
     k = jnp.swapaxes(k, 1, 2)
   return indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, blocks=blocks,
-                               out_dtype=jnp.dtype(out_dtype), interpret=resolve_interpret(interpret))
+                               out_dtype=jnp.dtype(out_dtype), fill_future=fill_future,
+                               interpret=resolve_interpret(interpret))

@@ -31,6 +31,31 @@ def test_indexer_kernel_matches_reference(fp8):
   _assert_scores_close(got, dsa.indexer_scores_reference(q, k, w, fp8=fp8), 1e-4)
 
 
+def test_indexer_kernel_may_skip_the_wholly_future_tiles():
+  """fill_future=False leaves the tiles no query of theirs sees unwritten (NaN in interpret mode)
+  and writes every other entry as before; the chunked indexer + top-k (which reads below t + 1
+  only) then picks the same keys as the XLA scores, with either top-k."""
+  q, k, w = _normal(86, (1, 40, 2, 16)), _normal(87, (1, 40, 16)), _normal(88, (1, 40, 2))
+  pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (1, 40))
+  kw = dict(blocks=dsa_indexer.IndexerBlocks(block_q=16, block_k=16))
+  filled = np.asarray(dsa_indexer.indexer_scores(q, k, w, pos, pos, **kw))
+  skipped = np.asarray(dsa_indexer.indexer_scores(q, k, w, pos, pos, fill_future=False, **kw))
+  t, s = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+  differs = ~((skipped == filled) | (np.isinf(skipped) & np.isinf(filled)))[0]
+  assert differs.any() and (s[differs] > t[differs]).all()
+  q, k, w = _normal(89, (1, 300, 2, 16)), _normal(90, (1, 300, 16)), _normal(91, (1, 300, 2))
+  for topk in ("pallas", "xla"):   # default tiles [64, 128]: chunk 0 skips key tiles 1 and 2
+    got = dsa.indexer_top_k(q, k, w, top_k=5, fp8=False, chunk=128, implementation="pallas",
+                            topk_implementation=topk)
+    want = dsa.indexer_top_k(q, k, w, top_k=5, fp8=False, chunk=128, implementation="xla",
+                             topk_implementation="xla")
+    np.testing.assert_array_equal(np.sort(np.asarray(got), -1), np.sort(np.asarray(want), -1))
+  # explicit key positions (a cache): the top-k reads whole rows, so every tile is written
+  explicit = dsa.indexer_top_k(q, k, w, top_k=5, fp8=False, chunk=128, implementation="pallas",
+                               kv_positions=jnp.arange(300)[None])
+  np.testing.assert_array_equal(np.sort(np.asarray(explicit), -1), np.sort(np.asarray(want), -1))
+
+
 def test_indexer_kernel_writes_bf16_scores_rounded_once():
   """out_dtype=bfloat16 (the FP8 path's selection scores): the fp32 sums rounded when written,
   -inf kept; prefill tiles and the decode kernel."""
@@ -244,6 +269,23 @@ def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
       q, kv, kr)
   for a, b in zip(grads(fast), grads(ref)):
     assert rel(a, b) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_chunked_indexer_top_k_on_gpu_skips_future_tiles_safely():
+  """The prefill path at the benchmark's indexer shape (fp8, bf16 scores, future tiles unwritten:
+  garbage on a GPU) selects exactly what the same kernels select with every tile written."""
+  length = 4096
+  qi = _normal(92, (1, length, 64, 128)).astype(jnp.bfloat16)
+  ki = _normal(93, (1, length, 128)).astype(jnp.bfloat16)
+  w = _normal(94, (1, length, 64)) * (64 * 128) ** -0.5
+  run = jax.jit(lambda qi, ki, w, kv=None: dsa.indexer_top_k(
+      qi, ki, w, top_k=256, fp8=True, chunk=1024, implementation="pallas", topk_implementation="pallas",
+      kv_positions=kv))
+  got = np.sort(np.asarray(run(qi, ki, w)), -1)
+  want = np.sort(np.asarray(run(qi, ki, w, jnp.arange(length)[None])), -1)
+  np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.gpu

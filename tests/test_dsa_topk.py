@@ -63,10 +63,10 @@ def test_top_k_kernel_on_16_bit_scores_is_exact_with_ties_to_lower_positions(dty
   x = x.at[0, 100:].set(-jnp.inf)
   lengths = jnp.array([333, 300, 5, 0, 333, 200, 333])
   want = _lowest_positions_top_k(x, 37, np.asarray(lengths))
-  for split in (1, 3):
-    got = np.asarray(dsa_topk.top_k(x, 37, lengths=lengths, split=split))
+  for split, blocks in ((1, None), (3, None), (1, dsa_topk.TopKBlocks(bits=4))):   # default: 2 bits a pass
+    got = np.asarray(dsa_topk.top_k(x, 37, lengths=lengths, split=split, blocks=blocks))
     for r, w in enumerate(want):
-      assert np.array_equal(np.sort(got[r][got[r] >= 0]), w), (split, r)
+      assert np.array_equal(np.sort(got[r][got[r] >= 0]), w), (split, blocks, r)
       assert (got[r][len(w):] == -1).all()
 
 

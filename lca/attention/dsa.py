@@ -255,7 +255,7 @@ def _xla_scores(q_idx, k_idx, weights, *, fp8, **mask_kw):
 
 
 def _pallas_scores(q_idx, k_idx, weights, *, fp8, q_positions, kv_positions, segment_ids,
-                   kv_segment_ids, score_dtype=jnp.float32):
+                   kv_segment_ids, score_dtype=jnp.float32, fill_future=True):
   try:
     from pallas_kernels import dsa_indexer  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -265,13 +265,14 @@ def _pallas_scores(q_idx, k_idx, weights, *, fp8, q_positions, kv_positions, seg
   q_positions, kv_positions = _positions(q_idx.shape[0], q_idx.shape[1], k_idx.shape[1],
                                          q_positions, kv_positions)
   return dsa_indexer.indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, fp8=fp8,
-                                    out_dtype=score_dtype)
+                                    out_dtype=score_dtype, fill_future=fill_future)
 
 
 def _rounded(fn):
   """An fp32 scorer that also takes score_dtype (its fp32 scores rounded once, as the kernel
-  writes them)."""
-  def run(*args, score_dtype=jnp.float32, **kw):
+  writes them) and fill_future (it always fills)."""
+  def run(*args, score_dtype=jnp.float32, fill_future=True, **kw):
+    del fill_future
     return fn(*args, **kw).astype(score_dtype)
   return run
 
@@ -306,12 +307,14 @@ def selection_dtype(fp8: bool):
 
 def indexer_scores(q_idx, k_idx, weights, *, q_positions=None, kv_positions=None,
                    segment_ids=None, kv_segment_ids=None, fp8: bool | None = None,
-                   score_dtype=jnp.float32,
+                   score_dtype=jnp.float32, fill_future: bool = True,
                    implementation: str | Sequence[str] | None = None) -> jax.Array:
   """Indexer scores [B, L, S] score_dtype through "pallas", "xla" or "reference" (same math).
 
   fp8: None = `default_fp8()` (on GPU); k_idx FP8Keys (quantized once) implies fp8.
   score_dtype: the fp32 sums rounded once to this dtype (float32 or bfloat16).
+  fill_future False: the "pallas" kernel may leave entries past every query of their tile
+  unwritten (undefined, not -inf): only for a reader of entries before each query's t + 1.
   implementation None: GPU pallas then xla; CPU xla.
   """
   check_indexer(q_idx, k_idx, weights)
@@ -321,7 +324,7 @@ def indexer_scores(q_idx, k_idx, weights, *, q_positions=None, kv_positions=None
   return full.dispatch(INDEXER_IMPLEMENTATIONS, implementation or _index_defaults(), q_idx, k_idx,
                        weights, fp8=fp8, q_positions=q_positions, kv_positions=kv_positions,
                        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                       score_dtype=score_dtype, what="DSA indexer")
+                       score_dtype=score_dtype, fill_future=fill_future, what="DSA indexer")
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -417,9 +420,12 @@ def indexer_top_k(q_idx, k_idx, weights, *, top_k: int, q_positions=None, kv_pos
     kv_segment_ids = segment_ids
 
   def one(q, w, qp, seg):
+    # with the default key positions the top-k reads each row only below t + 1 (`lengths`), so
+    # the kernel need not write the wholly-future tiles: half its writes at prefill
     scores = indexer_scores(q, k_idx, w, q_positions=qp, kv_positions=kv_positions,
                             segment_ids=seg, kv_segment_ids=kv_segment_ids, fp8=fp8,
-                            score_dtype=score_dtype, implementation=implementation)
+                            score_dtype=score_dtype, fill_future=not default_kv,
+                            implementation=implementation)
     lengths = jnp.clip(qp + 1, 0, k_idx.shape[1]) if default_kv else None
     return top_k_select(scores, top_k, lengths=lengths, implementation=topk_implementation)
 
