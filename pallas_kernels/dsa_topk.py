@@ -13,21 +13,21 @@ Keys: the float32 bits b read as int32, key = b for b >= 0 and b ^ 0x7fffffff ot
 ordered like the floats (-inf lowest among non-NaN values); bfloat16/float16 scores keep
 their 16 bits (b ^ 0x7fff for negatives): half the bytes a pass and half the passes
 (`lca.attention.dsa` selects on bf16 scores on its FP8 path). One program owns one row
-and makes `key bits / bits` counting passes over it; pass p fixes `bits` more bits of T (the
-unsigned key, most significant first) by counting, for each of the 2^bits candidates
+and makes `key bits / bits` counting passes over it; pass p fixes `bits` more bits of T
+(the unsigned key, most significant first) by counting, for each of the 2^bits candidates
 c_j = prefix | j << shift, how many keys are >= c_j, and keeping the largest c_j whose
 count is still >= k; a pass whose chosen candidate has exactly k keys above it ends the
 search early (then every key >= it is taken). Per element and pass that is 2^bits
-compares + adds (the defaults: bits = 4 for float32, at most 8 passes of 16 candidates; bits
-= 2 for 16-bit scores, at most 8 passes of 4); bytes per pass = the row once (4 S, or 2 S). Then one compaction
-pass: an in-block exclusive cumsum of the take mask gives each selected position its
-output slot, and a masked scatter writes it.
+compares + adds (defaults: bits = 4 for float32, at most 8 passes of 16 candidates; 2 for
+16-bit scores, at most 8 passes of 4); bytes per pass = the row once (4 S, or 2 S). Then
+one compaction pass: an in-block exclusive cumsum of the take mask gives each selected
+position its output slot, and a masked scatter writes it.
 
 Rows may carry a length (entries at or beyond it count as -inf and are not read):
 causal prefill chunks pass t + 1 and read only the visible part (half the bytes).
 
-Measured (H100, see NOTES_dsa.md): a causal [2048, 128k] chunk in 6.3 ms vs 19.2 ms
-for `lax.top_k`; but one row (decode) takes 0.2-0.3 ms vs 0.07-0.09 ms: a single row is
+Measured (H100, see NOTES_dsa.md): the last causal [2048, 128k] chunk of a prefill in 5.0 ms
+(float32 scores) or 3.5 ms (bf16) vs 19 ms for `lax.top_k`; but one row (decode) takes 0.2-0.3 ms vs 0.07-0.09 ms: a single row is
 latency-bound (a program's passes are sequential), so `lca.attention.dsa.top_k_select`
 uses `lax.top_k` for few rows by default.
 
