@@ -378,6 +378,12 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
                                            bwd_block_h=32, bwd_num_warps=8)),
     "sh_h64_k64_w8_s2_bk16_bw4": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, bwd_block_k=16,
                                            bwd_block_h=32, bwd_num_warps=4)),
+    # session 9, with V3.2's 512 + 64 key: deeper pipelines at fewer rows, longer steps unpipelined
+    "sh_h64_k32_w8_s3": (True, SB(block_h=64, block_k=32, num_warps=8, num_stages=3)),
+    "sh_h64_k64_w8_s1": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=1)),
+    "sh_h64_k128_w8_s1": (True, SB(block_h=64, block_k=128, num_warps=8, num_stages=1)),
+    "sh_h32_k128_w4_s1": (True, SB(block_h=32, block_k=128, num_warps=4, num_stages=1)),
+    "sh_h32_k64_w4_s3": (True, SB(block_h=32, block_k=64, num_warps=4, num_stages=3)),
 }
 
 

@@ -70,10 +70,12 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int =
   memory at a 512-dim latent), 32 rows a step (64: 3x slower) and, for head dims > 256, 8 warps.
   Decode (split K over programs) keeps 32 heads, 32 rows and, for head dims > 256, 8 warps, as
   measured in session 3. With MLA's RoPE key part (rope_dim > 0) at head dims > 256 the 8-warp
-  backward overflows the shared memory (287 KB at 512 + 64): it runs at 4 warps (session 8).
+  backward overflows the shared memory (287 KB at 512 + 64): it runs at 4 warps (session 8);
+  and the forward is faster at 32 heads and 4 warps than at 64 and 8 (512 + 64: 32k 87 -> 80 ms,
+  128k 353 -> 338 ms; session 9, sweep_sparse_s9e/s9f).
   """
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
-  wide_prefill = splits == 1 and dim > 256
+  wide_prefill = splits == 1 and dim > 256 and not rope_dim
   block_h = min(2 * MAX_BLOCK_H if wide_prefill else MAX_BLOCK_H, max(16, pl.next_power_of_2(group)))
   return SparseBlocks(block_h=block_h, block_k=64 if splits == 1 else 32, num_splits=splits,
                       num_warps=8 if dim > 256 and (splits > 1 or block_h > MAX_BLOCK_H) else 4,

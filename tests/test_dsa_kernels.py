@@ -252,9 +252,10 @@ def test_kernels_on_gpu_bf16():
 @pytest.mark.parametrize("rope_dim", [0, 64])
 def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
   """The benchmark's MLA shape (128 heads over one 512-dim latent, k = v; with rope_dim, V3.2's
-  key [latent ; 64 RoPE dims]) with default_blocks: 64 heads a program at 8 warps in the
-  forward, forward and gradients against the reference."""
-  assert dsa_attention.default_blocks(300, 64, 512, 128).block_h == 64
+  key [latent ; 64 RoPE dims]) with default_blocks (latent alone: 64 heads a program at 8 warps
+  in the forward; with RoPE: 32 at 4), forward and gradients against the reference."""
+  blocks = dsa_attention.default_blocks(300, 64, 512, 128, rope_dim)
+  assert (blocks.block_h, blocks.num_warps) == ((32, 4) if rope_dim else (64, 8))
   q, kv, _, idx = _case(50, 300, 128, 1, 512 + rope_dim, 512, 64, batch=1)
   q, kv = q.astype(jnp.bfloat16) * 0.1, kv[..., :512].astype(jnp.bfloat16)
   kr = _normal(52, (1, 300, 1, rope_dim), jnp.bfloat16) if rope_dim else None
