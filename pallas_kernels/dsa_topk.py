@@ -42,7 +42,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -83,12 +82,10 @@ def float_keys(x: jax.Array) -> jax.Array:
 
 
 def _neg_inf_key(dtype) -> int:
-  """The key of -inf (lowest of the non-NaN keys), a Python int (computed in numpy: traced code
-  calls this)."""
-  if key_bits(dtype) == 16:
-    bits = int(np.array(-np.inf, jnp.dtype(dtype)).view(np.int16))
-    return bits ^ _FLIP16
-  return int(np.array(-np.inf, np.float32).view(np.int32)) ^ _FLIP
+  """The key of -inf (lowest of the non-NaN keys) as a Python int; evaluated now even when the
+  caller is being traced (the kernel)."""
+  with jax.ensure_compile_time_eval():
+    return int(float_keys(jnp.array(-jnp.inf, dtype)))
 
 
 def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, trash):
