@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import fp8_dot, pad_axis, resolve_interpret
+from pallas_kernels import dsa_indexer_mgpu, fp8_dot, pad_axis, resolve_interpret
 
 fp8_dot.install()
 _BIG = 2 ** 30
@@ -216,6 +216,23 @@ def indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
 DECODE_MAX_QUERIES = 4    # up to this many queries: the decode kernel (heads as MMA rows)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
+def mosaic_scores(q, k, w, k_scale, q_positions, *, out_dtype=jnp.float32,
+                  config: dsa_indexer_mgpu.Config | None = None):
+  """`indexer_scores_kernel`'s operands (k [B, S, d]), key s at position s, tiles past each
+  CTA's latest query unwritten -> [B, L, S] out_dtype through `dsa_indexer_mgpu` (Hopper)."""
+  cfg = config or dsa_indexer_mgpu.Config()
+  q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
+  per_cta = dsa_indexer_mgpu.queries_per_cta(heads)
+  qq = _pad_to(q, 1, per_cta, 0)
+  ww = _pad_to(w.astype(jnp.float32), 1, per_cta, 0)
+  qp = _pad_to(q_positions.astype(jnp.int32), 1, per_cta, -1)
+  kk = _pad_to(k, 1, cfg.block_k, 0)
+  ks = _pad_to(k_scale.astype(jnp.float32), 1, cfg.block_k, 0)
+  out = dsa_indexer_mgpu.scores(qq, kk, ww, ks, qp, kv_len=kv_len, out_dtype=out_dtype, config=cfg)
+  return out[:, :q_len, :kv_len]
+
+
 def fp8_query_operands(q_idx, weights):
   """q_idx [B, L, H_I, d_I] -> (q8 float8_e4m3fn, w [B, L, H_I] f32 with q's per-vector scale
   folded in); d_I <= 128 (one scale per vector)."""
@@ -226,9 +243,9 @@ def fp8_query_operands(q_idx, weights):
   return q8, weights.astype(jnp.float32) * q_scale[..., 0]
 
 
-def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: bool = False,
+def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions=None, *, fp8: bool = False,
                    blocks: IndexerBlocks | None = None, out_dtype=jnp.float32,
-                   fill_future: bool = True, interpret: bool | None = None):
+                   fill_future: bool = True, kernel: str = "auto", interpret: bool | None = None):
   """Indexer scores [B, L, S] out_dtype, the math of `lca.attention.dsa.indexer_scores_reference`.
 
   fp8: Hadamard-rotate and quantize q_idx (and k_idx unless it is FP8Keys, which implies
@@ -237,7 +254,14 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
   [chunk, S] write and the top-k's reads; the sums are fp32 either way). fill_future False
   (prefill tiles): entries in tiles that none of their queries sees stay unwritten, for a
   consumer that reads no entry at or past its query's `lengths` (half the writes at prefill).
+  kv_positions None: key s at position s (the prefill default).
+  kernel: "auto" runs the Mosaic GPU kernel (`dsa_indexer_mgpu`: Hopper, prefill with
+  fill_future=False and the default key positions, d_I = 128, H_I dividing 256) where it
+  can and the Triton kernel elsewhere (and for any explicit `blocks`); "triton" always the
+  Triton kernel; "mosaic" the Mosaic kernel or a ValueError saying why it cannot.
   """
+  if kernel not in ("auto", "triton", "mosaic"):
+    raise ValueError(f"kernel must be 'auto', 'triton' or 'mosaic', got kernel={kernel!r}")
   from lca.attention import dsa  # pylint: disable=g-import-not-at-top
   dsa.check_indexer(q_idx, k_idx, weights)
   if fp8 or isinstance(k_idx, dsa.FP8Keys):
@@ -250,9 +274,20 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, *, fp8: boo
     k_scale = jnp.ones(k_idx.shape[:2], jnp.float32)
   if q_idx.shape[-1] < 16 or q_idx.shape[-1] & (q_idx.shape[-1] - 1):
     raise NotImplementedError(f"the indexer kernel needs a power-of-two index_dim >= 16, got {q_idx.shape[-1]}")
+  default_kv = kv_positions is None
+  if default_kv:
+    kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
   if q_idx.shape[1] <= DECODE_MAX_QUERIES:
     return indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions,
                                         interpret=resolve_interpret(interpret)).astype(out_dtype)
+  if kernel != "triton" and blocks is None:
+    why_not = dsa_indexer_mgpu.supported(q, k, fill_future=fill_future, default_kv=default_kv,
+                                         interpret=resolve_interpret(interpret), out_dtype=out_dtype)
+    if why_not is None:
+      return mosaic_scores(q, k, w, k_scale, q_positions, out_dtype=jnp.dtype(out_dtype))
+  if kernel == "mosaic":
+    raise ValueError(f"kernel='mosaic' cannot run this case: "
+                     f"{why_not if blocks is None else 'explicit blocks are Triton launch parameters'}")
   blocks = blocks or default_indexer_blocks(q.dtype)
   if blocks.k_transposed:
     k = jnp.swapaxes(k, 1, 2)
