@@ -21,3 +21,21 @@ def pad_axis(x, axis: int, size: int, fill=0):
 def resolve_interpret(interpret: bool | None) -> bool:
   """None -> interpret when the default backend is CPU."""
   return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+
+
+def hopper_unavailable(interpret: bool) -> str | None:
+  """None when a Mosaic GPU (sm_90) kernel can run here, else why not (interpret mode, the
+  backend, the device's compute capability)."""
+  if interpret:
+    return "interpret mode (Mosaic GPU kernels run only on an sm_90 GPU)"
+  if jax.default_backend() != "gpu":
+    return f"default backend is {jax.default_backend()!r}, not 'gpu'"
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  if cc is None or not str(cc).startswith("9"):
+    return f"device compute capability is {cc}, not 9.x (Hopper)"
+  return None
+
+
+def floor_div(x, d: int):
+  """floor(x / d) for a traced int x >= 0, after clamping negatives to 0 (lax.div truncates)."""
+  return jax.lax.div(jnp.maximum(x, 0), jnp.int32(d))

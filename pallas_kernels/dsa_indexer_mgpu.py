@@ -52,6 +52,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import floor_div, hopper_unavailable
+
 _COLUMNS = 256       # wgmma N: (query, head) columns of one consumer warpgroup
 _NUM_CONSUMERS = 2
 _HEAD_DIM = 128
@@ -79,13 +81,8 @@ class Config:
 def supported(q, k, *, fill_future: bool, default_kv: bool, interpret: bool,
               out_dtype=jnp.float32, config: Config | None = None) -> str | None:
   """None when this kernel can run the case, else the reason it cannot."""
-  if interpret:
-    return "interpret mode (Mosaic GPU kernels run only on an sm_90 GPU)"
-  if jax.default_backend() != "gpu":
-    return f"default backend is {jax.default_backend()!r}, not 'gpu'"
-  cc = getattr(jax.devices()[0], "compute_capability", None)
-  if cc is None or not str(cc).startswith("9"):
-    return f"device compute capability is {cc}, not 9.x (Hopper)"
+  if (why_not := hopper_unavailable(interpret)) is not None:
+    return why_not
   if fill_future:
     return "fill_future=True (this kernel leaves wholly-future key tiles unwritten)"
   if not default_kv:
@@ -111,11 +108,6 @@ def queries_per_cta(num_heads: int) -> int:
   return _NUM_CONSUMERS * _COLUMNS // num_heads
 
 
-def _div(x, d: int):
-  """floor(x / d) for x >= 0 after clamping negatives to 0 (lax.div truncates)."""
-  return lax.div(jnp.maximum(x, 0), jnp.int32(d))
-
-
 def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem,
             q_ready, k_ready, k_free, turn, *, heads: int, kv_len: int, num_tiles: int,
             cfg: Config):
@@ -133,7 +125,7 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
 
   positions = [qpos_ref[batch, q0 + i] for i in range(_NUM_CONSUMERS * qpw)]
   latest = functools.reduce(jnp.maximum, positions)
-  hi = jnp.minimum(_div(latest + bk, bk), num_kv)   # key tiles up to the latest position
+  hi = jnp.minimum(floor_div(latest + bk, bk), num_kv)   # key tiles up to the latest position
 
   def take_turn():  # both consumers meet here; warpgroup 1 runs one meeting behind
     plgpu.barrier_arrive(turn)
@@ -149,7 +141,7 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
                    layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
     mine = [qpos_ref[batch, first + i] for i in range(qpw)]
     # Tiles [0, full): every key visible to every query of this warpgroup (no mask).
-    full = jnp.minimum(_div(functools.reduce(jnp.minimum, mine) + 1, bk),
+    full = jnp.minimum(floor_div(functools.reduce(jnp.minimum, mine) + 1, bk),
                        jnp.int32(kv_len // bk))
     full = jnp.minimum(full, hi)
     plgpu.barrier_wait(q_ready.at[wg])

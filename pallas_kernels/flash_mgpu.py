@@ -66,6 +66,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu_mgpu
 
+from pallas_kernels import floor_div, hopper_unavailable
+
 LOG2E = math.log2(math.e)
 _INIT_MAX = -1e30  # finite start for the running max (see the module docstring)
 _RCP_LN2 = 1.0 / math.log(2.0)
@@ -106,13 +108,8 @@ def supported(q, k, v, *, causal, window, scale, segment_ids, interpret: bool,
   """None when this forward can run the case, else the reason it cannot (for the
   ValueError of a forced forward_kernel="mosaic")."""
   del causal
-  if interpret:
-    return "interpret mode (Mosaic GPU kernels run only on an sm_90 GPU)"
-  if jax.default_backend() != "gpu":
-    return f"default backend is {jax.default_backend()!r}, not 'gpu'"
-  cc = getattr(jax.devices()[0], "compute_capability", None)
-  if cc is None or not str(cc).startswith("9"):
-    return f"device compute capability is {cc}, not 9.x (Hopper)"
+  if (why_not := hopper_unavailable(interpret)) is not None:
+    return why_not
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtype {q.dtype} (bf16 and fp16 only)"
   if v.shape[-1] != q.shape[-1]:
@@ -135,11 +132,6 @@ def supported(q, k, v, *, causal, window, scale, segment_ids, interpret: bool,
 def padded_head_dim(head_dim: int) -> int:
   """flash.py pads D to a power of two >= 16; this forward sees that D."""
   return max(16, 1 << max(0, int(head_dim) - 1).bit_length())
-
-
-def _div(x, d: int):
-  """floor(x / d) for x >= 0 after clamping negatives to 0 (lax.div truncates)."""
-  return lax.div(jnp.maximum(x, 0), jnp.int32(d))
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem,
@@ -179,7 +171,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem, k_smem, v_smem, lse_sm
     # Blocks [0, full): every key visible to every row (no mask).
     full = jnp.int32(kv_len // bkv)
     if causal:
-      full = jnp.minimum(full, _div(t0 + 1, bkv))
+      full = jnp.minimum(full, floor_div(t0 + 1, bkv))
     full = jnp.minimum(full, hi)
 
     reduced = plgpu_mgpu.Layout.WGMMA.reduce(1)

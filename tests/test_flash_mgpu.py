@@ -1,8 +1,8 @@
 """pallas_kernels.flash_mgpu (Mosaic GPU forward) against the reference, and the dispatch.
 
-The Mosaic kernel runs only on an sm_90 GPU: the CPU test checks only which forward
-`flash.flash_attention(forward_kernel=...)` picks and the error for a forced
-unsupported case; the GPU tests check the kernel (output, LSE2, gradients through the
+The Mosaic kernel runs only on an sm_90 GPU: the CPU tests check which forward
+`flash.flash_attention(forward_kernel=...)` picks, the error for a forced
+unsupported case, and that the kernel lowers for CUDA; the GPU tests check the kernel (output, LSE2, gradients through the
 Triton backward) on fresh random inputs.
 """
 
@@ -15,6 +15,16 @@ import numpy as np
 import pytest
 
 from pallas_kernels import flash, flash_mgpu
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mosaic_forward_lowers_for_hopper_on_cpu(causal):
+  """Tracing and Mosaic lowering (layouts, barriers, TMA) run here without a GPU."""
+  s = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  f = jax.jit(lambda q, k, v: flash_mgpu.forward(q, k, v, causal=causal, scale=0.1, q_len=250,
+                                                 kv_len=256))
+  assert "lca_flash_fwd_mgpu" in f.trace(s, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
 
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
