@@ -62,7 +62,7 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 _PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
-_RUN = flags.DEFINE_string("run", "s9", "Label of this run, stored in each row (and the sweeps).")
+_RUN = flags.DEFINE_string("run", "s10", "Label of this run, stored in each row (and the sweeps).")
 _DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
 _SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
                                    "its longest length runs the sparse attention (default: default_blocks).")
@@ -118,17 +118,20 @@ def _in_loop(label, fn, first, *rest, inner, reps):
     return None
 
 
-def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype=None, fill=False):
+def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype=None, fill=False,
+                        kernel="auto"):
   """Indexer scores of every query chunk (max over keys kept: the [chunk, S] buffer is not
   written to the output); ki bf16 or FP8Keys. By default what `indexer_top_k` runs: scores in
-  `dsa.selection_dtype(fp8)` (bf16 for fp8), wholly-future tiles not written (fill: written,
-  as in sessions 2-8)."""
+  `dsa.selection_dtype(fp8)` (bf16 for fp8), wholly-future tiles not written, default key
+  positions (so the Mosaic kernel on Hopper; kernel="triton" forces the Triton one); fill:
+  every tile written, explicit key positions (Triton, as in sessions 2-8)."""
   _, length, hi, di = qi.shape
   chunk = length // n_chunks
   out_dtype = dsa.selection_dtype(fp8) if out_dtype is None else out_dtype
   return jax.lax.map(
-      lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos, fp8=fp8, blocks=blocks,
-                                                   out_dtype=out_dtype, fill_future=fill), axis=-1),
+      lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos if fill else None, fp8=fp8,
+                                                   blocks=blocks, out_dtype=out_dtype, fill_future=fill,
+                                                   kernel=kernel), axis=-1),
       (qi.reshape(n_chunks, 1, chunk, hi, di), w.reshape(n_chunks, 1, chunk, hi),
        pos.reshape(n_chunks, 1, chunk)))
 
@@ -206,11 +209,14 @@ def prefill_case(length, reps):
   n_chunks = length // chunk
   # fp8: keys quantized once (outside the chunk loop), q per chunk; scores written in bf16 (the
   # FP8 path's selection dtype), "_f32" in float32; "_fill": every tile written (sessions 2-8)
-  for fp8, out_dtype, fill, name in ((True, None, False, "fp8"), (True, jnp.float32, False, "fp8_f32"),
-                                     (True, jnp.float32, True, "fp8_f32_fill"), (False, None, False, "bf16")):
-    f = jax.jit(lambda qi, ki, w, fp8=fp8, out_dtype=out_dtype, fill=fill: _indexer_all_chunks(
+  # "_triton": the Triton scoring kernel where the Mosaic one (Hopper, session 10) would run
+  for fp8, out_dtype, fill, kernel, name in (
+      (True, None, False, "auto", "fp8"), (True, None, False, "triton", "fp8_triton"),
+      (True, jnp.float32, False, "auto", "fp8_f32"), (True, jnp.float32, True, "auto", "fp8_f32_fill"),
+      (False, None, False, "auto", "bf16"), (False, None, False, "triton", "bf16_triton")):
+    f = jax.jit(lambda qi, ki, w, fp8=fp8, out_dtype=out_dtype, fill=fill, kernel=kernel: _indexer_all_chunks(
         qi, dsa.quantize_index_keys(ki) if fp8 else ki, w, pos, n_chunks, fp8=fp8, out_dtype=out_dtype,
-        fill=fill))
+        fill=fill, kernel=kernel))
     res[f"indexer_{name}_ms"] = _ms(_try(f"indexer scores {name} (all chunks)", f, qi, ki, w, reps=reps))
   if _PREFILL_EXTRAS.value:
     _prefill_fp8_extras(res, qi, ki, w, pos, n_chunks, reps)
@@ -652,18 +658,21 @@ def write(results, out: pathlib.Path, **meta_extra):
   g = lambda key: lambda r: r.get(key)
   lines = [f"device {meta['device']}, jax {meta['jax']}, {meta['date']}; batch 1, {meta['heads']} heads, "
            f"top-k {meta['top_k']}, indexer {meta['index_heads']}x{meta['index_dim']}, chunk {meta['chunk']}. "
-           "Prefill: wall ms of one call; top-k = (indexer fp8 + top-k, all chunks) - indexer fp8, on "
+           "Prefill: wall ms of one call; from run s10 the indexer columns are the Mosaic GPU kernel "
+           "(Triton before; both in s10 rows); top-k = (indexer fp8 + top-k, all chunks) - indexer fp8, on "
            "the bf16 scores the FP8 path selects on from run s9 (float32 before; both in s9 rows). "
            "Decode: device ms per call (bench_in_loop).", ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
   lines += _table(
       ["prefill L", "run", "key dims", "dense cuDNN 128x128", "dense flash", "dense MLA cuDNN 192/128",
-       "indexer fp8", "indexer bf16", "top-k (kernel, all chunks)",
+       "indexer fp8", "indexer bf16", "indexer fp8 / bf16, Triton kernel", "top-k (kernel, all chunks)",
        "top-k lax (1 chunk x n)", "top-k kernel / lax, last chunk", "indexer fp8 / top-k, f32 scores",
        "sparse attn", "DSA total",
        "speed-up vs cuDNN 128x128", "vs MLA cuDNN 192/128", "indexer share"], results.get("prefill", []),
       [g("length"), g("run"), lambda r: f"{r.get('latent', 512)}+{r['rope_dim']}" if "rope_dim" in r else "512",
        g("dense_cudnn_ms"), g("dense_pallas_ms"), g("dense_mla_cudnn_ms"),
        g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+       lambda r: None if r.get("indexer_fp8_triton_ms") is None else
+       f"{r['indexer_fp8_triton_ms']:.3g} / {r.get('indexer_bf16_triton_ms') or float('nan'):.3g}",
        g("topk_ms"), g("topk_xla_ms_scaled"),
        lambda r: None if r.get("topk_pallas_chunk_ms") is None else
        f"{r['topk_pallas_chunk_ms']:.3g} / {r.get('topk_xla_chunk_ms') or float('nan'):.3g}",
