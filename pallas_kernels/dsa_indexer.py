@@ -255,7 +255,7 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions=None, *, fp8
   (prefill tiles): entries in tiles that none of their queries sees stay unwritten, for a
   consumer that reads no entry at or past its query's `lengths` (half the writes at prefill).
   kv_positions None: key s at position s (the prefill default).
-  kernel: "auto" runs the Mosaic GPU kernel (`dsa_indexer_mgpu`: Hopper, prefill with
+  kernel (prefill; up to DECODE_MAX_QUERIES queries always take the decode kernel): "auto" runs the Mosaic GPU kernel (`dsa_indexer_mgpu`: Hopper, prefill with
   fill_future=False and the default key positions, d_I = 128, H_I dividing 256) where it
   can and the Triton kernel elsewhere (and for any explicit `blocks`); "triton" always the
   Triton kernel; "mosaic" the Mosaic kernel or a ValueError saying why it cannot.
