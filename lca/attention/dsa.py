@@ -262,11 +262,9 @@ def _pallas_scores(q_idx, k_idx, weights, *, fp8, q_positions, kv_positions, seg
     raise NotImplementedError("implementation='pallas': pallas_kernels.dsa_indexer is not available") from e
   if segment_ids is not None or kv_segment_ids is not None:
     raise NotImplementedError("implementation='pallas' indexer does not take segment_ids")
-  default_kv = kv_positions is None
-  q_positions, kv_positions = _positions(q_idx.shape[0], q_idx.shape[1], k_idx.shape[1],
-                                         q_positions, kv_positions)
-  return dsa_indexer.indexer_scores(q_idx, k_idx, weights, q_positions,
-                                    None if default_kv else kv_positions, fp8=fp8,
+  q_positions = _positions(q_idx.shape[0], q_idx.shape[1], k_idx.shape[1], q_positions, None)[0]
+  # kv_positions None stays None: the kernels' default (key s at position s)
+  return dsa_indexer.indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions, fp8=fp8,
                                     out_dtype=score_dtype, fill_future=fill_future)
 
 
