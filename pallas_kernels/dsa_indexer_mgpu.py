@@ -34,7 +34,9 @@ under the 128 B/clk limit. Floor at 128k (causal half, 1.4e14 FLOP at 1979 TFLOP
 Measured (128k, all 64 chunks, per-chunk q quantization included): 155 ms against the
 Triton kernel's 161 (fp8), 247 against 264 (bf16). The loop with a trivial epilogue takes
 120 ms, so the MMA loop itself runs at ~60% of fp8 peak and the epilogue overlaps only
-partly (+35 ms): pallas_kernels/NOTES_dsa.md, session 10.
+partly (+35 ms): pallas_kernels/NOTES_dsa.md, session 10. Without Mosaic's automatic
+barriers around shared-memory stores (`Config.auto_barriers`, 10 -> 2 bar.sync a step):
+143 ms against 153 with them (same call; session 11).
 
 Outputs: a CTA writes the key tiles [0, hi), hi = the tile holding its latest query's
 position; tiles past that stay unwritten (fill_future=False's contract: the top-k reads
@@ -66,10 +68,16 @@ _SMEM_LIMIT = 227 * 1024 - 8 * 1024
 class Config:
   """block_k: keys per step (the wgmma's M: 64, one warpgroup's rows); num_stages: key tiles
   in the shared-memory ring; pingpong: the two consumers meet after each wgmma issue
-  (flash_mgpu's schedule; 155 vs 178 ms without it at 128k, NOTES_dsa.md session 10)."""
+  (flash_mgpu's schedule; 155 vs 178 ms without it at 128k, NOTES_dsa.md session 10);
+  auto_barriers: let Mosaic put a warpgroup barrier before and after every shared-memory store
+  (its conservative default: 8 extra barriers a step here). Off, only the barriers the kernel
+  needs remain: the output tile's reuse waits on its TMA store (`wait_smem_to_gmem`, which
+  ends in a barrier) and `commit_smem` (fence + barrier) precedes the store that reads it;
+  no thread reads shared memory that it or another thread wrote."""
   block_k: int = 64
   num_stages: int = 2
   pingpong: bool = True
+  auto_barriers: bool = False
 
   def smem_bytes(self, itemsize: int, out_itemsize: int) -> int:
     q = _NUM_CONSUMERS * _COLUMNS * _HEAD_DIM * itemsize
@@ -233,6 +241,7 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
       kernel, out_type=jax.ShapeDtypeStruct((batch, q_pad, kv_pad), out_dtype),
       scratch_types=scratch, grid=(num_tiles, batch), grid_names=("q_tiles", "batch"),
       num_threads=_NUM_CONSUMERS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=not cfg.auto_barriers),
       kernel_name="lca_dsa_indexer_mgpu",
   )(q.reshape(batch, q_pad * heads, dim), k, w.reshape(batch, q_pad * heads), k_scale,
     q_positions)
