@@ -382,3 +382,20 @@ def test_indexer_decode_kernel_matches_reference(fp8):
   got = dsa_indexer.indexer_scores(q, k, w, q_pos, kv_pos, fp8=fp8)
   ref = dsa.indexer_scores_reference(q, k, w, q_positions=q_pos, kv_positions=kv_pos, fp8=fp8)
   _assert_scores_close(got, ref, 1e-4)
+
+
+def test_mosaic_row_gather_probe_lowers_on_cpu():
+  """experiments/probe_mosaic_gather.py (per-row TMA boxes into a RefUnion's flat view) lowers for CUDA."""
+  from experiments import probe_mosaic_gather   # pylint: disable=g-import-not-at-top
+  layout_size, rate_size = probe_mosaic_gather.lower_for_cuda()
+  assert layout_size > 0 and rate_size > layout_size
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU")
+def test_mosaic_row_gather_probe_layout_on_gpu():
+  """The gathered rows read back through the tiled view equal kv[idx]."""
+  from experiments import probe_mosaic_gather as probe   # pylint: disable=g-import-not-at-top
+  kv = jax.random.normal(jax.random.key(0), (3000, probe.D), jnp.bfloat16)
+  idx = jax.random.permutation(jax.random.key(1), 3000)[:probe.R].astype(jnp.int32)
+  np.testing.assert_array_equal(np.asarray(probe.layout_kernel()(kv, idx)), np.asarray(kv[idx]))
