@@ -107,3 +107,37 @@ def test_gpu_bf16_paper_sizes(group):
   g_ref = jax.jit(jax.grad(loss_r, argnums=(0, 1, 2)))(*up[:3])
   for a, b in zip(g, g_ref):
     assert rel(a, b) < 2e-2
+
+
+def test_mosaic_selected_probe_lowers_on_cpu():
+  """experiments/probe_nsa_sel_mgpu.py (warp-specialized TMA ring + wgmma) lowers for CUDA."""
+  from experiments import probe_nsa_sel_mgpu   # pylint: disable=g-import-not-at-top
+  for config in (probe_nsa_sel_mgpu.Config(), probe_nsa_sel_mgpu.Config(pipeline=True, idx_in_smem=True),
+                 probe_nsa_sel_mgpu.Config(pingpong=True)):
+    assert probe_nsa_sel_mgpu.lower_for_cuda(config=config) > 0
+  assert probe_nsa_sel_mgpu.Config(consumers=3).consumer_registers < 160   # refused, see unsupported()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu"
+                    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
+                    reason="needs an sm_90 GPU")
+def test_mosaic_selected_probe_matches_triton_and_reference_on_gpu():
+  """The Mosaic probe's (o, LSE2) equal the Triton kernel's, and o the reference, at an odd length
+  with empty slots (positions before the 16th block have fewer than n blocks)."""
+  from experiments import probe_nsa_sel_mgpu as probe   # pylint: disable=g-import-not-at-top
+  sizes, length = nsa.NSASizes(), 1000
+  q, k, v, kc, _ = _inputs(jax.random.key(3), length, 64, 4, dim=128, dtype=jnp.bfloat16, sizes=sizes)
+  geo = kernels.geometry(q, k, sizes=sizes)
+  imp = kernels.block_importance(q, kc, sizes=sizes)
+  idx = kernels.select_topn(imp, sizes=sizes).reshape(-1, length, sizes.num_selected)
+  assert (idx < 0).any()
+  q_rows = kernels.to_rows(q, geo.group)
+  o_t, l_t = kernels._sel_fwd(q_rows, k, v, idx, geo, kernels.Tuning(), False)  # pylint: disable=protected-access
+  o_m, l_m = probe._call(geo)(q_rows, k, v, idx)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(o_m, np.float32), np.asarray(o_t, np.float32), atol=2e-2, rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(l_m), np.asarray(l_t), atol=1e-4, rtol=1e-5)
+  up = [a.astype(jnp.float32) for a in (q, k, v)]
+  ref = nsa.selected_attention_reference(*up, idx.reshape(1, 4, length, -1), select_block=64)
+  o = kernels.from_rows(o_m, 1, geo.group).astype(jnp.float32)
+  assert float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref)) < 1e-2
