@@ -56,14 +56,22 @@ _REGISTER_SUM = 65536 // 128
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """consumers: compute warpgroups a CTA (each with its own producer warpgroup and K/V ring);
-  positions: consecutive positions a consumer handles; num_stages: K/V blocks in each ring;
-  pingpong: (2 consumers) they meet after each QK wgmma issue, so one's softmax runs under the
-  other's MMAs (flash_mgpu's schedule); approx_math: Mosaic's approximate exp2 / log2 / division (ex2.approx etc.);
+  """Launch and schedule choices (hashable).
+
+  consumers: compute warpgroups a CTA, each with its own producer warpgroup and K/V ring.
+  positions: consecutive positions a consumer handles.
+  num_stages: K/V blocks in each ring.
   idx_in_smem: the producer first copies its consumer's [positions, n] block indices to shared
-  memory (one TMA), so no step waits on a global load of its index; skip: timing-only variants
-  that leave out part of each step ("softmax": P = S cast, no max/exp2/sums; "pv": no P V
-  wgmma), to see where a step's time goes (their outputs are wrong)."""
+    memory (one TMA), so no step waits on a global load of its index.
+  approx_math: Mosaic's approximate exp2 / log2 / division (ex2.approx; exact exp2 cost 2 ms of
+    7.7 at 16k).
+  pingpong: (2 consumers, unpipelined) they meet after each QK wgmma issue, so one's softmax
+    runs under the other's MMAs (flash_mgpu's schedule).
+  pipeline: block n's QK wgmma is issued with block n-1's PV wgmma, and n's softmax runs while
+    that PV finishes (FA3's intra-warpgroup overlap).
+  skip: timing-only variants that leave out part of each step ("softmax": P = S cast, no
+    max / exp2 / sums; "pv": no P V wgmma), to see where a step's time goes (wrong outputs).
+  """
   consumers: int = 2
   positions: int = 16
   num_stages: int = 2
@@ -79,13 +87,15 @@ class Config:
     spare = (_REGISTER_SUM - self.consumers * _PRODUCER_REGISTERS) // self.consumers
     return min(232, spare // 8 * 8)
 
-  def smem_bytes(self, dim: int, dim_v: int, block: int, itemsize: int) -> int:
+  def smem_bytes(self, dim: int, dim_v: int, block: int, itemsize: int, num_selected: int) -> int:
     q = 2 * _ROWS * dim * itemsize                       # double-buffered q (then its output)
     kv = self.num_stages * block * (dim + dim_v) * itemsize
-    return self.consumers * (q + kv + 2 * _ROWS * 4)
+    lse, idx = 2 * _ROWS * 4, self.positions * num_selected * 4
+    return self.consumers * (q + kv + lse + idx)
 
 
-def unsupported(q_rows, k, v, gp: int, select_block: int, config: Config | None = None) -> str | None:
+def unsupported(q_rows, k, v, gp: int, select_block: int, config: Config | None = None,
+                num_selected: int = 16) -> str | None:
   """None if the kernel takes these operands, else why not."""
   dim, dim_v = q_rows.shape[-1], v.shape[-1]
   if q_rows.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q_rows.dtype or v.dtype != q_rows.dtype:
@@ -101,7 +111,9 @@ def unsupported(q_rows, k, v, gp: int, select_block: int, config: Config | None 
     return f"{cfg}: pingpong takes 2 consumers and the unpipelined loop"
   if cfg.consumer_registers < 160:   # the 64 x Dv accumulator alone is 64 registers a thread at Dv = 128
     return f"{cfg}: {cfg.consumers} consumers leave {cfg.consumer_registers} registers a thread"
-  need = cfg.smem_bytes(dim, dim_v, select_block, q_rows.dtype.itemsize)
+  if cfg.skip not in ("", "softmax", "pv"):
+    return f"skip={cfg.skip!r} ('', 'softmax' or 'pv')"
+  need = cfg.smem_bytes(dim, dim_v, select_block, q_rows.dtype.itemsize, num_selected)
   if need > _SMEM_LIMIT:
     return f"{cfg} needs {need} B of shared memory"
   return None
@@ -305,7 +317,7 @@ def selected_forward(q_rows, k, v, idx, *, length: int, gp: int, select_block: i
                      config: Config | None = None):
   """-> (o [BH, L·Gp, Dv] q.dtype, LSE2 [BH, L·Gp] f32); shapes as `nsa._sel_fwd`."""
   cfg = config or Config()
-  why = unsupported(q_rows, k, v, gp, select_block, cfg)
+  why = unsupported(q_rows, k, v, gp, select_block, cfg, idx.shape[-1])
   if why:
     raise ValueError(f"probe_nsa_sel_mgpu cannot run this case: {why}")
   batch, _, kv_heads, dim = k.shape
