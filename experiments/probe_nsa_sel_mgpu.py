@@ -173,6 +173,18 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, q_smem, k_smem, v_smem
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         load_q(i + 1, 1 - buf)
 
+      def online_softmax(s, m, l, blk, present):
+        """S [64, l'] f32 of block blk -> (P in v's dtype, the new row max, the new row sum,
+        alpha: the factor that rescales what was summed before); keys after t or of an empty
+        slot are masked."""
+        key = blk * block + plgpu.broadcasted_iota(jnp.int32, (_ROWS, block), 1, layout=plgpu.Layout.WGMMA)
+        visible = (key <= t) & present
+        s = jnp.where(visible, s * (scale * _LOG2E), _NEG)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
+        alpha = jnp.exp2(m - m_new)
+        return p.astype(v_smem.dtype), m_new, l * alpha + p.sum(axis=1), alpha
+
       def one_block(n, carry):
         acc, m, l = carry
         step = i * n_sel + n
@@ -187,41 +199,28 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, q_smem, k_smem, v_smem
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block), jnp.float32))
         plgpu.barrier_arrive(k_free.at[c * stages + slot])
-        key = blk * block + plgpu.broadcasted_iota(jnp.int32, (_ROWS, block), 1, layout=plgpu.Layout.WGMMA)
-        visible = (key <= t) & present
         if cfg.skip == "softmax":   # timing only
-          p, m_new = s, m
+          p, m_new = s.astype(v_smem.dtype), m
         else:
-          s = jnp.where(visible, s * (scale * _LOG2E), _NEG)
-          m_new = jnp.maximum(m, s.max(axis=1))
-          p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
-          alpha = jnp.exp2(m - m_new)
-          l = l * alpha + p.sum(axis=1)
+          p, m_new, l, alpha = online_softmax(s, m, l, blk, present)
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         plgpu.barrier_wait(v_ready.at[c * stages + slot])
 
         def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[c, slot])
+          plgpu.wgmma(acc_ref, p, v_smem.at[c, slot])
         if cfg.skip != "pv":
           acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[c * stages + slot])
         return acc, m_new, l
 
-      def pipelined_blocks(i, t, buf, init):
+      def pipelined_blocks(init):
         """The same blocks, with block n's QK wgmma and block n-1's PV wgmma in flight together
         and n's softmax running while the PV finishes (FA3's intra-warpgroup overlap)."""
         _, m0, l0 = init
         slot_of = lambda n: lax.rem(i * n_sel + n, jnp.int32(stages))
 
         def softmax(n, s, m, l):
-          blk, present = block_of(c, i * n_sel + n)
-          key = blk * block + plgpu.broadcasted_iota(jnp.int32, (_ROWS, block), 1, layout=plgpu.Layout.WGMMA)
-          visible = (key <= t) & present
-          s = jnp.where(visible, s * (scale * _LOG2E), _NEG)
-          m_new = jnp.maximum(m, s.max(axis=1))
-          p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
-          alpha = jnp.exp2(m - m_new)
-          return p.astype(v_smem.dtype), m_new, l * alpha + p.sum(axis=1), alpha
+          return online_softmax(s, m, l, *block_of(c, i * n_sel + n))
 
         def scope(o_acc):
           def first(s_ref):
@@ -264,7 +263,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, q_smem, k_smem, v_smem
               plgpu.layout_cast(jnp.full((_ROWS,), _NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
               plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
       if cfg.pipeline:
-        acc, m, l = pipelined_blocks(i, t, buf, init)
+        acc, m, l = pipelined_blocks(init)
       else:
         acc, m, l = lax.fori_loop(0, n_sel, one_block, init)
       seen = l > 0
