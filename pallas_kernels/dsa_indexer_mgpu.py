@@ -179,8 +179,8 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
       if masked:
         key = j * bk + plgpu.broadcasted_iota(jnp.int32, (bk,), 0,
                                               layout=plgpu.Layout.WGMMA.reduce(1))
-      buf = lax.rem(j, jnp.int32(2))
       if not cfg.direct_store:
+        buf = lax.rem(j, jnp.int32(2))
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # this buffer's store 2 steps ago is read
       for i in range(qpw):
         val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]

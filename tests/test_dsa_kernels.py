@@ -323,14 +323,12 @@ def test_mosaic_indexer_lowers_for_hopper_on_cpu(dtype):
   tracing and Mosaic lowering (layouts, slices, barriers) on every change."""
   s = jax.ShapeDtypeStruct
   f = jax.jit(lambda *a: dsa_indexer_mgpu.scores(*a, kv_len=200, out_dtype=jnp.bfloat16))
-  text = f.trace(s((1, 40, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 40, 64), jnp.float32),
-                 s((1, 256), jnp.float32), s((1, 40), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-  assert "lca_dsa_indexer_mgpu" in text
+  args = (s((1, 40, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 40, 64), jnp.float32),
+          s((1, 256), jnp.float32), s((1, 40), jnp.int32))
+  assert "lca_dsa_indexer_mgpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   tile = jax.jit(lambda *a: dsa_indexer_mgpu.scores(*a, kv_len=200, out_dtype=jnp.bfloat16,
                                                     config=dsa_indexer_mgpu.Config(direct_store=False)))
-  assert "lca_dsa_indexer_mgpu" in tile.trace(
-      s((1, 40, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 40, 64), jnp.float32),
-      s((1, 256), jnp.float32), s((1, 40), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "lca_dsa_indexer_mgpu" in tile.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   with pytest.raises(ValueError, match="multiples of 8"):
     f.trace(s((1, 36, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 36, 64), jnp.float32),
             s((1, 256), jnp.float32), s((1, 36), jnp.int32))

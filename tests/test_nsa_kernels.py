@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lca.attention import nsa
+from pallas_kernels import hopper_unavailable
 from pallas_kernels import nsa as kernels
 
 SIZES = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=4, window=16)
@@ -119,9 +120,7 @@ def test_mosaic_selected_probe_lowers_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(jax.default_backend() != "gpu"
-                    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
-                    reason="needs an sm_90 GPU")
+@pytest.mark.skipif(hopper_unavailable(False) is not None, reason="needs an sm_90 GPU")
 def test_mosaic_selected_probe_matches_triton_and_reference_on_gpu():
   """The Mosaic probe's (o, LSE2) equal the Triton kernel's, and o the reference, at an odd length
   with empty slots (positions before the 16th block have fewer than n blocks)."""
