@@ -1,5 +1,6 @@
 """Timing helpers shared by the GPU benchmark scripts (experiments/bench_*.py)."""
 
+import datetime
 import functools
 import statistics
 import time
@@ -18,6 +19,26 @@ def bench(fn, *args, reps: int = 5) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def today() -> str:
+  """The run's date (ISO), for the results' metadata."""
+  return datetime.date.today().isoformat()
+
+
+def interleaved(cases: dict, *, rounds: int, reps: int) -> dict:
+  """{name: (label, fn, args)} -> {name: median seconds over rounds, or None if it failed}.
+
+  Each round times every case once (`try_bench`, median of reps) in turn, so slow drifts of the
+  GPU (clocks, temperature) reach the peers alike; timing one peer's reps after another's let a
+  compute-bound kernel (cuDNN) vary by 7% between processes at 16k on an H200 (session 14)."""
+  times = {name: [] for name in cases}
+  for r in range(rounds):
+    for name, (label, fn, args) in cases.items():
+      if r and not times[name][-1]:
+        continue   # failed once: not retried
+      times[name].append(try_bench(f"{label} (round {r + 1}/{rounds})", fn, *args, reps=reps))
+  return {name: statistics.median(ts) if ts and all(ts) else None for name, ts in times.items()}
 
 
 def try_bench(label: str, fn, *args, reps: int) -> float | None:

@@ -25,6 +25,7 @@ one head dim), lca flash takes both as they are; the fused decode needs power-of
 its decode cache holds k and kc zero-padded to 256 (padded once, outside the timed calls).
 """
 
+import functools
 import json
 import pathlib
 
@@ -43,6 +44,8 @@ _DIM = flags.DEFINE_integer("head_dim", 128, "Head dim of q and k.")
 _V_DIM = flags.DEFINE_integer("v_head_dim", 0, "Head dim of v (0: head_dim), e.g. --head_dim=192 "
                               "--v_head_dim=128 as DeepSeek (write those to another --out).")
 _REPS = flags.DEFINE_integer("reps", 7, "Timed repetitions (median).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Forward and forward+backward: rounds of (NSA, cuDNN, flash) "
+                               "timed in turn; the median of the rounds' medians.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_nsa", "Output directory.")
 _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward part at this L and exit.")
 _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
@@ -141,14 +144,16 @@ def case(length, reps, bandwidth):
     loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w_out)
     return jax.jit(jax.grad(loss, argnums=tuple(range(n))))
 
-  r = dict(length=length)
+  r = dict(length=length, device=jax.devices()[0].device_kind, date=bench_common.today(),
+           rounds=_ROUNDS.value)
   print(f"L={length}", flush=True)
   args = (q, k, v, phi_k, phi_v, gates)
   parts = set(_PARTS.value)
+  interleaved = functools.partial(bench_common.interleaved, rounds=_ROUNDS.value, reps=reps)
   if "fwd" in parts:
-    r["nsa_fwd"] = _try("nsa fwd", jax.jit(nsa_fwd), *args, reps=reps)
-    r["cudnn_fwd"] = _try("cudnn fwd", jax.jit(cudnn), q, k, v, reps=reps)
-    r["flash_fwd"] = _try("flash fwd", jax.jit(flash), q, k, v, reps=reps)
+    r.update(interleaved({"nsa_fwd": ("nsa fwd", jax.jit(nsa_fwd), args),
+                          "cudnn_fwd": ("cudnn fwd", jax.jit(cudnn), (q, k, v)),
+                          "flash_fwd": ("flash fwd", jax.jit(flash), (q, k, v))}))
   if "profile" in parts:   # every GPU kernel of the NSA forward (and cuDNN's), median µs per call
     for name, fn, fargs in (("nsa_fwd_kernels_us", nsa_fwd, args), ("cudnn_fwd_kernels_us", cudnn, (q, k, v))):
       try:
@@ -159,11 +164,13 @@ def case(length, reps, bandwidth):
       print(f"  {name}:", flush=True)
       for kernel, us in sorted(r[name].items(), key=lambda kv: -kv[1]):
         print(f"    {us:9.1f}  {kernel}", flush=True)
+  cases = {}
   if "fwd_bwd" in parts:
-    r["nsa_fwd_bwd"] = _try("nsa fwd+bwd", fwd_bwd(nsa_fwd, 6), *args, reps=reps)
+    cases["nsa_fwd_bwd"] = ("nsa fwd+bwd", fwd_bwd(nsa_fwd, 6), args)
   if parts & {"fwd_bwd", "dense_fwd_bwd"}:
-    r["cudnn_fwd_bwd"] = _try("cudnn fwd+bwd", fwd_bwd(cudnn, 3), q, k, v, reps=reps)
-    r["flash_fwd_bwd"] = _try("flash fwd+bwd", fwd_bwd(flash, 3), q, k, v, reps=reps)
+    cases["cudnn_fwd_bwd"] = ("cudnn fwd+bwd", fwd_bwd(cudnn, 3), (q, k, v))
+    cases["flash_fwd_bwd"] = ("flash fwd+bwd", fwd_bwd(flash, 3), (q, k, v))
+  r.update(interleaved(cases))
 
   if parts & {"decode", "decode_xla"}:
     # one query at position L-1 over caches holding L tokens; device time per call
@@ -222,7 +229,9 @@ def write(results, meta):
   lines = [f"# NSA vs full causal attention ({meta['device']}, {meta['date']}, jax {meta['jax']})", "",
            f"batch 1, {_HEADS.value} q heads / {_KV_HEADS.value} KV heads, head_dim {_DIM.value}"
            + (f" (v {_v_dim()})" if _v_dim() != _DIM.value else "")
-           + ", bf16, l=32 d=16 l'=64 n=16 w=512. Forward: ms (median wall time of one call).", ""]
+           + ", bf16, l=32 d=16 l'=64 n=16 w=512. Forward and forward+backward: ms, median wall "
+           "time of one call (from session 14: the median over rounds in which NSA, cuDNN and flash "
+           "are timed in turn).", ""]
   lines += [f"{k}: {v}" for k, v in meta.items() if k.startswith("note")] + [""] * any(
       k.startswith("note") for k in meta)
   lines += ["| L | NSA fwd | cuDNN fwd | flash fwd | fwd x | NSA f+b | cuDNN f+b | flash f+b | f+b x |",
@@ -277,27 +286,25 @@ def breakdown(length, reps):
   from lca.attention import local  # pylint: disable=g-import-not-at-top
   sizes = nsa.NSASizes()
   x = _kernel_inputs(length)
-  geo, tn, q_rows, kc, lse, idx = x["geo"], kernels.Tuning(), x["q_rows"], x["kc"], x["lse"], x["idx"]
-  q = kernels.from_rows(q_rows, 1, geo.group)
+  geo, tn, q, kc, lse, idx = x["geo"], kernels.Tuning(), x["q"], x["kc"], x["lse"], x["idx"]
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
-  imp = jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False))(q_rows, kc, lse)  # pylint: disable=protected-access
+  imp = jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False))(q, kc, lse)  # pylint: disable=protected-access
   sel = jax.jit(lambda a, b, c, i: kernels._sel_fwd(a, b, c, i, geo, tn, False))  # pylint: disable=protected-access
   no_idx = jnp.full_like(idx, -1)   # every slot empty: nsa_sel_fwd's loop without K/V bytes
   parts = {
       "compress k (phi)": (jax.jit(lambda k: nsa.compress(k, x["phi"], **kw)), (x["k"],)),
-      "to_rows(q)": (jax.jit(lambda q: kernels.to_rows(q, geo.group)), (q,)),
-      "cmp fwd": (jax.jit(lambda a, b, c: kernels._cmp_fwd(a, b, c, geo, tn, False)), (q_rows, kc, x["vc"])),  # pylint: disable=protected-access
-      "importance": (jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False)), (q_rows, kc, lse)),  # pylint: disable=protected-access
+      "cmp fwd": (jax.jit(lambda a, b, c: kernels._cmp_fwd(a, b, c, geo, tn, False)), (q, kc, x["vc"])),  # pylint: disable=protected-access
+      "importance": (jax.jit(lambda a, b, c: kernels._importance(a, b, c, geo, tn, False)), (q, kc, lse)),  # pylint: disable=protected-access
       "top-n": (jax.jit(lambda a: kernels._topn(a, geo, tn, False)), (imp,)),  # pylint: disable=protected-access
-      "sel fwd": (sel, (q_rows, x["k"], x["v"], idx)),
+      "sel fwd": (sel, (q, x["k"], x["v"], idx)),
       "window": (jax.jit(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window)), (q, x["k"], x["v"])),
-      "sel fwd, every slot empty (no K/V bytes)": (sel, (q_rows, x["k"], x["v"], no_idx)),
+      "sel fwd, every slot empty (no K/V bytes)": (sel, (q, x["k"], x["v"], no_idx)),
   }
   if _BREAKDOWN_BWD.value:
-    cmp_bwd, cmp_ct = bench_common.backward_timer(lambda a, b, c: kernels._cmp_rows(a, b, c, geo, tn, False),  # pylint: disable=protected-access
-                                 q_rows, kc, x["vc"])
-    sel_bwd, sel_ct = bench_common.backward_timer(lambda a, b, c: kernels._sel_rows(a, b, c, idx, geo, tn, False),  # pylint: disable=protected-access
-                                 q_rows, x["k"], x["v"])
+    cmp_bwd, cmp_ct = bench_common.backward_timer(lambda a, b, c: kernels._cmp_attention(a, b, c, geo, tn, False),  # pylint: disable=protected-access
+                                 q, kc, x["vc"])
+    sel_bwd, sel_ct = bench_common.backward_timer(lambda a, b, c: kernels._sel_attention(a, b, c, idx, geo, tn, False),  # pylint: disable=protected-access
+                                 q, x["k"], x["v"])
     win_bwd, win_ct = bench_common.backward_timer(lambda a, b, c: local.local_attention(a, b, c, window=sizes.window),
                                  q, x["k"], x["v"])
     parts.update({"cmp bwd (dq, dkdv)": (cmp_bwd, (cmp_ct,)),
@@ -311,7 +318,7 @@ def breakdown(length, reps):
 
 
 def _kernel_inputs(length):
-  """bf16 q_rows, k, v, kc, vc, LSE2, importance, top-n indices and the geometry at one length."""
+  """bf16 q, k, v, kc, vc, LSE2, importance, top-n indices and the geometry at one length."""
   sizes = nsa.NSASizes()
   d = _DIM.value
   if _v_dim() != d or d & (d - 1):
@@ -325,11 +332,10 @@ def _kernel_inputs(length):
   vc = nsa.compress(v, phi, block_len=sizes.block_len, block_stride=sizes.block_stride)
   geo = kernels.geometry(q, k, sizes=sizes)
   tn = kernels.Tuning()
-  q_rows = kernels.to_rows(q, geo.group)
-  _, lse = kernels._cmp_fwd(q_rows, kc, vc, geo, tn, False)  # pylint: disable=protected-access
-  imp = kernels._importance(q_rows, kc, lse, geo, tn, False)  # pylint: disable=protected-access
+  _, lse = kernels._cmp_fwd(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
+  imp = kernels._importance(q, kc, lse, geo, tn, False)  # pylint: disable=protected-access
   idx = kernels._topn(imp, geo, tn, False)  # pylint: disable=protected-access
-  return dict(q_rows=q_rows, k=k, v=v, kc=kc, vc=vc, lse=lse, idx=idx, geo=geo, phi=phi)
+  return dict(q=q, k=k, v=v, kc=kc, vc=vc, lse=lse, idx=idx, geo=geo, phi=phi)
 
 
 def sweep(length, reps):
@@ -345,7 +351,7 @@ def sweep(length, reps):
                                            reps, ref)
 
   cmp = lambda q, kc, vc, tn: kernels._cmp_fwd(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
-  cmp_args = (x["q_rows"], x["kc"], x["vc"])
+  cmp_args = (x["q"], x["kc"], x["vc"])
   cmp_ref = jax.jit(lambda *a: cmp(*a, T()))(*cmp_args)
   # session 3's sweep (before the unmasked/masked split): rows128 bk64 w4 s2 15.5 ms, the
   # rows64 default 16.9, 8 warps or bk128 slower; nsa_sel_fwd: no variant beat w4 s2 (22.5 ms)
@@ -354,18 +360,18 @@ def sweep(length, reps):
     run("cmp_fwd", f"rows{rows} bk{bk} w{w} s{st}",
         T(cmp_rows=rows, block_kc=bk, cmp_warps=w, cmp_stages=st), cmp, cmp_args, cmp_ref)
 
-  sel_args = (x["q_rows"], x["k"], x["v"])
+  sel_args = (x["q"], x["k"], x["v"])
   for w, st, rows, splits, kv_rows in ((4, 2, 128, None, 64), (4, 2, 128, 4, 64), (4, 2, 128, 16, 64),
                                        (4, 2, 128, None, 128), (8, 2, 128, None, 128),
                                        (4, 3, 128, None, 64), (4, 2, 64, None, 64)):
     tn = T(num_warps=w, num_stages=st, cmp_rows=rows, cmp_dkdv_splits=splits, cmp_dkdv_rows=kv_rows)
     label = f"cmp_bwd w{w} s{st} rows{rows} dkdv splits {splits or 'auto'} rows {kv_rows}"
-    f, ct = bench_common.backward_timer(lambda q, kc, vc: kernels._cmp_rows(q, kc, vc, geo, tn, False), *cmp_args)  # pylint: disable=protected-access
+    f, ct = bench_common.backward_timer(lambda q, kc, vc: kernels._cmp_attention(q, kc, vc, geo, tn, False), *cmp_args)  # pylint: disable=protected-access
     t = _try(label, f, ct, reps=reps)
     out[label] = dict(ms=None if t is None else t * 1e3)
   for w, st in ((4, 2), (8, 2), (4, 3)):
     tn = T(num_warps=w, num_stages=st)
-    f, ct = bench_common.backward_timer(lambda q, k, v: kernels._sel_rows(q, k, v, x["idx"], geo, tn, False),  # pylint: disable=protected-access
+    f, ct = bench_common.backward_timer(lambda q, k, v: kernels._sel_attention(q, k, v, x["idx"], geo, tn, False),  # pylint: disable=protected-access
                        *sel_args)
     t = _try(f"sel_bwd w{w} s{st}", f, ct, reps=reps)
     out[f"sel_bwd w{w} s{st}"] = dict(ms=None if t is None else t * 1e3)
@@ -378,7 +384,7 @@ def sel_sweep(length, reps):
   default is printed for each variant."""
   x = _kernel_inputs(length)
   geo, T = x["geo"], kernels.Tuning
-  args = (x["q_rows"], x["k"], x["v"], x["idx"])
+  args = (x["q"], x["k"], x["v"], x["idx"])
   empty = (*args[:3], jnp.full_like(x["idx"], -1))
   sel = lambda tn: jax.jit(lambda *a: kernels._sel_fwd(*a, geo, tn, False))  # pylint: disable=protected-access
   ref = sel(T())(*args)
@@ -542,12 +548,18 @@ def main(_):
       return
   bandwidth = copy_bandwidth()
   print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-  meta = dict(device=jax.devices()[0].device_kind, date="2026-11-23", jax=jax.__version__,
+  meta = dict(device=jax.devices()[0].device_kind, date=bench_common.today(), jax=jax.__version__,
               copy_bandwidth_tb_s=bandwidth / 1e12)
   old = pathlib.Path(_OUT.value) / "results.json"
   by_length = {}
   if old.exists() and set(_PARTS.value) != {"fwd", "fwd_bwd", "decode", "decode_xla"}:
-    by_length = {r["length"]: r for r in json.loads(old.read_text())["results"]}
+    # a partial run updates the rows it times, on the same device only (rows of another GPU
+    # belong in another --out directory: the table's header names one device)
+    prev = json.loads(old.read_text())
+    if prev["meta"]["device"] != meta["device"]:
+      raise app.UsageError(f"{old} holds results of a {prev['meta']['device']}, this is a {meta['device']}: "
+                           "pass another --out")
+    by_length = {r["length"]: r for r in prev["results"]}
   for length in map(int, _LENGTHS.value):
     new = case(length, _REPS.value, bandwidth)
     by_length[length] = speedups({**by_length.get(length, {}), **new})

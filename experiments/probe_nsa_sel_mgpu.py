@@ -7,7 +7,7 @@ warp-specialized gather-attention starting point (correct on the GPU to bf16 rou
   python -m experiments.probe_nsa_sel_mgpu                    # H100/H200: check + timings
   python -m experiments.probe_nsa_sel_mgpu --lower            # any machine: lower for CUDA only
 
-Contract (as `nsa._sel_fwd`): q_rows [B·H_kv, L·Gp, D] (a group's heads as Gp rows a
+Contract (as `nsa._sel_fwd` had up to session 13; it now reads q as [B, L, H, D]): q_rows [B·H_kv, L·Gp, D] (a group's heads as Gp rows a
 position), k [B, L, H_kv, D], v [B, L, H_kv, Dv], idx [B·H_kv, L, n] (selection-block indices,
 -1 = empty) -> o [B·H_kv, L·Gp, Dv] (q's dtype) and LSE2 [B·H_kv, L·Gp] f32 (log2 domain, +inf
 for a row that saw no key).
@@ -390,8 +390,10 @@ def main(argv):
   triton = lambda geo: jax.jit(lambda *a: kernels._sel_fwd(*a, geo, kernels.Tuning(), False))  # pylint: disable=protected-access
   for length in (256, 1000, 4096):
     x = bench_nsa._kernel_inputs(length)   # pylint: disable=protected-access
-    args = (x["q_rows"], x["k"], x["v"], x["idx"])
-    (o_t, l_t), (o_m, l_m) = triton(x["geo"])(*args), _call(x["geo"])(*args)
+    q_rows = kernels.to_rows(x["q"], x["geo"].group)   # this probe keeps the rows layout
+    (o_t, l_t) = triton(x["geo"])(x["q"], x["k"], x["v"], x["idx"])
+    o_t = kernels.to_rows(o_t, x["geo"].group)
+    o_m, l_m = _call(x["geo"])(q_rows, x["k"], x["v"], x["idx"])
     finite = jnp.isfinite(l_t)
     print(f"L={length}: max |o - triton| {float(jnp.max(jnp.abs(o_m.astype(jnp.float32) - o_t))):.3g}, "
           f"max |LSE2 - triton| {float(jnp.max(jnp.where(finite, jnp.abs(l_m - l_t), 0.0))):.3g}, "
@@ -402,13 +404,14 @@ def main(argv):
   for length in (16384, 65536):
     x = bench_nsa._kernel_inputs(length)   # pylint: disable=protected-access
     geo, idx = x["geo"], x["idx"]
+    q_rows = kernels.to_rows(x["q"], geo.group)
     t = jnp.arange(length, dtype=jnp.int32)[None, :, None]
     # the same loop over blocks that stay in cache: every slot is block 0 or the position's own
     # block (for TMA, which bypasses L1, these still come from L2)
     for label, sel in (("selection", idx), ("every slot block 0", jnp.zeros_like(idx)),
                        ("every slot the own block", jnp.broadcast_to(t // 64, idx.shape))):
-      args = (x["q_rows"], x["k"], x["v"], sel)
-      tt = bench_common.try_bench(f"{length} {label}: triton", triton(geo), *args, reps=10)
+      args = (q_rows, x["k"], x["v"], sel)
+      tt = bench_common.try_bench(f"{length} {label}: triton", triton(geo), x["q"], *args[1:], reps=10)
       for cfg in variants if label == "selection" else variants[:1]:
         tm = bench_common.try_bench(f"{length} {label}: mosaic {cfg}", _call(geo, cfg), *args, reps=10)
         if tt and tm:

@@ -7,12 +7,14 @@
   selected_attention(q, k, v, idx, ...)   group-centric sparse attention; custom_vjp
   nsa_cmp_slc(q, k, v, kc, vc, ...)       the compression and selection branches of NSA
 
-Group-centric layout (paper §3.4): the query heads of one GQA group are padded to
-Gp = next power of two and laid out as rows, q_rows [B·H_kv, L·Gp, D] with row
-t·Gp + h. A program of the compressed kernels owns BT consecutive positions (BT·Gp
-rows); a program of the selected-attention forward and dQ owns one position
-(Gp rows, >= 16) and loops over its group's n selected blocks, so each selected KV
-block is read once per group, not once per head. dK/dV of the selection branch
+Group-centric layout (paper §3.4): a program works on "rows", the query heads of one
+GQA group padded to Gp = next power of two, row t·Gp + h = position t, head g·G + h.
+q, o, dO and dQ stay [B, L, H, D] in HBM: a program loads and stores its rows by
+index (no transposed copy of q; session 14 removed `to_rows`, ~0.3 ms at 16k); only the
+per-row LSE2 and delta are kept row-major, [B·H_kv, L·Gp]. A program of the compressed
+kernels owns BT consecutive positions (BT·Gp rows); a program of the selected-attention
+forward and dQ owns one position (Gp rows, >= 16) and loops over its group's n selected
+blocks, so each selected KV block is read once per group, not once per head. dK/dV of the selection branch
 run over a work list: the (query, block) pairs sorted by block, cut into items of
 at most `dkdv_items` queries; a program accumulates one item's dK, dV of its
 block in registers and adds them to an fp32 buffer with one atomic add per tile.
@@ -148,17 +150,41 @@ def _rows_to_vec(x, batch: int, group: int) -> jax.Array:
   return from_rows(x[..., None], batch, group)[..., 0]
 
 
+def _vec_to_rows(x, group: int) -> jax.Array:
+  """[B, L, H] -> [B·H_kv, L·Gp] (per-row values such as delta; padded heads 0)."""
+  return to_rows(x[..., None], group)[..., 0]
+
+
+def _group_rows(geo: NSAGeometry, g, rows):
+  """Rows t·Gp + h of group g [R] -> (position t [R], query head g·G + h [R], valid [R])."""
+  t, h = rows // geo.gp, rows % geo.gp
+  return t, g * geo.group + h, (t < geo.length) & (h < geo.group)
+
+
+def _at_heads(ref, b, t, head, ok):
+  """The [R, D] view of ref [B, L, H, D] at (t, head) per row. Rows that are not ok point one
+  past the last position: masked on the GPU, dropped by interpret mode's scatter (so they never
+  overwrite a valid row's store)."""
+  t = jnp.where(ok, t, ref.shape[1])
+  return ref.at[b, t[:, None], head[:, None], jnp.arange(ref.shape[-1])[None, :]]
+
+
+def _load_heads(ref, b, t, head, ok):
+  return plgpu.load(_at_heads(ref, b, t, head, ok), mask=ok[:, None], other=0.0)
+
+
+def _store_heads(ref, b, t, head, ok, x):
+  plgpu.store(_at_heads(ref, b, t, head, ok), x.astype(ref.dtype), mask=ok[:, None])
+
+
 # ----------------------------------------------------------------------------- compressed attention
 
 
-def _tile_rows(geo: NSAGeometry, tile, bt: int):
-  """-> first row, rows [R], their positions [R], row valid [R] of a BT-position tile (R = BT·Gp)."""
-  gp = geo.gp
-  row0 = tile * (bt * gp)
-  rows = row0 + jnp.arange(bt * gp)
-  t = rows // gp
-  ok = (t < geo.length) & (rows % gp < geo.group)
-  return row0, rows, t, ok
+def _tile_rows(geo: NSAGeometry, g, tile, bt: int):
+  """-> first row, positions [R], query heads [R], row valid [R] of group g's BT-position tile
+  (R = BT·Gp rows)."""
+  row0 = tile * (bt * geo.gp)
+  return row0, *_group_rows(geo, g, row0 + jnp.arange(bt * geo.gp))
 
 
 def _cmp_visible(geo: NSAGeometry, start, t, bk):
@@ -216,9 +242,9 @@ def _softmax_finish(carry):
 def _cmp_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: NSAGeometry, bk: int, bt: int):
   bh, tile = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
-  row0, rows, t, ok = _tile_rows(geo, tile, bt)
-  r = rows.shape[0]
-  q = plgpu.load(q_ref.at[bh, pl.ds(row0, r), :], mask=ok[:, None], other=0.0)
+  row0, t, head, ok = _tile_rows(geo, g, tile, bt)
+  r = t.shape[0]
+  q = _load_heads(q_ref, b, t, head, ok)
   full_steps, steps = _cmp_steps(geo, tile, bt, bk)
   qk_scale = geo.scale * LOG2E
 
@@ -237,34 +263,36 @@ def _cmp_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, geo: NSAGeometry, bk
   if full_steps is not None:
     carry, start = lax.fori_loop(0, full_steps, functools.partial(body, masked=False), carry), full_steps
   o, lse = _softmax_finish(lax.fori_loop(start, steps, functools.partial(body, masked=True), carry))
-  plgpu.store(o_ref.at[bh, pl.ds(row0, r), :], o.astype(o_ref.dtype), mask=ok[:, None])
+  _store_heads(o_ref, b, t, head, ok, o)
   plgpu.store(lse_ref.at[bh, pl.ds(row0, r)], lse, mask=ok)
 
 
-def _cmp_fwd(q_rows, kc, vc, geo: NSAGeometry, tuning: Tuning, interpret):
-  bh, nrows, _ = q_rows.shape
+def _row_shapes(q, dim_v, geo: NSAGeometry):
+  """Outputs of a forward kernel: o [B, L, H, Dv] in q's dtype, LSE2 [B·H_kv, L·Gp] fp32."""
+  batch, length, heads, _ = q.shape
+  return [jax.ShapeDtypeStruct((batch, length, heads, dim_v), q.dtype),
+          jax.ShapeDtypeStruct((batch * geo.num_kv_heads, length * geo.gp), jnp.float32)]
+
+
+def _cmp_fwd(q, kc, vc, geo: NSAGeometry, tuning: Tuning, interpret):
+  """q [B, L, H, D], kc [B, Nc, H_kv, D], vc [B, Nc, H_kv, Dv] -> o [B, L, H, Dv], LSE2 rows."""
   bt = tuning.cmp_positions(geo)
   return pl.pallas_call(
       functools.partial(_cmp_fwd_kernel, geo=geo, bk=tuning.block_kc, bt=bt),
-      grid=(bh, pl.cdiv(geo.length, bt)),
-      out_shape=[jax.ShapeDtypeStruct((bh, nrows, vc.shape[-1]), q_rows.dtype),
-                 jax.ShapeDtypeStruct((bh, nrows), jnp.float32)],
+      grid=(q.shape[0] * geo.num_kv_heads, pl.cdiv(geo.length, bt)),
+      out_shape=_row_shapes(q, vc.shape[-1], geo),
       compiler_params=_params(tuning, tuning.cmp_warps, tuning.cmp_stages), interpret=interpret,
       name="nsa_cmp_fwd",
-  )(q_rows, kc, vc)
-
-
-def _load_rows(ref, bh, start, r, ok):
-  return plgpu.load(ref.at[bh, pl.ds(start, r), :], mask=ok[:, None], other=0.0)
+  )(q, kc, vc)
 
 
 def _cmp_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo, bk, bt):
   bh, tile = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
-  row0, rows, t, ok = _tile_rows(geo, tile, bt)
-  r = rows.shape[0]
-  q = _load_rows(q_ref, bh, row0, r, ok)
-  do = _load_rows(do_ref, bh, row0, r, ok)
+  row0, t, head, ok = _tile_rows(geo, g, tile, bt)
+  r = t.shape[0]
+  q = _load_heads(q_ref, b, t, head, ok)
+  do = _load_heads(do_ref, b, t, head, ok)
   lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, r)], mask=ok, other=jnp.inf)
   delta = plgpu.load(delta_ref.at[bh, pl.ds(row0, r)], mask=ok, other=0.0)
   full_steps, steps = _cmp_steps(geo, tile, bt, bk)
@@ -289,7 +317,7 @@ def _cmp_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, g
   if full_steps is not None:
     dq, start = lax.fori_loop(0, full_steps, functools.partial(body, masked=False), dq), full_steps
   dq = lax.fori_loop(start, steps, functools.partial(body, masked=True), dq)
-  plgpu.store(dq_ref.at[bh, pl.ds(row0, r), :], (dq * geo.scale).astype(dq_ref.dtype), mask=ok[:, None])
+  _store_heads(dq_ref, b, t, head, ok, dq * geo.scale)
 
 
 def _cmp_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, geo, bk, bt,
@@ -312,11 +340,11 @@ def _cmp_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv
 
   def body(tile, carry):
     dk, dv = carry
-    row0, rows, t, ok = _tile_rows(geo, tile, bt)
-    r = rows.shape[0]
+    row0, t, head, ok = _tile_rows(geo, g, tile, bt)
+    r = t.shape[0]
     _, vis = _cmp_visible(geo, kb * bk, t, bk)
-    q = _load_rows(q_ref, bh, row0, r, ok)
-    do = _load_rows(do_ref, bh, row0, r, ok)
+    q = _load_heads(q_ref, b, t, head, ok)
+    do = _load_heads(do_ref, b, t, head, ok)
     lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, r)], mask=ok, other=jnp.inf)
     delta = plgpu.load(delta_ref.at[bh, pl.ds(row0, r)], mask=ok, other=0.0)
     p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
@@ -333,27 +361,33 @@ def _cmp_dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _cmp_rows(q_rows, kc, vc, geo, tuning, interpret):
-  return _cmp_fwd(q_rows, kc, vc, geo, tuning, interpret)
+def _cmp_attention(q, kc, vc, geo, tuning, interpret):
+  """`_cmp_fwd` with its backward (gradients of o only: LSE2 is for selection)."""
+  return _cmp_fwd(q, kc, vc, geo, tuning, interpret)
 
 
-def _cmp_rows_fwd(q_rows, kc, vc, geo, tuning, interpret):
-  o, lse = _cmp_fwd(q_rows, kc, vc, geo, tuning, interpret)
-  return (o, lse), (q_rows, kc, vc, o, lse)
+def _cmp_attention_fwd(q, kc, vc, geo, tuning, interpret):
+  o, lse = _cmp_fwd(q, kc, vc, geo, tuning, interpret)
+  return (o, lse), (q, kc, vc, o, lse)
 
 
-def _cmp_rows_bwd(geo, tuning, interpret, res, cts):
-  q_rows, kc, vc, o, lse = res
-  do = cts[0].astype(q_rows.dtype)   # the LSE output is for selection only: no gradient
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  bh, nrows, _ = q_rows.shape
+def _delta_rows(o, do, geo: NSAGeometry):
+  """rowsum(o * dO) [B, L, H] -> [B·H_kv, L·Gp] fp32."""
+  return _vec_to_rows(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), geo.group)
+
+
+def _cmp_attention_bwd(geo, tuning, interpret, res, cts):
+  q, kc, vc, o, lse = res
+  do = cts[0].astype(q.dtype)   # the LSE output is for selection only: no gradient
+  delta = _delta_rows(o, do, geo)
+  bh = q.shape[0] * geo.num_kv_heads
   bk, bt = tuning.block_kc, tuning.cmp_positions(geo)
   dq = pl.pallas_call(
       functools.partial(_cmp_dq_kernel, geo=geo, bk=bk, bt=bt),
       grid=(bh, pl.cdiv(geo.length, bt)),
-      out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dq",
-  )(q_rows, kc, vc, do, lse, delta)
+  )(q, kc, vc, do, lse, delta)
   chunks = pl.cdiv(geo.num_compressed, bk)
   # Nc = L/d chunks are few (256 programs at 64k): split each chunk's query tiles over programs
   splits = tuning.cmp_dkdv_splits or max(1, min(32, pl.cdiv(2048, bh * chunks)))
@@ -364,11 +398,11 @@ def _cmp_rows_bwd(geo, tuning, interpret, res, cts):
       out_shape=[jax.ShapeDtypeStruct((splits, *kc.shape), jnp.float32),
                  jax.ShapeDtypeStruct((splits, *vc.shape), jnp.float32)],
       compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dkdv",
-  )(q_rows, kc, vc, do, lse, delta)
+  )(q, kc, vc, do, lse, delta)
   return dq, dk.sum(0).astype(kc.dtype), dv.sum(0).astype(vc.dtype)
 
 
-_cmp_rows.defvjp(_cmp_rows_fwd, _cmp_rows_bwd)
+_cmp_attention.defvjp(_cmp_attention_fwd, _cmp_attention_bwd)
 
 
 # ----------------------------------------------------------------------------- importance + top-n
@@ -379,11 +413,8 @@ def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: 
   bh, tile = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   bt, gp = geo_bt(geo), geo.gp
-  row0 = tile * bt * gp
-  rows = row0 + jnp.arange(bt * gp)
-  t = rows // gp
-  ok = (t < geo.length) & (rows % gp < geo.group)
-  q = plgpu.load(q_ref.at[bh, pl.ds(row0, bt * gp), :], mask=ok[:, None], other=0.0)
+  row0, t, head, ok = _tile_rows(geo, g, tile, bt)
+  q = _load_heads(q_ref, b, t, head, ok)
   lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, bt * gp)], mask=ok, other=jnp.inf)
   per_c = geo.block_len // geo.block_stride
   per_s = geo.select_block // geo.block_stride
@@ -431,8 +462,9 @@ def geo_bt(geo: NSAGeometry) -> int:
   return 16
 
 
-def _importance(q_rows, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
-  bh = q_rows.shape[0]
+def _importance(q, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
+  """q [B, L, H, D], kc, LSE2 rows (of `_cmp_fwd`) -> importance [B·H_kv, L, Ns] fp32."""
+  bh = q.shape[0] * geo.num_kv_heads
   nb = 16
   bt = geo_bt(geo)
   ns = geo.num_select_blocks
@@ -442,7 +474,7 @@ def _importance(q_rows, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
       out_shape=jax.ShapeDtypeStruct((bh, geo.length, ns), jnp.float32),
       compiler_params=_params(tuning, warps=tuning.importance_warps), interpret=interpret,
       name="nsa_importance",
-  )(q_rows, kc, lse)
+  )(q, kc, lse)
 
 
 def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int):
@@ -479,10 +511,12 @@ def _topn(imp, geo: NSAGeometry, tuning: Tuning, interpret):
 # ----------------------------------------------------------------------------- selected attention
 
 
-def _sel_tile(geo: NSAGeometry):
+def _sel_tile(geo: NSAGeometry, g, t):
+  """Rows of position t's program (the group's heads, >= 16 rows for the MMA) -> (first row of
+  t in the LSE2 rows, rows R, positions [R], query heads [R], valid [R])."""
   r = max(16, geo.gp)
   h = jnp.arange(r)
-  return r, h < geo.group
+  return t * geo.gp, r, jnp.full((r,), t), g * geo.group + h, h < geo.group
 
 
 def _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo: NSAGeometry):
@@ -500,9 +534,9 @@ def _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo: NSAGeometry):
 
 def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeometry, unroll: bool):
   bh, t = pl.program_id(0), pl.program_id(1)
-  r, ok = _sel_tile(geo)
-  start = t * geo.gp
-  q = plgpu.load(q_ref.at[bh, pl.ds(start, r), :], mask=ok[:, None], other=0.0)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  start, r, tt, head, ok = _sel_tile(geo, g, t)
+  q = _load_heads(q_ref, b, tt, head, ok)
   qk_scale = geo.scale * LOG2E
 
   def body(n, carry):
@@ -516,28 +550,27 @@ def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeo
   else:
     carry = lax.fori_loop(0, geo.num_selected, body, carry)
   o, lse = _softmax_finish(carry)
-  plgpu.store(o_ref.at[bh, pl.ds(start, r), :], o.astype(o_ref.dtype), mask=ok[:, None])
+  _store_heads(o_ref, b, tt, head, ok, o)
   plgpu.store(lse_ref.at[bh, pl.ds(start, r)], lse, mask=ok)
 
 
-def _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret):
-  bh, nrows, _ = q_rows.shape
+def _sel_fwd(q, k, v, idx, geo, tuning, interpret):
+  """q [B, L, H, D], k, v [B, L, H_kv, D / Dv], idx [B·H_kv, L, n] -> o [B, L, H, Dv], LSE2 rows."""
   return pl.pallas_call(
       functools.partial(_sel_fwd_kernel, geo=geo, unroll=tuning.sel_unroll),
-      grid=(bh, geo.length),
-      out_shape=[jax.ShapeDtypeStruct((bh, nrows, v.shape[-1]), q_rows.dtype),
-                 jax.ShapeDtypeStruct((bh, nrows), jnp.float32)],
+      grid=(q.shape[0] * geo.num_kv_heads, geo.length),
+      out_shape=_row_shapes(q, v.shape[-1], geo),
       compiler_params=_params(tuning, tuning.sel_warps, tuning.sel_stages), interpret=interpret,
       name="nsa_sel_fwd",
-  )(q_rows, k, v, idx)
+  )(q, k, v, idx)
 
 
 def _sel_dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_ref, *, geo):
   bh, t = pl.program_id(0), pl.program_id(1)
-  r, ok = _sel_tile(geo)
-  start = t * geo.gp
-  q = _load_rows(q_ref, bh, start, r, ok)
-  do = _load_rows(do_ref, bh, start, r, ok)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  start, r, tt, head, ok = _sel_tile(geo, g, t)
+  q = _load_heads(q_ref, b, tt, head, ok)
+  do = _load_heads(do_ref, b, tt, head, ok)
   lse = plgpu.load(lse_ref.at[bh, pl.ds(start, r)], mask=ok, other=jnp.inf)
   delta = plgpu.load(delta_ref.at[bh, pl.ds(start, r)], mask=ok, other=0.0)
   qk_scale = geo.scale * LOG2E
@@ -549,7 +582,7 @@ def _sel_dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, geo.num_selected, body, jnp.zeros((r, q_ref.shape[-1]), jnp.float32))
-  plgpu.store(dq_ref.at[bh, pl.ds(start, r), :], (dq * geo.scale).astype(dq_ref.dtype), mask=ok[:, None])
+  _store_heads(dq_ref, b, tt, head, ok, dq * geo.scale)
 
 
 def _sel_dkdv_kernel(items_ref, order_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
@@ -576,9 +609,7 @@ def _sel_dkdv_kernel(items_ref, order_ref, q_ref, do_ref, lse_ref, delta_ref, k_
     ok = (e < hi) & (h < geo.group)
     t = plgpu.load(order_ref.at[bh, jnp.minimum(e, hi - 1)], mask=ok, other=0)
     row = t * gp + h
-    gather = lambda ref: plgpu.load(ref.at[bh, row[:, None], jnp.arange(ref.shape[-1])[None, :]],
-                                    mask=ok[:, None], other=0.0)
-    q, do = gather(q_ref), gather(do_ref)
+    q, do = (_load_heads(ref, b, t, g * geo.group + h, ok) for ref in (q_ref, do_ref))
     lse = plgpu.load(lse_ref.at[bh, row], mask=ok, other=jnp.inf)
     delta = plgpu.load(delta_ref.at[bh, row], mask=ok, other=0.0)
     vis = ok[:, None] & key_ok[None, :] & (s_pos[None, :] <= t[:, None])
@@ -627,26 +658,27 @@ def work_list(idx, geo: NSAGeometry, item_size: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sel_rows(q_rows, k, v, idx, geo, tuning, interpret):
-  return _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret)[0]
+def _sel_attention(q, k, v, idx, geo, tuning, interpret):
+  """`_sel_fwd`'s o with its backward."""
+  return _sel_fwd(q, k, v, idx, geo, tuning, interpret)[0]
 
 
-def _sel_rows_fwd(q_rows, k, v, idx, geo, tuning, interpret):
-  o, lse = _sel_fwd(q_rows, k, v, idx, geo, tuning, interpret)
-  return o, (q_rows, k, v, idx, o, lse)
+def _sel_attention_fwd(q, k, v, idx, geo, tuning, interpret):
+  o, lse = _sel_fwd(q, k, v, idx, geo, tuning, interpret)
+  return o, (q, k, v, idx, o, lse)
 
 
-def _sel_rows_bwd(geo, tuning, interpret, res, do):
-  q_rows, k, v, idx, o, lse = res
-  do = do.astype(q_rows.dtype)
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  bh = q_rows.shape[0]
+def _sel_attention_bwd(geo, tuning, interpret, res, do):
+  q, k, v, idx, o, lse = res
+  do = do.astype(q.dtype)
+  delta = _delta_rows(o, do, geo)
+  bh = q.shape[0] * geo.num_kv_heads
   dq = pl.pallas_call(
       functools.partial(_sel_dq_kernel, geo=geo),
       grid=(bh, geo.length),
-      out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dq",
-  )(q_rows, k, v, idx, do, lse, delta)
+  )(q, k, v, idx, do, lse, delta)
   order, items = work_list(idx, geo, tuning.dkdv_items)
   bq = max(1, 64 // geo.gp)
   padded = geo.num_select_blocks * geo.select_block
@@ -659,12 +691,12 @@ def _sel_rows_bwd(geo, tuning, interpret, res, do):
                  jax.ShapeDtypeStruct(zeros_v.shape, jnp.float32)],
       input_output_aliases={8: 0, 9: 1},
       compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dkdv",
-  )(items, order, q_rows, do, lse, delta, k, v, zeros_k, zeros_v)
+  )(items, order, q, do, lse, delta, k, v, zeros_k, zeros_v)
   length = geo.length
   return dq, dk[:, :length].astype(k.dtype), dv[:, :length].astype(v.dtype), None
 
 
-_sel_rows.defvjp(_sel_rows_fwd, _sel_rows_bwd)
+_sel_attention.defvjp(_sel_attention_fwd, _sel_attention_bwd)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -700,8 +732,8 @@ def compressed_attention(q, kc, vc, *, sizes, scale=None, tuning=Tuning(), inter
   geo = geometry(q, q[:, :, :kc.shape[2]], sizes=sizes, scale=scale)
   dv = vc.shape[-1]
   q, kc, vc = pad_head_dims(q, kc, vc)
-  o, lse = _cmp_rows(to_rows(q, geo.group), kc, vc, geo, tuning, resolve_interpret(interpret))
-  o = from_rows(o, q.shape[0], geo.group)[..., :dv]
+  o, lse = _cmp_attention(q, kc, vc, geo, tuning, resolve_interpret(interpret))
+  o = o[..., :dv]
   return (o, _rows_to_vec(lse, q.shape[0], geo.group)) if return_lse else o
 
 
@@ -710,9 +742,8 @@ def block_importance(q, kc, *, sizes, scale=None, tuning=Tuning(), interpret=Non
   geo = geometry(q, q[:, :, :kc.shape[2]], sizes=sizes, scale=scale)
   q, kc = pad_head_dims(q, kc)
   interpret = resolve_interpret(interpret)
-  q_rows = to_rows(q, geo.group)
-  _, lse = _cmp_fwd(q_rows, kc, kc, geo, tuning, interpret)
-  imp = _importance(q_rows, kc, lse, geo, tuning, interpret)
+  _, lse = _cmp_fwd(q, kc, kc, geo, tuning, interpret)
+  imp = _importance(q, kc, lse, geo, tuning, interpret)
   return imp.reshape(q.shape[0], geo.num_kv_heads, geo.length, -1)
 
 
@@ -736,8 +767,8 @@ def selected_attention(q, k, v, block_idx, *, sizes, scale=None, tuning=Tuning()
   idx = block_idx.reshape(-1, geo.length, block_idx.shape[-1]).astype(jnp.int32)
   dv = v.shape[-1]
   q, k, v = pad_head_dims(q, k, v)
-  o = _sel_rows(to_rows(q, geo.group), k, v, idx, geo, tuning, resolve_interpret(interpret))
-  return from_rows(o, q.shape[0], geo.group)[..., :dv]
+  o = _sel_attention(q, k, v, idx, geo, tuning, resolve_interpret(interpret))
+  return o[..., :dv]
 
 
 def nsa_cmp_slc(q, k, v, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpret=None,
@@ -752,17 +783,15 @@ def nsa_cmp_slc(q, k, v, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpre
   q, k, v, kc, vc = pad_head_dims(q, k, v, kc, vc)
   interpret = resolve_interpret(interpret)
   batch = q.shape[0]
-  q_rows = to_rows(q, geo.group)
   if geo.num_compressed == 0:
     o_cmp = jnp.zeros((*q.shape[:3], vc.shape[-1]), q.dtype)
     imp = jnp.zeros((batch * geo.num_kv_heads, geo.length, geo.num_select_blocks), jnp.float32)
   else:
-    o_rows, lse = _cmp_rows(q_rows, kc, vc, geo, tuning, interpret)
-    o_cmp = from_rows(o_rows, batch, geo.group)
+    o_cmp, lse = _cmp_attention(q, kc, vc, geo, tuning, interpret)
     stop = lax.stop_gradient
-    imp = _importance(stop(q_rows), stop(kc), stop(lse), geo, tuning, interpret)
+    imp = _importance(stop(q), stop(kc), stop(lse), geo, tuning, interpret)
   idx = _topn(imp, geo, tuning, interpret)
-  o_slc = from_rows(_sel_rows(q_rows, k, v, idx, geo, tuning, interpret), batch, geo.group)
+  o_slc = _sel_attention(q, k, v, idx, geo, tuning, interpret)
   o_cmp, o_slc = o_cmp[..., :dv], o_slc[..., :dv]
   if return_selection:
     return o_cmp, o_slc, idx.reshape(batch, geo.num_kv_heads, geo.length, -1)
