@@ -54,7 +54,7 @@ flags.DEFINE_string("device", None, "device name for a rebuilt report")
 flags.DEFINE_string("keep_from", None, "JSON-lines results of an earlier run (same device): "
                     "its records that this run does not remeasure are kept in the report")
 
-DATE = "2026-11-23"
+DATE = datetime.date.today().isoformat()
 
 
 def bench(fn, *args, budget_ms=None):

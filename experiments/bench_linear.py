@@ -136,7 +136,7 @@ def _ratio(a, b):
 
 def write(results, out: pathlib.Path):
   out.mkdir(parents=True, exist_ok=True)
-  meta = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__,
+  meta = dict(device=str(jax.devices()[0].device_kind), date=bench_common.today(), jax=jax.__version__,
               batch=1, heads=_HEADS.value, head_dim=_DIM.value, dtype="bfloat16", chunk=gated_delta.CHUNK,
               config=str(results["config"]), run_at=datetime.datetime.now().isoformat(timespec="seconds"))
   (out / "results.json").write_text(json.dumps(
@@ -285,7 +285,7 @@ def bwd_breakdown(length, reps):
   cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   cudnn_grad = jax.grad(lambda q, k, v: jnp.sum(cudnn(q, k, v).astype(jnp.float32) * do), (0, 1, 2))
   res["cudnn_fwdbwd_ms"] = _try("cudnn fwd+bwd", jax.jit(cudnn_grad), q, k, v, reps=reps)
-  res["meta"] = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__)
+  res["meta"] = dict(device=str(jax.devices()[0].device_kind), date=bench_common.today(), jax=jax.__version__)
   print(json.dumps(res), flush=True)
   return res
 

@@ -20,6 +20,7 @@ workdir/convert.json (+ convert.json and convert.md under --results when set).
 """
 
 import copy
+import datetime
 import json
 import pathlib
 
@@ -80,7 +81,7 @@ def convert(config, workdir: str, log=print) -> dict:
     log(f"{name}: val CE {out[key]:.4f}")
   out["config"] = {k: v for k, v in config.model.to_dict().items() if k.startswith("dsa_")} | dict(
       seq_len=config.data.seq_len, **config.convert.to_dict(), device=jax.devices()[0].device_kind,
-      jax=jax.__version__, date="2026-11-23")
+      jax=jax.__version__, date=datetime.date.today().isoformat())
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "convert.json").write_text(json.dumps(out, indent=1))
   return out
