@@ -221,17 +221,33 @@ def prefill_case(length, reps):
   if _PREFILL_EXTRAS.value:
     _prefill_fp8_extras(res, qi, ki, w, pos, n_chunks, reps)
   lengths = lambda p: jnp.clip(p + 1, 0, length)
-  # top-k on the last chunk (most visible keys): the kernel and lax.top_k, on bf16 scores (the
-  # FP8 path's default) and, "_f32", on float32 scores
+  # top-k on the last chunk (most visible keys): the kernel (default: sample, then collect),
+  # the kernel's radix search over whole rows ("pallas_radix", TopKBlocks(sample=False): sessions
+  # 3-9) and lax.top_k, on bf16 scores (the FP8 path's default) and, "_f32", on float32 scores
   sc = dsa_indexer.indexer_scores(qi[:, -chunk:], ki, w[:, -chunk:], pos[:, -chunk:], pos, fp8=True)
-  for impl in ("pallas", "xla"):
-    f = jax.jit(lambda s, impl=impl: dsa.top_k_select(s, top_k, lengths=lengths(pos[:, -chunk:]),
-                                                        implementation=impl))
+  chunk_lengths = lengths(pos[:, -chunk:])
+  radix = dsa_topk.TopKBlocks(sample=False)
+  for impl in ("pallas", "pallas_radix", "xla"):
+    if impl == "pallas_radix":
+      f = jax.jit(lambda s: dsa_topk.top_k(s, top_k, lengths=chunk_lengths, blocks=radix))
+    else:
+      f = jax.jit(lambda s, impl=impl: dsa.top_k_select(s, top_k, lengths=chunk_lengths, implementation=impl))
     for suffix, scores in (("", sc.astype(jnp.bfloat16)), ("_f32", sc)):
       t = _try(f"top-k {impl}{suffix}, last chunk", f, scores, reps=reps)
       res[f"topk_{impl}{suffix}_chunk_ms"] = _ms(t)
       if impl == "xla":
         res[f"topk_xla{suffix}_ms_scaled"] = _ms(None if t is None else t * n_chunks)
+  # how often the sample misled on these scores (rows that took the full-row search), and how
+  # many keys a sampled row collected on average (~sqrt(k C) expected)
+  try:
+    _, _, count, direct = dsa_topk.collect_candidates(sc[0].astype(jnp.bfloat16), chunk_lengths[0], k=top_k)
+    sampled = count >= 0
+    res["topk_sample_failed_rows"] = int(jnp.sum(sampled & (direct != 0)))
+    res["topk_sample_mean_collected"] = float(jnp.sum(jnp.where(sampled, count, 0)) / jnp.maximum(jnp.sum(sampled), 1))
+    print(f"  top-k sample: {res['topk_sample_failed_rows']} rows failed of {int(jnp.sum(sampled))} sampled, "
+          f"{res['topk_sample_mean_collected']:.0f} collected a row", flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"  top-k sample statistics: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
   del sc
 
   def index_top_k(qi, ki, w, score_dtype=None):
@@ -318,7 +334,9 @@ ROW_SPLITS = (1, 4, 16, 32)
 
 
 def topk_case(length, reps):
-  """Top-k kernel launch parameters vs lax.top_k: a causal [chunk, S] chunk and one row."""
+  """Top-k kernel launch parameters vs lax.top_k: a causal [chunk, S] chunk and one row.
+  TOPK_CONFIGS run the radix search over whole rows (`sample=False`, as sessions 3-9 measured
+  them); the "sample_" configurations sample, then collect (the default)."""
   top_k, chunk = _TOP_K.value, min(_CHUNK.value, length)
   res = {"length": length}
   sc = jax.random.normal(jax.random.key(length), (1, chunk, length), jnp.float32)
@@ -331,7 +349,18 @@ def topk_case(length, reps):
   want = {jnp.float32: jnp.sort(ref(sc), axis=-1)}
   res["xla_bf16_chunk_ms"] = _ms(_try("lax.top_k chunk, bf16", ref, sc.astype(jnp.bfloat16), reps=reps))
   want[jnp.bfloat16] = jnp.sort(ref(sc.astype(jnp.bfloat16)), axis=-1)   # lax: ties to the lower index too
-  for name, (dtype, blocks) in TOPK_CONFIGS.items():
+  tb = dsa_topk.TopKBlocks
+  configs = {name: (dtype, dataclasses.replace(blocks, sample=False))
+             for name, (dtype, blocks) in TOPK_CONFIGS.items()}
+  configs.update({   # sample, then collect: z = sqrt(f) (sqrt(C) - sqrt(k)) at k = 2048
+      "sample_default": (jnp.bfloat16, tb()),                              # f 1/16, C 6144: z 8.3
+      "sample_f32_default": (jnp.float32, tb()),
+      "sample_every32": (jnp.bfloat16, tb(sample_every=32)),              # z 5.9
+      "sample_every8_c4096": (jnp.bfloat16, tb(sample_every=8, capacity=4096)),   # z 6.6
+      "sample_run8": (jnp.bfloat16, tb(sample_run=8)),
+      "sample_bits4": (jnp.bfloat16, tb(bits=4)),
+  })
+  for name, (dtype, blocks) in configs.items():
     f = jax.jit(lambda s, n, blocks=blocks: dsa_topk.top_k(s, top_k, lengths=n, blocks=blocks))
     got = _try(f"pallas {name} chunk", f, sc.astype(dtype), lens, reps=reps)
     res[f"{name}_chunk_ms"] = _ms(got)
@@ -340,6 +369,10 @@ def topk_case(length, reps):
       g = jax.jit(lambda s, blocks=blocks: dsa_topk.top_k(s, top_k, blocks=blocks))
       res[f"{name}_row_ms"] = _in_loop(f"pallas {name} row", g, row.astype(dtype), inner=16, reps=reps)
       print(f"    exact {res[f'{name}_exact']}", flush=True)
+      if blocks.sample and length > blocks.capacity:     # rows that took the full-row search
+        _, _, count, direct = dsa_topk.collect_candidates(sc[0].astype(dtype), lens[0], k=top_k, blocks=blocks)
+        res[f"{name}_failed_rows"] = int(jnp.sum((count >= 0) & (direct != 0)))
+        print(f"    failed rows {res[f'{name}_failed_rows']}", flush=True)
   for split in ROW_SPLITS:
     g = jax.jit(lambda s, split=split: dsa_topk.top_k(s, top_k, split=split))
     res[f"row_split{split}_ms"] = _in_loop(f"pallas row, split {split}", g, row, inner=16, reps=reps)
@@ -648,7 +681,7 @@ def _merge(old, new):
 
 def write(results, out: pathlib.Path, **meta_extra):
   out.mkdir(parents=True, exist_ok=True)
-  meta = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__,
+  meta = dict(device=str(jax.devices()[0].device_kind), date=bench_common.today(), jax=jax.__version__,
               heads=_HEADS.value, latent=_LATENT.value, rope_dim=_ROPE.value, index_heads=_INDEX_HEADS.value,
               index_dim=_INDEX_DIM.value, top_k=_TOP_K.value, chunk=_CHUNK.value,
               decode_timing=f"device time per call, bench_in_loop(inner={_INNER.value})",
@@ -747,6 +780,11 @@ def main(argv):
   old = {}
   if (out / "results.json").exists():
     old = json.loads((out / "results.json").read_text())
+    device = str(jax.devices()[0].device_kind)
+    if old.get("meta", {}).get("device", device) != device and set(_PARTS.value) - set(SWEEP_PARTS):
+      # the table's header names one device: rows of another GPU belong in another directory
+      raise app.UsageError(f"{out / 'results.json'} holds results of a {old['meta']['device']}, this is a "
+                           f"{device}: pass another --out")
   meta_old = {k: v for k, v in old.get("meta", {}).items() if k not in (
       "device", "date", "jax", "heads", "latent", "rope_dim", "index_heads", "index_dim", "top_k", "chunk",
       "decode_timing", "prefill_timing")}
@@ -762,7 +800,8 @@ def main(argv):
         write_sweep(sweeps, out)
       else:
         target[part].append(dict(cases[part](length, _REPS.value), run=_RUN.value, latent=_LATENT.value,
-                                 rope_dim=_ROPE.value))
+                                 rope_dim=_ROPE.value, device=str(jax.devices()[0].device_kind),
+                                 date=bench_common.today()))
         write(_merge(old, results), out, **meta_old)
 
 

@@ -1,4 +1,4 @@
-"""Exact top-k indices of each row by a threshold (radix) search: Pallas (Triton) kernel.
+"""Exact top-k indices of each row by threshold (radix) searches: Pallas (Triton) kernels.
 
   top_k(scores [R, S], k) -> indices [R, K] int32, K = min(k, S): the positions of the
   k largest finite entries of each row, in ascending position order (not by score),
@@ -12,24 +12,55 @@ k - #(key > T) positions with key == T (ties broken by position).
 Keys: the float32 bits b read as int32, key = b for b >= 0 and b ^ 0x7fffffff otherwise,
 ordered like the floats (-inf lowest among non-NaN values); bfloat16/float16 scores keep
 their 16 bits (b ^ 0x7fff for negatives): half the bytes a pass and half the passes
-(`lca.attention.dsa` selects on bf16 scores on its FP8 path). One program owns one row
-and makes `key bits / bits` counting passes over it; pass p fixes `bits` more bits of T
-(the unsigned key, most significant first) by counting, for each of the 2^bits candidates
-c_j = prefix | j << shift, how many keys are >= c_j, and keeping the largest c_j whose
-count is still >= k; a pass whose chosen candidate has exactly k keys above it ends the
-search early (then every key >= it is taken). Per element and pass that is 2^bits
-compares + adds (defaults: bits = 4 for float32, at most 8 passes of 16 candidates; 2 for
-16-bit scores, at most 8 passes of 4); bytes per pass = the row once (4 S, or 2 S). Then
-one compaction pass: an in-block exclusive cumsum of the take mask gives each selected
-position its output slot, and a masked scatter writes it.
+(`lca.attention.dsa` selects on bf16 scores on its FP8 path).
+
+Radix search (`TopKBlocks(sample=False)`, and every row of at most `capacity` entries): one
+program owns one row and makes `key bits / bits` counting passes over it; pass p fixes `bits`
+more bits of T (the unsigned key, most significant first) by counting, for each of the 2^bits
+candidates c_j = prefix | j << shift, how many keys are >= c_j, and keeping the largest c_j
+whose count is still >= k; a pass whose chosen candidate has exactly k keys above it ends the
+search early (then every key >= it is taken); rows of at most k entries skip the search (all
+taken). Per element and pass that is 2^bits compares + adds (defaults: bits = 4 for float32, at
+most 8 passes of 16 candidates; 2 for 16-bit scores, at most 8 passes of 4); bytes per pass =
+the row once (4 S, or 2 S). Then one compaction pass: an in-block exclusive cumsum of the take
+mask gives each selected position its output slot, and a masked scatter writes it.
+
+Sample, then collect (the default for rows longer than `capacity` C): the radix search costs
+per element and pass (key conversion, compares, the per-step count reductions; not bytes), so
+long rows are read about twice instead of ~9 times, in two calls:
+  1. `_collect_kernel`, one program a row: the sample is the first `sample_run` entries of every
+     `sample_every * sample_run` (fraction f = 1 / sample_every; contiguous runs so that each
+     sampled memory sector is used whole). The radix search on the sample (re-read each pass:
+     f of a row) finds the key c of rank m = f sqrt(k C) in it; then ONE pass over the row
+     collects, in position order, the positions and scores of every key >= c into a scratch
+     [R, C] and counts them. The number n of row keys >= c is ~ m / f = sqrt(k C), the
+     geometric mean of k and C: n < k needs >= m sampled among the top k - 1 (mean k f), n > C
+     fewer than m among the top C (mean C f), so m balances the two tails at
+     z = sqrt(f) (sqrt(C) - sqrt(k)) binomial standard deviations (8.3 at the defaults
+     k = 2048, C = 6144, f = 1/16: n ~ 3550). A row goes to the radix search over the whole
+     row ("direct") if it has at most C entries, or if the collection failed: n > C (only the
+     first C are written), or n < k unless c is the lowest finite key (the sample held fewer
+     than m finite keys: then every finite key was collected and n < k is the row's count).
+  2. `_select_kernel`, one program a row: direct rows run the radix search over the whole row;
+     the others over their n <= C collected scores, the taken slots written as the collected
+     positions. The scratch is in position order, so the output stays in ascending position
+     order and ties still go to the lowest position. Exactness never depends on the sample:
+     a failed row costs one program's full-row search (no host sync, nothing for the others).
+Per 128k row at the defaults: 8 passes over 8k sampled keys (half a row), the collecting pass,
+then <= 9 passes over ~3.5k collected: ~2 row reads against <= 9. When the plan's z is below 3
+(C too close to k for f), or the row fits in C, only the radix search runs. Failure modes of
+the sample: many ties at c (all-equal rows: n > C), and scores whose large values cluster
+inside or outside the sampled runs (the binomial tails assume a random-like sample; clustered
+data fail more often and then pay the direct search).
 
 Rows may carry a length (entries at or beyond it count as -inf and are not read):
 causal prefill chunks pass t + 1 and read only the visible part (half the bytes).
 
-Measured (H100, see NOTES_dsa.md): the last causal [2048, 128k] chunk of a prefill in 5.0 ms
-(float32 scores) or 3.5 ms (bf16) vs 19 ms for `lax.top_k`; but one row (decode) takes 0.2-0.3 ms vs 0.07-0.09 ms: a single row is
-latency-bound (a program's passes are sequential), so `lca.attention.dsa.top_k_select`
-uses `lax.top_k` for few rows by default.
+Measured, radix search (H100, see NOTES_dsa.md): the last causal [2048, 128k] chunk of a
+prefill in 5.0 ms (float32 scores) or 3.5 ms (bf16) vs 19 ms for `lax.top_k`; but one row
+(decode) takes 0.2-0.3 ms vs 0.07-0.09 ms: a single row is latency-bound (a program's passes
+are sequential), so `lca.attention.dsa.top_k_select` uses `lax.top_k` for few rows by default.
+Sample, then collect: not measured yet (`experiments/bench_dsa.py` times both on the chunk).
 
 Few rows: the row is split into `split` segments that are separate rows of
 a first call (K' = min(k, segment) each), whose candidates ([R, split * K'], values
@@ -39,6 +70,7 @@ row's top-k, so the result is exact (ties aside).
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +82,12 @@ from pallas_kernels import resolve_interpret
 _INT_MIN = -(2 ** 31)
 _FLIP = 0x7FFFFFFF
 _FLIP16 = 0x7FFF
+_MIN_SAMPLE_Z = 3.0   # below: the sample would fail too often (each failure = a full-row search)
 
 
 @dataclasses.dataclass(frozen=True)
 class TopKBlocks:
-  """Launch parameters; the default was the fastest measured on a [2048, 128k] chunk (H100)."""
+  """Launch parameters; the radix search's were the fastest measured on a [2048, 128k] chunk (H100)."""
   block: int = 1024        # row elements per loop step
   bits: int | None = None  # key bits fixed per counting pass (2^bits candidates; divides 16);
                            # None: 4 for float32 scores, 2 for 16-bit ones (3.35 vs 3.57 ms on
@@ -64,6 +97,13 @@ class TopKBlocks:
   out_block: int = 1024    # output slots per -1 fill step
   num_warps: int = 4
   num_stages: int = 3
+  sample: bool = True      # rows longer than capacity: sample, then collect (False: radix search)
+  capacity: int = 6144     # C: entries collected a row (rounded up to a multiple of block); 3k
+                           # at k = 2048: z = 8.3 at f = 1/16, ~3.5k collected
+  sample_every: int = 16   # 1 / f: the sampled fraction of a row (the sample's search re-reads
+                           # f of the row a pass: 8 passes = half a row at 16)
+  sample_run: int = 16     # contiguous entries a sampled run (16 bf16 = one 32-byte memory
+                           # sector); runs start every sample_every * sample_run (divides block)
 
 
 def key_bits(dtype) -> int:
@@ -88,22 +128,24 @@ def _neg_inf_key(dtype) -> int:
     return int(float_keys(jnp.array(-jnp.inf, dtype)))
 
 
-def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, trash):
-  """s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 (entries >= length are -inf); o_ref [Kp + 1] int32."""
-  width = key_bits(s_ref.dtype)
-  neg_inf_key = _neg_inf_key(s_ref.dtype)
+def sample_plan(k: int, capacity: int, every: int) -> tuple[int, float]:
+  """(rank m, z): the sample's threshold is its m-th largest key, m = f sqrt(k C) (f = 1 / every);
+  z = how many binomial standard deviations separate m from the sample counts expected over the
+  row's top k (k f) and top C (C f) entries, the smaller of the two sides (a random sample)."""
+  f = 1.0 / every
+  rank = max(1, round(f * math.sqrt(k * capacity)))
+  z = min((rank - k * f) / math.sqrt(k * f), (capacity * f - rank) / math.sqrt(capacity * f))
+  return rank, z
+
+
+def _search(keys, num_blocks, k_row, done, *, width, bits, accumulate, block):
+  """The radix threshold search over keys(i) [block] int32, i < num_blocks (masked entries as the
+  -inf key), for the k_row-th largest key; done: skip it (all taken). -> (kth, count_gt, exact):
+  kth the signed k_row-th largest key, or a threshold with exactly k_row keys >= it (exact, an
+  early exit), or <= the -inf key when fewer than k_row keys are finite (or done); count_gt =
+  the number of keys > kth when not exact."""
   # unsigned key bits (the search's prefix) <-> signed keys: flip the top bit of 32 or shift by 2^15
   signed = (lambda u: u ^ _INT_MIN) if width == 32 else (lambda u: u - 2 ** 15)
-  length = len_ref[...]
-  num_blocks = (length + block - 1) // block
-  cols = jnp.arange(block, dtype=jnp.int32)
-  k_row = jnp.minimum(k, num_blocks * block)          # counts include the masked tail
-
-  def keys(i):
-    x = s_ref[pl.ds(pl.multiple_of(i * block, block), block)]
-    key = float_keys(x)
-    return jnp.where(i * block + cols < length, key, neg_inf_key)
-
   num_cand = 2 ** bits
   jj = jnp.arange(num_cand, dtype=jnp.int32)
 
@@ -129,8 +171,30 @@ def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, tra
   passes = width // bits
   _, prefix, count_gt, exact = jax.lax.while_loop(
       lambda c: (c[0] < passes) & jnp.logical_not(c[3]), search,
-      (jnp.int32(0), jnp.int32(0), jnp.int32(0), k_row <= 0))
-  kth = signed(prefix)                                # the k-th largest key (or a threshold)
+      (jnp.int32(0), jnp.int32(0), jnp.int32(0), done))
+  return signed(prefix), count_gt, exact
+
+
+def _masked_keys(ref, length, block, neg_inf_key):
+  """keys(i): the keys of ref's block i [block], entries at or beyond length as the -inf key."""
+  cols = jnp.arange(block, dtype=jnp.int32)
+
+  def keys(i):
+    x = ref[pl.ds(pl.multiple_of(i * block, block), block)]
+    return jnp.where(i * block + cols < length, float_keys(x), neg_inf_key)
+  return keys
+
+
+def _select(o_ref, keys, positions, length, *, width, neg_inf_key, k, block, bits, accumulate,
+            out_block, trash):
+  """o_ref [trash + 1] int32 <- positions(i) [block] of the k largest of keys(i) [block], i <
+  ceil(length / block) (keys masks the entries >= length), in order, ties to the lower index;
+  then -1. Slot trash takes the scatter's masked lanes."""
+  num_blocks = (length + block - 1) // block
+  k_row = jnp.minimum(k, num_blocks * block)          # counts include the masked tail
+  # at most k entries: every finite one is taken, no search
+  kth, count_gt, exact = _search(keys, num_blocks, k_row, length <= k, width=width, bits=bits,
+                                 accumulate=accumulate, block=block)
   all_finite = kth <= neg_inf_key                     # fewer than k finite: take them all
   thr = jnp.where(all_finite, neg_inf_key, kth)
   # how many keys == thr to take: all of them after an early exit
@@ -144,7 +208,7 @@ def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, tra
     take = (key > thr) | ((eq > 0) & (eq_rank < need))
     t = take.astype(jnp.int32)
     slot = jnp.where(take, taken + jnp.cumsum(t) - t, trash)
-    plgpu.store(o_ref.at[slot], i * block + cols, mask=take)
+    plgpu.store(o_ref.at[slot], positions(i), mask=take)
     return taken + jnp.sum(t), eq_seen + jnp.sum(eq)
 
   taken, _ = jax.lax.fori_loop(0, num_blocks, compact, (jnp.int32(0), jnp.int32(0)))
@@ -154,35 +218,203 @@ def _kernel(s_ref, len_ref, o_ref, *, k, block, bits, accumulate, out_block, tra
                 mask=j * out_block + slots >= taken)
 
 
+def _kernel(s_ref, len_ref, o_ref, *, block, **kw):
+  """The radix search over the whole row. s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 (entries
+  >= length are -inf); o_ref [Kp + 1] int32."""
+  neg_inf_key = _neg_inf_key(s_ref.dtype)
+  length = len_ref[...]
+  cols = jnp.arange(block, dtype=jnp.int32)
+  _select(o_ref, _masked_keys(s_ref, length, block, neg_inf_key), lambda i: i * block + cols, length,
+          width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, block=block, **kw)
+
+
+def _collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, *, k, rank, capacity,
+                    run, every, block, bits, accumulate):
+  """Sample, then collect one row. s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 -> pos_ref [C + 1]
+  int32 and val_ref [C + 1] (s_ref's dtype): the positions and scores of the keys >= the sample's
+  threshold, in position order (slot C: the scatter's trash); cnt_ref [] int32: how many (-1: a
+  row of <= C entries, not sampled); direct_ref [] int32: 1 when the row needs the radix search
+  over the whole row (not sampled, or the collection failed)."""
+  width = key_bits(s_ref.dtype)
+  neg_inf_key = _neg_inf_key(s_ref.dtype)
+  length = len_ref[...]
+  stride = every * run
+  total_runs = s_ref.shape[0] // stride               # stride divides the padded row
+  cols = jnp.arange(block, dtype=jnp.int32)
+  col_run, offset = jax.lax.div(cols, run), jax.lax.rem(cols, run)
+
+  def sample_keys(i):
+    r = i * (block // run) + col_run                  # the sampled runs of sample block i
+    # runs past the padded row (the last block) wrap to in-bounds ones, masked: no per-entry clamp,
+    # so each run's `run` entries stay one contiguous load
+    x = plgpu.load(s_ref.at[jax.lax.rem(r, total_runs) * stride + offset])
+    return jnp.where(r * stride + offset < length, float_keys(x), neg_inf_key)
+
+  def sample_and_collect():
+    sample_blocks = ((length + stride - 1) // stride * run + block - 1) // block
+    kth, _, _ = _search(sample_keys, sample_blocks, jnp.minimum(rank, sample_blocks * block),
+                        jnp.bool_(False), width=width, bits=bits, accumulate=accumulate, block=block)
+    # kth <= the -inf key (fewer than rank finite in the sample): collect every finite key
+    thr = jnp.maximum(kth, neg_inf_key + 1)
+    num_blocks = (length + block - 1) // block
+
+    def collect(i, taken):
+      x = s_ref[pl.ds(pl.multiple_of(i * block, block), block)]
+      pos = i * block + cols
+      take = (pos < length) & (float_keys(x) >= thr)
+      t = take.astype(jnp.int32)
+      slot = taken + jnp.cumsum(t) - t
+      keep = take & (slot < capacity)                 # past C the row has failed: counted only
+      slot = jnp.where(keep, slot, capacity)
+      plgpu.store(pos_ref.at[slot], pos, mask=keep)
+      plgpu.store(val_ref.at[slot], x, mask=keep)
+      return taken + jnp.sum(t)
+
+    # a fori_loop (scf.for, which Triton pipelines), not a loop that stops once past C: that
+    # would only speed up the rare failing rows
+    count = jax.lax.fori_loop(0, num_blocks, collect, jnp.int32(0))
+    # fewer than k collected is exact only when every finite key was (thr at the lowest finite key)
+    failed = (count > capacity) | ((count < k) & (thr > neg_inf_key + 1))
+    cnt_ref[...] = count
+    direct_ref[...] = failed.astype(jnp.int32)
+
+  def not_sampled():
+    cnt_ref[...] = jnp.int32(-1)
+    direct_ref[...] = jnp.int32(1)
+
+  # (the branches store their results: Triton's cond lowering takes no constant results)
+  jax.lax.cond(length > capacity, sample_and_collect, not_sampled)
+
+
+def _select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, o_ref, *, block, **kw):
+  """The radix search over a row's collected scores (val_ref [C + 1], cnt_ref [] of them), the
+  taken slots written as their positions (pos_ref [C + 1]), or over the whole row (s_ref [Sp],
+  len_ref []) where direct_ref [] is 1; o_ref [Kp + 1] int32."""
+  neg_inf_key = _neg_inf_key(s_ref.dtype)
+  kw.update(width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, block=block)
+  cols = jnp.arange(block, dtype=jnp.int32)
+
+  def whole_row():
+    length = len_ref[...]
+    _select(o_ref, _masked_keys(s_ref, length, block, neg_inf_key), lambda i: i * block + cols,
+            length, **kw)
+
+  def collected():
+    count = cnt_ref[...]
+    _select(o_ref, _masked_keys(val_ref, count, block, neg_inf_key),
+            lambda i: pos_ref[pl.ds(pl.multiple_of(i * block, block), block)], count, **kw)
+
+  # a per-program branch: the failed rows' full-row search costs the other rows nothing
+  jax.lax.cond(direct_ref[...] != 0, whole_row, collected)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+  """Static parameters of one call, from the scores' shape and dtype, k and TopKBlocks."""
+  k: int           # min(k, S)
+  bits: int
+  block: int
+  out_block: int
+  padded: int      # S rounded up to a multiple of block
+  kp: int          # output slots (a multiple of out_block; slot kp: the trash)
+  capacity: int    # C rounded up to a multiple of block
+  rank: int        # the sample's threshold rank
+  sample: bool     # sample, then collect (rows longer than capacity)
+
+
+def _launch(width: int, dtype, k: int, blocks: TopKBlocks) -> _Launch:
+  kk = min(k, width)
+  bits = blocks.bits or (2 if key_bits(dtype) == 16 else 4)
+  if 16 % bits:
+    raise ValueError(f"TopKBlocks.bits must divide 16, got {blocks.bits}")
+  block = min(blocks.block, max(16, pl.next_power_of_2(width)))
+  out_block = min(blocks.out_block, max(16, pl.next_power_of_2(kk)))
+  capacity = -(-blocks.capacity // block) * block
+  rank, z = sample_plan(kk, capacity, blocks.sample_every)
+  # the sample pays only when some row can be longer than C, and when it rarely fails
+  sample = blocks.sample and width > capacity and z >= _MIN_SAMPLE_Z
+  if sample and (blocks.sample_run < 1 or blocks.sample_every < 1
+                 or block % (blocks.sample_run * blocks.sample_every)):
+    raise ValueError(f"TopKBlocks.sample_run * sample_every must divide the block ({block}), got "
+                     f"{blocks.sample_run} * {blocks.sample_every}")
+  return _Launch(k=kk, bits=bits, block=block, out_block=out_block, padded=-(-width // block) * block,
+                 kp=-(-kk // out_block) * out_block, capacity=capacity, rank=rank, sample=sample)
+
+
+def _prepare(scores, lengths, lp: _Launch):
+  """Scores padded with -inf to lp.padded (16-bit floats kept, others float32), lengths clipped."""
+  width = scores.shape[1]
+  if lp.padded != width:
+    scores = jnp.pad(scores, [(0, 0), (0, lp.padded - width)], constant_values=-jnp.inf)
+  return _score_dtype(scores), jnp.clip(lengths.astype(jnp.int32), 0, width)
+
+
+def _compiler_params(blocks: TopKBlocks):
+  return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+_ROW_SCALAR = pl.BlockSpec((None,), lambda r: (r,))
+
+
+def _collect(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool):
+  """The first call of sample, then collect over prepared scores [R, Sp], lengths [R]."""
+  rows = scores.shape[0]
+  scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
+  return pl.pallas_call(
+      functools.partial(_collect_kernel, k=lp.k, rank=lp.rank, capacity=lp.capacity,
+                        run=blocks.sample_run, every=blocks.sample_every, block=lp.block,
+                        bits=lp.bits, accumulate=blocks.accumulate),
+      grid=(rows,),
+      in_specs=[pl.BlockSpec((None, lp.padded), lambda r: (r, 0)), _ROW_SCALAR],
+      out_specs=[scratch, scratch, _ROW_SCALAR, _ROW_SCALAR],
+      out_shape=[jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
+                 jax.ShapeDtypeStruct((rows, lp.capacity + 1), scores.dtype),
+                 jax.ShapeDtypeStruct((rows,), jnp.int32),
+                 jax.ShapeDtypeStruct((rows,), jnp.int32)],
+      compiler_params=_compiler_params(blocks),
+      interpret=interpret,
+      name="dsa_topk_collect",
+  )(scores, lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
+def collect_candidates(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
+                       interpret: bool | None = None):
+  """The sample-then-collect call alone, as `top_k_rows` runs it (for tests and measurements):
+  scores [R, S], lengths [R] -> (positions [R, C + 1] int32, scores [R, C + 1], count [R] int32
+  (-1: the row was not sampled), direct [R] int32 (1: the row takes the full-row radix search:
+  not sampled, or failed)); only the first count entries of a collected row are written."""
+  lp = _launch(scores.shape[1], scores.dtype, k, blocks)
+  if not lp.sample:
+    raise ValueError(f"no sampling for S = {scores.shape[1]}, k = {k} with {blocks}")
+  return _collect(*_prepare(scores, lengths, lp), lp, blocks, resolve_interpret(interpret))
+
+
 @functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
 def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
                interpret: bool = False):
   """scores [R, S] f32 / bf16 / f16, lengths [R] int32 -> [R, min(k, S)] int32 (position order,
   -1 = none)."""
   rows, width = scores.shape
-  kk = min(k, width)
-  bits = blocks.bits or (2 if key_bits(scores.dtype) == 16 else 4)
-  if 16 % bits:
-    raise ValueError(f"TopKBlocks.bits must divide 16, got {blocks.bits}")
-  block = min(blocks.block, max(16, pl.next_power_of_2(width)))
-  out_block = min(blocks.out_block, max(16, pl.next_power_of_2(kk)))
-  padded = -(-width // block) * block
-  if padded != width:
-    scores = jnp.pad(scores, [(0, 0), (0, padded - width)], constant_values=-jnp.inf)
-  kp = -(-kk // out_block) * out_block
-  out = pl.pallas_call(
-      functools.partial(_kernel, k=kk, block=block, bits=bits, accumulate=blocks.accumulate,
-                        out_block=out_block, trash=kp),
-      grid=(rows,),
-      in_specs=[pl.BlockSpec((None, padded), lambda r: (r, 0)),
-                pl.BlockSpec((None,), lambda r: (r,))],
-      out_specs=pl.BlockSpec((None, kp + 1), lambda r: (r, 0)),
-      out_shape=jax.ShapeDtypeStruct((rows, kp + 1), jnp.int32),
-      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-      interpret=interpret,
-      name="dsa_topk",
-  )(_score_dtype(scores), jnp.clip(lengths.astype(jnp.int32), 0, width))
-  return out[:, :kk]
+  lp = _launch(width, scores.dtype, k, blocks)
+  scores, lengths = _prepare(scores, lengths, lp)
+  kw = dict(k=lp.k, block=lp.block, bits=lp.bits, accumulate=blocks.accumulate,
+            out_block=lp.out_block, trash=lp.kp)
+  row_spec = pl.BlockSpec((None, lp.padded), lambda r: (r, 0))
+  call = functools.partial(
+      pl.pallas_call, grid=(rows,),
+      out_specs=pl.BlockSpec((None, lp.kp + 1), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, lp.kp + 1), jnp.int32),
+      compiler_params=_compiler_params(blocks), interpret=interpret)
+  if not lp.sample:
+    out = call(functools.partial(_kernel, **kw), in_specs=[row_spec, _ROW_SCALAR],
+               name="dsa_topk")(scores, lengths)
+  else:
+    scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
+    out = call(functools.partial(_select_kernel, **kw),
+               in_specs=[row_spec, _ROW_SCALAR, scratch, scratch, _ROW_SCALAR, _ROW_SCALAR],
+               name="dsa_topk_select")(scores, lengths, *_collect(scores, lengths, lp, blocks, interpret))
+  return out[:, :lp.k]
 
 
 def _score_dtype(x):

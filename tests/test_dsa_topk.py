@@ -1,5 +1,7 @@
 """DSA top-k by threshold search (pallas_kernels/dsa_topk.py, interpret mode on CPU) vs lax.top_k."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,14 @@ def _lowest_positions_top_k(scores, k, lengths):
     order = np.lexsort((np.arange(row.size), -row))[:k]
     out.append(np.sort(order[np.isfinite(row[order])]))
   return out
+
+
+def _assert_exact_in_order(got, scores, k, lengths):
+  """Row r of got is the brute-force top-k (ties to the lower position) in ascending order, then -1."""
+  got = np.asarray(got)
+  for r, w in enumerate(_lowest_positions_top_k(scores, k, np.asarray(lengths))):
+    np.testing.assert_array_equal(got[r, :len(w)], w, err_msg=f"row {r}")
+    assert (got[r, len(w):] == -1).all(), f"row {r}: slots beyond the {len(w)} finite entries"
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -121,7 +131,9 @@ def test_top_k_select_rejects_bad_k():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton kernel)")
 def test_top_k_kernel_on_gpu_at_dsa_sizes():
-  """A causal prefill chunk ([64, 32k], k = 2048) and a split decode row (128k)."""
+  """A causal prefill chunk ([64, 32k], k = 2048) and a split decode row (128k), by sample then
+  collect (the default: no row fails on random scores) and by the radix search alone; rows of
+  equal scores fail the collection and take the full-row search."""
   width, k = 32768, 2048
   x = _normal(10, (64, width))
   lengths = jnp.linspace(0, width, 64).astype(jnp.int32)
@@ -129,6 +141,96 @@ def test_top_k_kernel_on_gpu_at_dsa_sizes():
   row = _normal(11, (1, 4 * width))
   _assert_top_k_sets(jax.jit(lambda x: dsa_topk.top_k(x, k))(row), row, k)
   xb = x.astype(jnp.bfloat16)                       # 16-bit keys (the FP8 path's selection)
-  got = np.asarray(jax.jit(lambda x, n: dsa_topk.top_k(x, k, lengths=n))(xb, lengths))
-  for r, w in enumerate(_lowest_positions_top_k(xb, k, np.asarray(lengths))):
-    assert np.array_equal(np.sort(got[r][got[r] >= 0]), w), r
+  _, _, count, direct = dsa_topk.collect_candidates(xb, lengths, k=k)
+  assert (np.asarray(direct) == (np.asarray(lengths) <= 6144)).all(), np.asarray(count)
+  xb = xb.at[-2:].set(1.0)                          # all equal: more than C collected, fallback
+  for blocks in (dsa_topk.TopKBlocks(), dsa_topk.TopKBlocks(sample=False)):
+    got = jax.jit(lambda x, n, blocks=blocks: dsa_topk.top_k(x, k, lengths=n, blocks=blocks))(xb, lengths)
+    _assert_exact_in_order(got, xb, k, lengths)
+
+
+# Sample, then collect (the default for rows longer than TopKBlocks.capacity): small k and C so
+# that rows of a few thousand entries take it; k = 128, C = 2048, 1 in 8 sampled: z = 12, the
+# threshold's rank in the sample 64, ~512 collected a row.
+_SAMPLED = dsa_topk.TopKBlocks(capacity=2048, sample_every=8)
+
+
+def _sampled_positions(width, blocks):
+  pos = np.arange(width)
+  return pos % (blocks.sample_every * blocks.sample_run) < blocks.sample_run
+
+
+def test_sample_plan_balances_the_two_tails():
+  rank, z = dsa_topk.sample_plan(2048, 6144, 16)      # the defaults at DSA's k
+  assert rank == 222 and 8.2 < z < 8.4
+  assert dsa_topk.sample_plan(128, 2048, 8) == (64, 12.0)
+  launch = lambda width, k, blocks: dsa_topk._launch(width, jnp.bfloat16, k, blocks)
+  assert launch(131072, 2048, dsa_topk.TopKBlocks()).sample
+  assert not launch(131072, 2048, dsa_topk.TopKBlocks(sample=False)).sample
+  assert not launch(6144, 2048, dsa_topk.TopKBlocks()).sample          # no row longer than C
+  assert not launch(131072, 5000, dsa_topk.TopKBlocks()).sample        # C too close to k: z = 1.9
+  assert launch(131072, 5000, dsa_topk.TopKBlocks(capacity=16384)).sample
+  with pytest.raises(ValueError, match="sample_run"):
+    launch(131072, 2048, dsa_topk.TopKBlocks(sample_run=24))
+
+
+@pytest.mark.parametrize("dtype,ties", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True),
+                                        (jnp.float16, True)], ids=["f32", "bf16", "bf16_ties", "f16_ties"])
+def test_sampled_top_k_is_exact(dtype, ties):
+  """Long rows (odd lengths), rows between k and C, shorter than k, empty, with -inf holes, and
+  NaN past the length (never read): the exact top-k in position order, through the sample (each
+  long row collected, none failed), with the radix search alone (sample=False), and split."""
+  width, k = 13_000, 128
+  x = _normal(20, (8, width))
+  if ties:                                            # few distinct values: big groups at c and T
+    x = jnp.round(x * 3) / 3
+  x = x.at[5].set(jnp.where(_normal(21, (width,)) > 2.0, x[5], -jnp.inf))   # ~300 finite
+  x = x.at[6].set(jnp.where(_normal(22, (width,)) > 2.5, x[6], -jnp.inf))   # ~80 finite < k
+  x = x.astype(dtype)
+  lengths = jnp.array([width, 12_345, 2049, 1500, 100, 9000, width, 0])
+  x = jnp.where(jnp.arange(width) < lengths[:, None], x, jnp.nan)           # beyond: never read
+  _, _, count, direct = dsa_topk.collect_candidates(x, lengths, k=k, blocks=_SAMPLED)
+  np.testing.assert_array_equal(np.asarray(direct), [0, 0, 0, 1, 1, 0, 0, 1])
+  count = np.asarray(count)
+  assert (k <= count[:3]).all() and (count[:3] <= 2048).all(), count
+  assert count[5] <= 300 and count[6] < k, count      # all their finite entries: exact, not failed
+  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, sample=False)):   # split=1: few rows
+    _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
+  if dtype == jnp.float32:                            # split (decode): segments longer than C
+    got = dsa_topk.top_k(x[:3], k, lengths=lengths[:3], split=2, blocks=_SAMPLED)
+    _assert_exact_in_order(got, x[:3], k, lengths[:3])
+
+
+def test_sampled_top_k_falls_back_when_the_sample_misleads():
+  """Rows on which the collection fails, each answered exactly by the full-row search: all equal
+  (every entry >= c: more than C), large values at the sampled positions only (c too high: fewer
+  than k >= c), large values hidden from the sample (more than C >= c); a normal row beside them
+  is collected."""
+  width, k, blocks = 8192, 128, _SAMPLED
+  sampled = jnp.asarray(_sampled_positions(width, blocks))
+  x = _normal(23, (4, width))
+  x = x.at[0].set(1.0)
+  x = x.at[1].set(jnp.where(sampled, x[1] + 10, x[1]))
+  x = x.at[2].set(jnp.where(~sampled & (jnp.arange(width) < 3000), x[2] + 10, x[2]))
+  x = x.astype(jnp.bfloat16)
+  lengths = jnp.array([width, width, width, 7777])
+  _, _, count, direct = dsa_topk.collect_candidates(x, lengths, k=k, blocks=blocks)
+  np.testing.assert_array_equal(np.asarray(direct), [1, 1, 1, 0])
+  count = np.asarray(count)
+  assert count[0] > 2048 and count[1] < k and count[2] > 2048, count
+  _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
+
+
+def test_top_k_kernels_lower_for_the_gpu(monkeypatch):
+  """Both algorithms lower to Triton for an H100 on this machine (no GPU needed): the sampled
+  path's gather of the sample, the per-row branches and the early-exit loops included."""
+  from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpu_info, "get_gpu_info",
+                      lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+  for dtype in (jnp.bfloat16, jnp.float32):
+    args = (jax.ShapeDtypeStruct((4, 131072), dtype), jax.ShapeDtypeStruct((4,), jnp.int32))
+    for blocks, names in ((dsa_topk.TopKBlocks(), ("dsa_topk_collect", "dsa_topk_select")),
+                          (dsa_topk.TopKBlocks(sample=False), ("dsa_topk",))):
+      f = lambda s, n, blocks=blocks: dsa_topk.top_k(s, 2048, lengths=n, blocks=blocks, interpret=False)
+      text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+      assert all(name in text for name in names), (dtype, blocks)
