@@ -51,7 +51,8 @@ _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward
 _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "What to time: fwd, fwd_bwd, dense_fwd_bwd (cuDNN and flash only), decode "
                            "(fused NSA, cuDNN), decode_xla, profile (the GPU kernels of the NSA and cuDNN "
-                           "forwards, jax.profiler).")
+                           "forwards, jax.profiler), fwd_device (the forwards' GPU time per call: 8 "
+                           "calls in one jitted loop, so the host's per-call launch work is hidden).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
@@ -154,6 +155,9 @@ def case(length, reps, bandwidth):
     r.update(interleaved({"nsa_fwd": ("nsa fwd", jax.jit(nsa_fwd), args),
                           "cudnn_fwd": ("cudnn fwd", jax.jit(cudnn), (q, k, v)),
                           "flash_fwd": ("flash fwd", jax.jit(flash), (q, k, v))}))
+  if "fwd_device" in parts:   # GPU time per call: 8 calls in one jitted loop, no host work between
+    for name, fn, fargs in (("nsa_fwd_device", nsa_fwd, args), ("cudnn_fwd_device", cudnn, (q, k, v))):
+      r[name] = _try_loop(f"{name}", bench_common.bench_in_loop, fn, *fargs, inner=8, reps=reps)
   if "profile" in parts:   # every GPU kernel of the NSA forward (and cuDNN's), median µs per call
     for name, fn, fargs in (("nsa_fwd_kernels_us", nsa_fwd, args), ("cudnn_fwd_kernels_us", cudnn, (q, k, v))):
       try:

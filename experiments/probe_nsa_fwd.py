@@ -35,6 +35,42 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Whole forwards: rounds of (cuDNN, f
 _AB = flags.DEFINE_string("ab_module", "", "Optional module path of another pallas_kernels.nsa version "
                           "(e.g. a copy of an older commit's file) whose forward is timed in the rounds.")
 _VARIANTS = flags.DEFINE_bool("variants", True, "Also time the Tuning / window variants.")
+_TIMELINE = flags.DEFINE_bool("timeline", False, "Only: one call each of NSA and cuDNN under the "
+                              "profiler, every kernel's start, duration and the gap before it (what a "
+                              "single call's wall time holds besides kernels), then exit.")
+
+
+def timeline(fn, *args) -> dict:
+  """One call of jitted fn under jax.profiler -> GPU kernels in start order with gaps (µs), and the
+  wall time of that call and of the median single call."""
+  import glob, statistics, tempfile, time   # pylint: disable=g-import-not-at-top,multiple-imports
+  jax.block_until_ready(fn(*args))
+  walls = []
+  for _ in range(11):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    walls.append(time.perf_counter() - t0)
+  d = tempfile.mkdtemp()
+  with jax.profiler.trace(d):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    wall = time.perf_counter() - t0
+  events = []
+  for plane in jax.profiler.ProfileData.from_file(glob.glob(d + "/**/*.xplane.pb", recursive=True)[0]).planes:
+    if plane.name.startswith("/device:GPU"):
+      for line in plane.lines:
+        if "stream" in line.name.lower() and "ops" not in line.name.lower():
+          events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+  events.sort()
+  rows, end = [], events[0][0] if events else 0
+  for start, dur, name in events:
+    rows.append(dict(name=name[:70], start_us=(start - events[0][0]) / 1e3, us=dur / 1e3,
+                     gap_us=max(start - end, 0) / 1e3))
+    end = max(end, start + dur)
+  span = (end - events[0][0]) / 1e3 if events else None
+  return dict(kernels=rows, span_us=span, kernel_sum_us=sum(r["us"] for r in rows),
+              gap_sum_us=sum(r["gap_us"] for r in rows), profiled_wall_us=wall * 1e6,
+              median_wall_us=statistics.median(walls) * 1e6)
 
 T = kernels.Tuning
 # (label, tuning, window implementation); the first is the shipped default
@@ -75,6 +111,23 @@ def main(argv):
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
   kc, vc = nsa.compress(k, phi, **kw), nsa.compress(v, phi, **kw)
   res = {"length": length, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  if _TIMELINE.value:
+    for name, f, args in (
+        ("nsa", lambda q, k, v, g: nsa.nsa(q, k, v, nsa.compress(k, phi, **kw), nsa.compress(v, phi, **kw), g,
+                                           sizes=sizes, implementation="pallas"), (q, k, v, gates)),
+        ("cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                               implementation="cudnn"), (q, k, v))):
+      res[name] = tl = timeline(jax.jit(f), *args)
+      print(f"{name}: median wall {tl['median_wall_us']:.0f} us, profiled call {tl['profiled_wall_us']:.0f}, "
+            f"GPU span {tl['span_us']:.0f}, kernels {tl['kernel_sum_us']:.0f}, gaps {tl['gap_sum_us']:.0f}",
+            flush=True)
+      for r in tl["kernels"]:
+        print(f"  {r['start_us']:9.1f} {r['us']:8.1f} gap {r['gap_us']:7.1f}  {r['name']}", flush=True)
+    if _OUT.value:
+      path = pathlib.Path(_OUT.value) / f"probe_nsa_timeline_{length}.json"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(res, indent=1))
+    return
   time = lambda label, f, *a: bench_common.try_bench(label, jax.jit(f), *a, reps=reps)
   ms = lambda t: None if t is None else t * 1e3
 
