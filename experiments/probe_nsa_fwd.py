@@ -31,7 +31,7 @@ _DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
 _REPS = flags.DEFINE_integer("reps", 11, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "", "If set: a directory for probe_nsa_fwd_<L>.json.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Whole forwards: rounds of (cuDNN, flash, NSA[, NSA of "
-                               "--ab_module]) timed in turn; each round's median, then their median.")
+                               "--ab_module]) timed in turn (`bench_common.interleaved`).")
 _AB = flags.DEFINE_string("ab_module", "", "Optional module path of another pallas_kernels.nsa version "
                           "(e.g. a copy of an older commit's file) whose forward is timed in the rounds.")
 _VARIANTS = flags.DEFINE_bool("variants", True, "Also time the Tuning / window variants.")
@@ -148,15 +148,10 @@ def main(argv):
         g, *other.nsa_cmp_slc(q, k, v, nsa.compress(k, phi, **kw), nsa.compress(v, phi, **kw), sizes=sizes),
         local.local_attention(q, k, v, window=sizes.window)), f"NSA with {_AB.value}")
   jitted = {name: jax.jit(f) for name, (f, _) in wholes.items()}
-  rounds = {name: [] for name in wholes}
-  for r in range(_ROUNDS.value):
-    for name, f in jitted.items():
-      t = bench_common.try_bench(f"round {r} {wholes[name][1]}", f, q, k, v, gates, reps=reps)
-      rounds[name].append(ms(t))
-  for name, ts in rounds.items():
-    ok = sorted(t for t in ts if t is not None)
-    res[f"{name}_ms"] = ok[len(ok) // 2] if ok else None
-    res[f"{name}_rounds_ms"] = ts
+  medians = bench_common.interleaved({name: (label, jitted[name], (q, k, v, gates))
+                                      for name, (_, label) in wholes.items()}, rounds=_ROUNDS.value, reps=reps)
+  for name, t in medians.items():
+    res[f"{name}_ms"] = ms(t)
     print(f"  {wholes[name][1]}: median of rounds {res[f'{name}_ms']}", flush=True)
   if res.get("nsa_ms") and res.get("cudnn_ms"):
     print(f"  NSA vs cuDNN: {res['cudnn_ms'] / res['nsa_ms']:.3f}x", flush=True)

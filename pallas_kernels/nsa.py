@@ -10,7 +10,7 @@
 Group-centric layout (paper §3.4): a program works on "rows", the query heads of one
 GQA group padded to Gp = next power of two, row t·Gp + h = position t, head g·G + h.
 q, o, dO and dQ stay [B, L, H, D] in HBM: a program loads and stores its rows by
-index (no transposed copy of q; session 14 removed `to_rows`, ~0.3 ms at 16k); only the
+index (no transposed copy of q: since session 14 `to_rows` serves only tests and probes); only the
 per-row LSE2 and delta are kept row-major, [B·H_kv, L·Gp]. A program of the compressed
 kernels owns BT consecutive positions (BT·Gp rows); a program of the selected-attention
 forward and dQ owns one position (Gp rows, >= 16) and loops over its group's n selected
