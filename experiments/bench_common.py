@@ -2,6 +2,8 @@
 
 import datetime
 import functools
+import json
+import pathlib
 import statistics
 import time
 
@@ -24,6 +26,17 @@ def bench(fn, *args, reps: int = 5) -> float:
 def today() -> str:
   """The run's date (ISO), for the results' metadata."""
   return datetime.date.today().isoformat()
+
+
+def previous_results(path: pathlib.Path, device: str) -> dict:
+  """The results.json a partial run merges into ({} if none), refused if another device wrote it:
+  a results table names one device in its header, so another GPU's rows go to another --out."""
+  if not path.exists():
+    return {}
+  prev = json.loads(path.read_text())
+  if prev.get("meta", {}).get("device", device) != device:
+    raise ValueError(f"{path} holds results of a {prev['meta']['device']}, this is a {device}: pass another --out")
+  return prev
 
 
 def interleaved(cases: dict, *, rounds: int, reps: int) -> dict:

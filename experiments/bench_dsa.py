@@ -778,13 +778,8 @@ def main(argv):
     if part not in cases:
       raise ValueError(f"--parts: unknown part {part!r}; known: {sorted(cases)}")
   old = {}
-  if (out / "results.json").exists():
-    old = json.loads((out / "results.json").read_text())
-    device = str(jax.devices()[0].device_kind)
-    if old.get("meta", {}).get("device", device) != device and set(_PARTS.value) - set(SWEEP_PARTS):
-      # the table's header names one device: rows of another GPU belong in another directory
-      raise app.UsageError(f"{out / 'results.json'} holds results of a {old['meta']['device']}, this is a "
-                           f"{device}: pass another --out")
+  if set(_PARTS.value) - set(SWEEP_PARTS):     # the sweeps write their own files
+    old = bench_common.previous_results(out / "results.json", str(jax.devices()[0].device_kind))
   meta_old = {k: v for k, v in old.get("meta", {}).items() if k not in (
       "device", "date", "jax", "heads", "latent", "rope_dim", "index_heads", "index_dim", "top_k", "chunk",
       "decode_timing", "prefill_timing")}

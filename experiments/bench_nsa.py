@@ -556,14 +556,9 @@ def main(_):
               copy_bandwidth_tb_s=bandwidth / 1e12)
   old = pathlib.Path(_OUT.value) / "results.json"
   by_length = {}
-  if old.exists() and set(_PARTS.value) != {"fwd", "fwd_bwd", "decode", "decode_xla"}:
-    # a partial run updates the rows it times, on the same device only (rows of another GPU
-    # belong in another --out directory: the table's header names one device)
-    prev = json.loads(old.read_text())
-    if prev["meta"]["device"] != meta["device"]:
-      raise app.UsageError(f"{old} holds results of a {prev['meta']['device']}, this is a {meta['device']}: "
-                           "pass another --out")
-    by_length = {r["length"]: r for r in prev["results"]}
+  if set(_PARTS.value) != {"fwd", "fwd_bwd", "decode", "decode_xla"}:   # a partial run updates its rows
+    prev = bench_common.previous_results(old, meta["device"])
+    by_length = {r["length"]: r for r in prev.get("results", [])}
   for length in map(int, _LENGTHS.value):
     new = case(length, _REPS.value, bandwidth)
     by_length[length] = speedups({**by_length.get(length, {}), **new})

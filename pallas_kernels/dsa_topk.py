@@ -294,18 +294,15 @@ def _select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, o_ref,
   taken slots written as their positions (pos_ref [C + 1]), or over the whole row (s_ref [Sp],
   len_ref []) where direct_ref [] is 1; o_ref [Kp + 1] int32."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
-  kw.update(width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, block=block)
-  cols = jnp.arange(block, dtype=jnp.int32)
 
   def whole_row():
-    length = len_ref[...]
-    _select(o_ref, _masked_keys(s_ref, length, block, neg_inf_key), lambda i: i * block + cols,
-            length, **kw)
+    _kernel(s_ref, len_ref, o_ref, block=block, **kw)
 
   def collected():
     count = cnt_ref[...]
     _select(o_ref, _masked_keys(val_ref, count, block, neg_inf_key),
-            lambda i: pos_ref[pl.ds(pl.multiple_of(i * block, block), block)], count, **kw)
+            lambda i: pos_ref[pl.ds(pl.multiple_of(i * block, block), block)], count,
+            width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, block=block, **kw)
 
   # a per-program branch: the failed rows' full-row search costs the other rows nothing
   jax.lax.cond(direct_ref[...] != 0, whole_row, collected)
