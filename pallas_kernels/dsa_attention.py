@@ -55,8 +55,11 @@ class SparseBlocks:
   bwd_block_k: int | None = None     # backward rows per step; None: block_k
   bwd_block_h: int | None = None     # backward heads per program; None: block_h (64 heads at a
                                      # 512-dim latent overflow the shared memory in the backward)
+  bwd_num_stages: int | None = None  # backward; None: num_stages
 
 
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 MAX_BLOCK_H = 32   # head block cap, except the wide-latent prefill (see default_blocks)
 
 
@@ -72,13 +75,17 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int =
   measured in session 3. With MLA's RoPE key part (rope_dim > 0) at head dims > 256 the 8-warp
   backward overflows the shared memory (287 KB at 512 + 64): it runs at 4 warps (session 8);
   and the forward is faster at 32 heads and 4 warps than at 64 and 8 (512 + 64: 32k 87 -> 80 ms,
-  128k 353 -> 338 ms; session 9, sweep_sparse_s9e/s9f).
+  128k 353 -> 338 ms; session 9, sweep_sparse_s9e/s9f), and, with the exp2 softmax, at 3 stages
+  than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15); the backward keeps 2 (it is near
+  the shared-memory limit at 4 warps with the RoPE tiles).
   """
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
   wide_prefill = splits == 1 and dim > 256 and not rope_dim
   block_h = min(2 * MAX_BLOCK_H if wide_prefill else MAX_BLOCK_H, max(16, pl.next_power_of_2(group)))
+  wide_rope_prefill = splits == 1 and dim > 256 and rope_dim > 0
   return SparseBlocks(block_h=block_h, block_k=64 if splits == 1 else 32, num_splits=splits,
                       num_warps=8 if dim > 256 and (splits > 1 or block_h > MAX_BLOCK_H) else 4,
+                      num_stages=3 if wide_rope_prefill else 2, bwd_num_stages=2,
                       bwd_block_k=32, bwd_block_h=min(block_h, MAX_BLOCK_H),
                       bwd_num_warps=4 if rope_dim and dim > 256 else None)
 
@@ -117,12 +124,14 @@ def _fwd_kernel(*refs, scale, block_k, steps, shared, rope):
     rows = jnp.where(valid, ids, 0)
     kg = k_ref[rows, :]                                            # gather [bk, D]
     vg = kg if shared else v_ref[rows, :]
-    s = _logits(q, qr, kg, kr_ref[rows, :] if rope else None, scale)   # [bh, bk]
+    # log2 domain: exp2 is one MUFU instruction, jnp.exp lowers to libdevice's accurate expf
+    # (128k: 330 vs 340 ms; the backward kept jnp.exp: 5% slower with exp2 there, session 15)
+    s = _logits(q, qr, kg, kr_ref[rows, :] if rope else None, scale * LOG2E)   # [bh, bk]
     s = jnp.where(valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    alpha = jnp.exp2(m - m_safe)
     l = l * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + plgpu.dot(p.astype(vg.dtype), vg)
     return acc, m_new, l
@@ -132,7 +141,7 @@ def _fwd_kernel(*refs, scale, block_k, steps, shared, rope):
   acc, m, l = jax.lax.fori_loop(0, steps, body, init)
   l_safe = jnp.where(l > 0, l, 1.0)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+  lse_ref[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)   # natural log
 
 
 def _pad_dim(x, to):
@@ -329,7 +338,7 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   rows_in = _present(kp, vp, krp)
   bufs = [jnp.zeros((batch, kv_len + 1, num_kv_heads, x.shape[-1]), jnp.float32)
           for x in _present(kp, None if shared else vp, krp)]
-  params = plgpu.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
+  params = plgpu.CompilerParams(num_warps=warps, num_stages=blocks.bwd_num_stages or blocks.num_stages)
   # dq: one program per (query, head block), as the forward
   head = lambda b, t, h: (b, t, h // nhb, h % nhb)
   head_spec = lambda width, j=0: pl.BlockSpec((None, None, None, bh, width), lambda b, t, h: (*head(b, t, h), j))
