@@ -28,7 +28,11 @@ def main():
     ref = np.sort(np.asarray(jax.lax.top_k(visible, K)[1]), -1)
     variants = [("sample", blocks()), ("radix", blocks(sample=False))]
     if dt == jnp.bfloat16:
-      variants.append(("every32", blocks(sample_every=32)))
+      # session 15: the default is now sample_every 32 with 4 bits a pass when sampling
+      variants += [("every16 bits2 (session 14 default)", blocks(sample_every=16, bits=2)),
+                   ("every16 bits4", blocks(sample_every=16, bits=4)), ("bits2", blocks(bits=2)),
+                   ("block2048", blocks(block=2048)), ("every64", blocks(sample_every=64)),
+                   ("warps8", blocks(num_warps=8))]
     for name, b in variants:
       f = jax.jit(lambda s, n, b=b: dsa_topk.top_k(s, K, lengths=n, split=1, blocks=b))
       o = f(xs, n).block_until_ready()

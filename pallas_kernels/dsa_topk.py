@@ -36,8 +36,8 @@ long rows are read about twice instead of ~9 times, in two calls:
      [R, C] and counts them. The number n of row keys >= c is ~ m / f = sqrt(k C), the
      geometric mean of k and C: n < k needs >= m sampled among the top k - 1 (mean k f), n > C
      fewer than m among the top C (mean C f), so m balances the two tails at
-     z = sqrt(f) (sqrt(C) - sqrt(k)) binomial standard deviations (8.3 at the defaults
-     k = 2048, C = 6144, f = 1/16: n ~ 3550). A row goes to the radix search over the whole
+     z = sqrt(f) (sqrt(C) - sqrt(k)) binomial standard deviations (5.9 at the defaults
+     k = 2048, C = 6144, f = 1/32; 8.3 at f = 1/16: n ~ 3550). A row goes to the radix search over the whole
      row ("direct") if it has at most C entries, or if the collection failed: n > C (only the
      first C are written), or n < k unless c is the lowest finite key (the sample held fewer
      than m finite keys: then every finite key was collected and n < k is the row's count).
@@ -46,8 +46,8 @@ long rows are read about twice instead of ~9 times, in two calls:
      positions. The scratch is in position order, so the output stays in ascending position
      order and ties still go to the lowest position. Exactness never depends on the sample:
      a failed row costs one program's full-row search (no host sync, nothing for the others).
-Per 128k row at the defaults: 8 passes over 8k sampled keys (half a row), the collecting pass,
-then <= 9 passes over ~3.5k collected: ~2 row reads against <= 9. When the plan's z is below 3
+Per 128k row at the defaults: 4 passes (4 key bits each) over 4k sampled keys (1/8 of a row),
+the collecting pass, then <= 4 passes over ~3.5k collected: ~1.2 row reads against <= 9. When the plan's z is below 3
 (C too close to k for f), or the row fits in C, only the radix search runs. Failure modes of
 the sample: many ties at c (all-equal rows: n > C), and scores whose large values cluster
 inside or outside the sampled runs (the binomial tails assume a random-like sample; clustered
@@ -63,7 +63,8 @@ are sequential), so `lca.attention.dsa.top_k_select` uses `lax.top_k` for few ro
 Sample, then collect (H200, 2026-12-02, session 14): the last causal [2048, 128k] chunk in 1.60 ms
 (bf16) / 1.67 ms (float32) vs 3.51 / 5.12 for the radix search in the same process, exact, 0 of
 2048 rows failed on the indexer's scores (~3.6k collected a row); all 64 chunks of a 128k prefill
-47.6 vs 106.6 ms (`experiments/results/bench_dsa_h200/`).
+47.6 vs 106.6 ms (`experiments/results/bench_dsa_h200/`). Session 15: sampling 1/32 of a row with 4
+key bits a pass (was 1/16, 2): the chunk in 1.16-1.24 ms, all chunks 44.6 ms.
 
 Few rows: the row is split into `split` segments that are separate rows of
 a first call (K' = min(k, segment) each), whose candidates ([R, split * K'], values
@@ -93,8 +94,10 @@ class TopKBlocks:
   """Launch parameters; the radix search's were the fastest measured on a [2048, 128k] chunk (H100)."""
   block: int = 1024        # row elements per loop step
   bits: int | None = None  # key bits fixed per counting pass (2^bits candidates; divides 16);
-                           # None: 4 for float32 scores, 2 for 16-bit ones (3.35 vs 3.57 ms on
-                           # a bf16 [2048, 128k] chunk; float32 with 2: slower, session 3)
+                           # None: 4 for float32 scores and for the sampled searches; 2 for
+                           # 16-bit scores without sampling (radix search of a bf16 [2048, 128k]
+                           # chunk: 3.35 vs 3.57 ms at 4; sampled, 4 bits: 1.17 vs 1.21 ms at 2,
+                           # session 15; float32 with 2: slower, session 3)
   accumulate: bool = False  # True: [block, 2^bits] int32 counters in registers, reduced once
                             # per pass (False: a [block, 2^bits] -> [2^bits] reduction per step)
   out_block: int = 1024    # output slots per -1 fill step
@@ -103,8 +106,9 @@ class TopKBlocks:
   sample: bool = True      # rows longer than capacity: sample, then collect (False: radix search)
   capacity: int = 6144     # C: entries collected a row (rounded up to a multiple of block); 3k
                            # at k = 2048: z = 8.3 at f = 1/16, ~3.5k collected
-  sample_every: int = 16   # 1 / f: the sampled fraction of a row (the sample's search re-reads
-                           # f of the row a pass: 8 passes = half a row at 16)
+  sample_every: int = 32   # 1 / f: the sampled fraction of a row (the sample's search re-reads
+                           # f of the row a pass); 32: z = 5.9 at C = 6144, k = 2048, and the
+                           # [2048, 128k] chunk in 1.21 vs 1.43 ms at 16 (H200, session 15)
   sample_run: int = 16     # contiguous entries a sampled run (16 bf16 = one 32-byte memory
                            # sector); runs start every sample_every * sample_run (divides block)
 
@@ -324,15 +328,15 @@ class _Launch:
 
 def _launch(width: int, dtype, k: int, blocks: TopKBlocks) -> _Launch:
   kk = min(k, width)
-  bits = blocks.bits or (2 if key_bits(dtype) == 16 else 4)
-  if 16 % bits:
-    raise ValueError(f"TopKBlocks.bits must divide 16, got {blocks.bits}")
   block = min(blocks.block, max(16, pl.next_power_of_2(width)))
   out_block = min(blocks.out_block, max(16, pl.next_power_of_2(kk)))
   capacity = -(-blocks.capacity // block) * block
   rank, z = sample_plan(kk, capacity, blocks.sample_every)
   # the sample pays only when some row can be longer than C, and when it rarely fails
   sample = blocks.sample and width > capacity and z >= _MIN_SAMPLE_Z
+  bits = blocks.bits or (2 if key_bits(dtype) == 16 and not sample else 4)
+  if 16 % bits:
+    raise ValueError(f"TopKBlocks.bits must divide 16, got {blocks.bits}")
   if sample and (blocks.sample_run < 1 or blocks.sample_every < 1
                  or block % (blocks.sample_run * blocks.sample_every)):
     raise ValueError(f"TopKBlocks.sample_run * sample_every must divide the block ({block}), got "
