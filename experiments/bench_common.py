@@ -11,6 +11,17 @@ import jax
 import jax.numpy as jnp
 
 
+def causal_spread_indices(top_k: int, q_positions):
+  """[L] positions -> [1, L, top_k] int32: distinct causal indices spread evenly over [0, t] (-1 past
+  t + 1), like a top-k without an indexer (DSA's sparse attention benchmarks)."""
+  n = jnp.arange(top_k, dtype=jnp.int32)[None, None]
+  t = q_positions[None, :, None].astype(jnp.int32)
+  spread = (n.astype(jnp.int64) * (t + 1) // top_k).astype(jnp.int32) if jax.config.jax_enable_x64 \
+      else (n.astype(jnp.float32) * (t + 1).astype(jnp.float32) / top_k).astype(jnp.int32)
+  idx = jnp.where(t + 1 >= top_k, spread, n)
+  return jnp.where(n <= t, idx, -1).astype(jnp.int32)
+
+
 def bench(fn, *args, reps: int = 5) -> float:
   """Median wall seconds of fn(*args) after two warm-up calls (compile included there)."""
   jax.block_until_ready(fn(*args))
@@ -20,6 +31,19 @@ def bench(fn, *args, reps: int = 5) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_pipelined(fn, *args, burst: int = 16, reps: int = 5) -> float:
+  """Median seconds per call of fn(*args) when `burst` calls are enqueued back to back before one
+  sync: the host prepares call i + 1 while the GPU runs call i, as in a model's jitted step, so a
+  call's host-side launch work is hidden whenever its kernels take longer (unlike `bench`)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready([fn(*args) for _ in range(burst)])
+    times.append((time.perf_counter() - t0) / burst)
   return statistics.median(times)
 
 
@@ -39,7 +63,7 @@ def previous_results(path: pathlib.Path, device: str) -> dict:
   return prev
 
 
-def interleaved(cases: dict, *, rounds: int, reps: int) -> dict:
+def interleaved(cases: dict, *, rounds: int, reps: int, timer=None) -> dict:
   """{name: (label, fn, args)} -> {name: median seconds over rounds, or None if it failed}.
 
   Each round times every case once (`try_bench`, median of reps) in turn, so slow drifts of the
@@ -48,16 +72,17 @@ def interleaved(cases: dict, *, rounds: int, reps: int) -> dict:
   times = {name: [] for name in cases}
   for r in range(rounds):
     for name, (label, fn, args) in cases.items():
-      if r and not times[name][-1]:
+      if r and times[name][-1] is None:
         continue   # failed once: not retried
-      times[name].append(try_bench(f"{label} (round {r + 1}/{rounds})", fn, *args, reps=reps))
-  return {name: statistics.median(ts) if ts and all(ts) else None for name, ts in times.items()}
+      times[name].append(try_bench(f"{label} (round {r + 1}/{rounds})", fn, *args, reps=reps, timer=timer))
+  return {name: statistics.median(ts) if ts and None not in ts else None for name, ts in times.items()}
 
 
-def try_bench(label: str, fn, *args, reps: int) -> float | None:
-  """`bench` that prints "label: x ms" and returns seconds, or prints the error and returns None."""
+def try_bench(label: str, fn, *args, reps: int, timer=None) -> float | None:
+  """`timer` (default `bench`) that prints "label: x ms" and returns seconds, or prints the error
+  and returns None."""
   try:
-    t = bench(fn, *args, reps=reps)
+    t = (timer or bench)(fn, *args, reps=reps)
     print(f"  {label}: {t * 1e3:.3f} ms", flush=True)
     return t
   except Exception as e:  # pylint: disable=broad-except

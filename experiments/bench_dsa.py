@@ -79,17 +79,6 @@ bench = bench_common.bench
 _try = bench_common.try_bench
 
 
-def _causal_random_indices(length, top_k, q_positions):
-  """Distinct causal indices spread evenly over [0, t] (like a top-k without an indexer)."""
-  del length
-  n = jnp.arange(top_k, dtype=jnp.int32)[None, None]
-  t = q_positions[None, :, None].astype(jnp.int32)
-  spread = (n.astype(jnp.int64) * (t + 1) // top_k).astype(jnp.int32) if jax.config.jax_enable_x64 \
-      else ((n.astype(jnp.float32) * (t + 1).astype(jnp.float32) / top_k)).astype(jnp.int32)
-  idx = jnp.where(t + 1 >= top_k, spread, n)
-  return jnp.where(n <= t, idx, -1).astype(jnp.int32)
-
-
 def _mla_operands(key, q_len, kv_len):
   """q [1, q_len, H, latent + R], latent [1, kv_len, 1, latent], k_R [1, kv_len, 1, R] or None."""
   h, lat, rope = _HEADS.value, _LATENT.value, _ROPE.value
@@ -260,7 +249,7 @@ def prefill_case(length, reps):
     if t is not None and res.get(f"indexer_fp8{suffix}_ms") is not None:
       res[f"topk{suffix}_ms"] = res[f"indexer_topk{suffix}_ms"] - res[f"indexer_fp8{suffix}_ms"]
   qs, latent, k_rope = _mla_operands(keys[6], length, length)
-  idx = _causal_random_indices(length, top_k, pos[0])
+  idx = bench_common.causal_spread_indices(top_k, pos[0])
   variant, blocks = _sparse_variant()
   res["sparse_variant"] = variant
   f = jax.jit(lambda q, kv, kr, i: _sparse(q, kv, kr, i, blocks))
@@ -450,7 +439,7 @@ def _sparse_check(name, shared, blocks):
   """Relative error vs the XLA gather path (fp32 math on the bf16 inputs), MQA 128 x (512 + R)."""
   del name
   q, kv, kr = _mla_operands(jax.random.key(7), 300, 300)
-  idx = _causal_random_indices(300, 256, jnp.arange(300, dtype=jnp.int32))
+  idx = bench_common.causal_spread_indices(256, jnp.arange(300, dtype=jnp.int32))
   got = jax.jit(lambda *a: _sparse(*a, blocks, shared))(q, kv, kr, idx).astype(jnp.float32)
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   kv32 = f32(kv)
@@ -464,7 +453,7 @@ def sparse_case(length, reps, state):
   res = {"length": length}
   keys = jax.random.split(jax.random.key(length + 2), 2)
   q, kv, kr = _mla_operands(keys[0], length, length)
-  idx = _causal_random_indices(length, _TOP_K.value, jnp.arange(length, dtype=jnp.int32))
+  idx = bench_common.causal_spread_indices(_TOP_K.value, jnp.arange(length, dtype=jnp.int32))
   names = state.get("sparse_order") or [n for n in SPARSE_VARIANTS
                                         if (not _SPARSE_VARIANTS.value or n in _SPARSE_VARIANTS.value)
                                         and (SPARSE_VARIANTS[n][0] or kr is None)]   # k_R: shared only

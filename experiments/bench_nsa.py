@@ -51,8 +51,9 @@ _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward
 _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "What to time: fwd, fwd_bwd, dense_fwd_bwd (cuDNN and flash only), decode "
                            "(fused NSA, cuDNN), decode_xla, profile (the GPU kernels of the NSA and cuDNN "
-                           "forwards, jax.profiler), fwd_device (the forwards' GPU time per call: 8 "
-                           "calls in one jitted loop, so the host's per-call launch work is hidden).")
+                           "forwards, jax.profiler), fwd_pipelined (the forwards per call of 16 "
+                           "enqueued back to back, so the host's per-call launch work is hidden, as in "
+                           "a model's step).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
@@ -155,9 +156,11 @@ def case(length, reps, bandwidth):
     r.update(interleaved({"nsa_fwd": ("nsa fwd", jax.jit(nsa_fwd), args),
                           "cudnn_fwd": ("cudnn fwd", jax.jit(cudnn), (q, k, v)),
                           "flash_fwd": ("flash fwd", jax.jit(flash), (q, k, v))}))
-  if "fwd_device" in parts:   # GPU time per call: 8 calls in one jitted loop, no host work between
-    for name, fn, fargs in (("nsa_fwd_device", nsa_fwd, args), ("cudnn_fwd_device", cudnn, (q, k, v))):
-      r[name] = _try_loop(f"{name}", bench_common.bench_in_loop, fn, *fargs, inner=8, reps=reps)
+  if "fwd_pipelined" in parts:   # per call of 16 enqueued back to back: the host runs ahead
+    r.update(interleaved({"nsa_fwd_pipelined": ("nsa fwd, pipelined", jax.jit(nsa_fwd), args),
+                          "cudnn_fwd_pipelined": ("cudnn fwd, pipelined", jax.jit(cudnn), (q, k, v)),
+                          "flash_fwd_pipelined": ("flash fwd, pipelined", jax.jit(flash), (q, k, v))},
+                         timer=bench_common.bench_pipelined))
   if "profile" in parts:   # every GPU kernel of the NSA forward (and cuDNN's), median µs per call
     for name, fn, fargs in (("nsa_fwd_kernels_us", nsa_fwd, args), ("cudnn_fwd_kernels_us", cudnn, (q, k, v))):
       try:
@@ -196,8 +199,11 @@ def case(length, reps, bandwidth):
       r["nsa_decode_xla"] = _try_loop("nsa decode (xla)", loop, dec("xla"), q1, g1, pos1, cache, inner=inner)
       r["xla_decode"] = _try_loop("xla decode", loop, dense("xla"), dense_q1, dense_k, v, inner=inner)
   if "decode" in parts:
-    r["nsa_decode"] = _try_loop("nsa decode (pallas)", loop, dec("pallas"), q1, g1, pos1, cache, inner=inner)
-    r["cudnn_decode"] = _try_loop("cudnn decode", loop, dense("cudnn"), dense_q1, dense_k, v, inner=inner)
+    # NSA and cuDNN in turn over the rounds, as the forwards (one after the other, cuDNN's 16k decode
+    # read 19.6 and 23.6 µs in two processes of session 15)
+    r.update(interleaved({"nsa_decode": ("nsa decode (pallas)", dec("pallas"), (q1, g1, pos1, cache)),
+                          "cudnn_decode": ("cudnn decode", dense("cudnn"), (dense_q1, dense_k, v))},
+                         timer=lambda fn, *a, reps: loop(fn, *a, inner=inner, reps=reps)))
     r["nsa_decode_kernels"] = _kernel_time("nsa decode (pallas), kernels", dec("pallas"), q1, g1, pos1, cache)
     r["cudnn_decode_kernels"] = _kernel_time("cudnn decode, kernels", dense("cudnn"), dense_q1, dense_k, v)
     for stale in ("nsa_decode_unrolled", "cudnn_decode_unrolled", "nsa_decode_cold", "cudnn_decode_cold",
@@ -214,6 +220,7 @@ def case(length, reps, bandwidth):
 def speedups(r):
   """Adds speedup_* (cuDNN time / NSA time) to one length's results."""
   for a, b, name in (("cudnn_fwd", "nsa_fwd", "fwd"), ("cudnn_fwd_bwd", "nsa_fwd_bwd", "fwd_bwd"),
+                     ("cudnn_fwd_pipelined", "nsa_fwd_pipelined", "fwd_pipelined"),
                      ("cudnn_decode", "nsa_decode", "decode"),
                      ("cudnn_decode_kernels", "nsa_decode_kernels", "decode_kernels")):
     if r.get(a) and r.get(b):
@@ -245,9 +252,20 @@ def write(results, meta):
     lines.append(f"| {r['length']} | {ms(g('nsa_fwd'))} | {ms(g('cudnn_fwd'))} | {ms(g('flash_fwd'))} | "
                  f"{sp(g('speedup_fwd'))} | {ms(g('nsa_fwd_bwd'))} | {ms(g('cudnn_fwd_bwd'))} | "
                  f"{ms(g('flash_fwd_bwd'))} | {sp(g('speedup_fwd_bwd'))} |")
+  if any(r.get("nsa_fwd_pipelined") for r in results):
+    lines += ["", "Forward, pipelined: ms per call when 16 calls are enqueued back to back before one "
+              "sync (the host prepares the next call while the GPU runs this one, as in a model's "
+              "jitted step; the single-call wall time above also charges each call's host-side launch "
+              "work, ~0.4-0.7 ms for NSA's ~20 launches at 16k, session 14).", "",
+              "| L | NSA | cuDNN | flash | x |", "|---|---|---|---|---|"]
+    for r in results:
+      g = r.get
+      lines.append(f"| {r['length']} | {ms(g('nsa_fwd_pipelined'))} | {ms(g('cudnn_fwd_pipelined'))} | "
+                   f"{ms(g('flash_fwd_pipelined'))} | {sp(g('speedup_fwd_pipelined'))} |")
   lines += ["", "Decode, one token at position L-1: µs of device time per call (64 calls in one "
             "jitted loop, loop cost subtracted; the cache re-read each call: NSA's bytes fit the "
-            "50 MB L2). NSA = fused Pallas decode (3 launches); NSA XLA = its XLA path. Kernels: "
+            "50 MB L2; from session 15 NSA and cuDNN are timed in turn over the rounds, the median "
+            "of the rounds). NSA = fused Pallas decode (3 launches); NSA XLA = its XLA path. Kernels: "
             "the sum of the GPU kernel durations per call (profiler), i.e. without launch gaps. "
             f"Floors: bytes read at the measured copy bandwidth "
             f"({meta.get('copy_bandwidth_tb_s', 0):.2f} TB/s).", "",
@@ -269,7 +287,8 @@ def write(results, meta):
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["length"] for r in results]
-    for key, label in (("speedup_fwd", "forward"), ("speedup_fwd_bwd", "forward+backward"),
+    for key, label in (("speedup_fwd", "forward"), ("speedup_fwd_pipelined", "forward (pipelined)"),
+                       ("speedup_fwd_bwd", "forward+backward"),
                        ("speedup_decode", "decode (device time)"),
                        ("speedup_decode_kernels", "decode (kernel time)")):
       ax.plot(xs, [r.get(key) or float("nan") for r in results], marker="o", label=label)

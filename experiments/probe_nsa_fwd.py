@@ -35,9 +35,37 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Whole forwards: rounds of (cuDNN, f
 _AB = flags.DEFINE_string("ab_module", "", "Optional module path of another pallas_kernels.nsa version "
                           "(e.g. a copy of an older commit's file) whose forward is timed in the rounds.")
 _VARIANTS = flags.DEFINE_bool("variants", True, "Also time the Tuning / window variants.")
+_DISPATCH = flags.DEFINE_bool("dispatch", False, "Only: the host side of one call for NSA, its "
+                              "kernels without the compression MLPs, and cuDNN: the time until the "
+                              "call returns (enqueue), one synchronized call (wall), and per call of 16 "
+                              "enqueued back to back (pipelined), then exit.")
 _TIMELINE = flags.DEFINE_bool("timeline", False, "Only: one call each of NSA and cuDNN under the "
                               "profiler, every kernel's start, duration and the gap before it (what a "
                               "single call's wall time holds besides kernels), then exit.")
+
+
+def dispatch_times(fn, *args, reps: int = 21, burst: int = 16) -> dict:
+  """µs: enqueue (until jitted fn returns, the device idle before), wall (one synchronized call) and
+  pipelined (per call of `burst` calls enqueued back to back, then one sync): medians. wall - pipelined
+  is what a synchronized single call pays that a step of a model, where the host runs ahead, does not."""
+  import statistics, time   # pylint: disable=g-import-not-at-top,multiple-imports
+  jax.block_until_ready(fn(*args))
+  enq, wall, pipe = [], [], []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    t1 = time.perf_counter()
+    jax.block_until_ready(out)
+    t2 = time.perf_counter()
+    enq.append(t1 - t0)
+    wall.append(t2 - t0)
+  for _ in range(5):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(burst)]
+    jax.block_until_ready(outs)
+    pipe.append((time.perf_counter() - t0) / burst)
+  med = lambda xs: statistics.median(xs) * 1e6
+  return dict(enqueue_us=med(enq), wall_us=med(wall), pipelined_us=med(pipe))
 
 
 def timeline(fn, *args) -> dict:
@@ -111,6 +139,25 @@ def main(argv):
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
   kc, vc = nsa.compress(k, phi, **kw), nsa.compress(v, phi, **kw)
   res = {"length": length, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  if _DISPATCH.value:
+    cases = (
+        ("nsa", lambda q, k, v, g: nsa.nsa(q, k, v, nsa.compress(k, phi, **kw), nsa.compress(v, phi, **kw), g,
+                                           sizes=sizes, implementation="pallas"), (q, k, v, gates)),
+        ("nsa_given_kc_vc", lambda q, k, v, kc, vc, g: nsa.nsa(q, k, v, kc, vc, g, sizes=sizes,
+                                                               implementation="pallas"), (q, k, v, kc, vc, gates)),
+        ("nsa_cmp_slc", lambda q, k, v, kc, vc: kernels.nsa_cmp_slc(q, k, v, kc, vc, sizes=sizes), (q, k, v, kc, vc)),
+        ("cudnn", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                               implementation="cudnn"), (q, k, v)),
+        ("window_cudnn", lambda q, k, v: local.local_attention(q, k, v, window=sizes.window,
+                                                               implementation="cudnn"), (q, k, v)))
+    for name, f, args in cases:
+      res[name] = r = dispatch_times(jax.jit(f), *args)
+      print(f"{name}: " + ", ".join(f"{k} {v:.0f}" for k, v in r.items()), flush=True)
+    if _OUT.value:
+      path = pathlib.Path(_OUT.value) / f"probe_nsa_dispatch_{length}.json"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(res, indent=1))
+    return
   if _TIMELINE.value:
     for name, f, args in (
         ("nsa", lambda q, k, v, g: nsa.nsa(q, k, v, nsa.compress(k, phi, **kw), nsa.compress(v, phi, **kw), g,
