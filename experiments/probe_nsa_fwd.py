@@ -50,7 +50,7 @@ def dispatch_times(fn, *args, reps: int = 21, burst: int = 16) -> dict:
   is what a synchronized single call pays that a step of a model, where the host runs ahead, does not."""
   import statistics, time   # pylint: disable=g-import-not-at-top,multiple-imports
   jax.block_until_ready(fn(*args))
-  enq, wall, pipe = [], [], []
+  enq, wall = [], []
   for _ in range(reps):
     t0 = time.perf_counter()
     out = fn(*args)
@@ -59,13 +59,9 @@ def dispatch_times(fn, *args, reps: int = 21, burst: int = 16) -> dict:
     t2 = time.perf_counter()
     enq.append(t1 - t0)
     wall.append(t2 - t0)
-  for _ in range(5):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(burst)]
-    jax.block_until_ready(outs)
-    pipe.append((time.perf_counter() - t0) / burst)
   med = lambda xs: statistics.median(xs) * 1e6
-  return dict(enqueue_us=med(enq), wall_us=med(wall), pipelined_us=med(pipe))
+  return dict(enqueue_us=med(enq), wall_us=med(wall),
+              pipelined_us=bench_common.bench_pipelined(fn, *args, burst=burst, reps=5) * 1e6)
 
 
 def timeline(fn, *args) -> dict:
