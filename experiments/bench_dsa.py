@@ -342,12 +342,12 @@ def topk_case(length, reps):
   configs = {name: (dtype, dataclasses.replace(blocks, sample=False))
              for name, (dtype, blocks) in TOPK_CONFIGS.items()}
   configs.update({   # sample, then collect: z = sqrt(f) (sqrt(C) - sqrt(k)) at k = 2048
-      "sample_default": (jnp.bfloat16, tb()),                              # f 1/16, C 6144: z 8.3
+      "sample_default": (jnp.bfloat16, tb()),                   # f 1/32, C 6144, 4 bits: z 5.9
       "sample_f32_default": (jnp.float32, tb()),
-      "sample_every32": (jnp.bfloat16, tb(sample_every=32)),              # z 5.9
+      "sample_every16_bits2": (jnp.bfloat16, tb(sample_every=16, bits=2)),   # session 14: z 8.3
       "sample_every8_c4096": (jnp.bfloat16, tb(sample_every=8, capacity=4096)),   # z 6.6
       "sample_run8": (jnp.bfloat16, tb(sample_run=8)),
-      "sample_bits4": (jnp.bfloat16, tb(bits=4)),
+      "sample_bits2": (jnp.bfloat16, tb(bits=2)),
   })
   for name, (dtype, blocks) in configs.items():
     f = jax.jit(lambda s, n, blocks=blocks: dsa_topk.top_k(s, top_k, lengths=n, blocks=blocks))

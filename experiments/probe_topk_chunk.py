@@ -6,12 +6,11 @@ the whole-row search. Session 14 ran this code as topk_check_s14.py
   python -m experiments.probe_topk_chunk
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import bench_common
 from pallas_kernels import dsa_topk
 
 LENGTH, ROWS, K = 131072, 2048, 2048
@@ -35,14 +34,8 @@ def main():
                    ("warps8", blocks(num_warps=8))]
     for name, b in variants:
       f = jax.jit(lambda s, n, b=b: dsa_topk.top_k(s, K, lengths=n, split=1, blocks=b))
-      o = f(xs, n).block_until_ready()
-      ts = []
-      for _ in range(9):
-        t = time.perf_counter()
-        f(xs, n).block_until_ready()
-        ts.append(time.perf_counter() - t)
-      exact = bool((np.sort(np.asarray(o), -1) == ref).all())
-      print(dt.__name__, name, exact, f"{1e3 * np.median(ts):.3f} ms", flush=True)
+      exact = bool((np.sort(np.asarray(f(xs, n)), -1) == ref).all())
+      print(dt.__name__, name, exact, f"{1e3 * bench_common.bench(f, xs, n, reps=9):.3f} ms", flush=True)
     c = dsa_topk.collect_candidates(xs, n, k=K)
     print("failed", int(((c[2] >= 0) & (c[3] != 0)).sum()), "mean", float(c[2].mean()), flush=True)
 

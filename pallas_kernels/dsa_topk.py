@@ -27,7 +27,7 @@ mask gives each selected position its output slot, and a masked scatter writes i
 
 Sample, then collect (the default for rows longer than `capacity` C): the radix search costs
 per element and pass (key conversion, compares, the per-step count reductions; not bytes), so
-long rows are read about twice instead of ~9 times, in two calls:
+long rows are read little more than once instead of ~9 times, in two calls:
   1. `_collect_kernel`, one program a row: the sample is the first `sample_run` entries of every
      `sample_every * sample_run` (fraction f = 1 / sample_every; contiguous runs so that each
      sampled memory sector is used whole). The radix search on the sample (re-read each pass:
@@ -37,8 +37,9 @@ long rows are read about twice instead of ~9 times, in two calls:
      geometric mean of k and C: n < k needs >= m sampled among the top k - 1 (mean k f), n > C
      fewer than m among the top C (mean C f), so m balances the two tails at
      z = sqrt(f) (sqrt(C) - sqrt(k)) binomial standard deviations (5.9 at the defaults
-     k = 2048, C = 6144, f = 1/32; 8.3 at f = 1/16: n ~ 3550). A row goes to the radix search over the whole
-     row ("direct") if it has at most C entries, or if the collection failed: n > C (only the
+     k = 2048, C = 6144, f = 1/32; 8.3 at f = 1/16; n ~ 3550 either way). A row goes to the
+     radix search over the whole row ("direct") if it has at most C entries, or if the
+     collection failed: n > C (only the
      first C are written), or n < k unless c is the lowest finite key (the sample held fewer
      than m finite keys: then every finite key was collected and n < k is the row's count).
   2. `_select_kernel`, one program a row: direct rows run the radix search over the whole row;
@@ -47,8 +48,8 @@ long rows are read about twice instead of ~9 times, in two calls:
      order and ties still go to the lowest position. Exactness never depends on the sample:
      a failed row costs one program's full-row search (no host sync, nothing for the others).
 Per 128k row at the defaults: 4 passes (4 key bits each) over 4k sampled keys (1/8 of a row),
-the collecting pass, then <= 4 passes over ~3.5k collected: ~1.2 row reads against <= 9. When the plan's z is below 3
-(C too close to k for f), or the row fits in C, only the radix search runs. Failure modes of
+the collecting pass, then <= 4 passes over ~3.5k collected: ~1.2 row reads against <= 9. When
+the plan's z is below 3 (C too close to k for f), or the row fits in C, only the radix search runs. Failure modes of
 the sample: many ties at c (all-equal rows: n > C), and scores whose large values cluster
 inside or outside the sampled runs (the binomial tails assume a random-like sample; clustered
 data fail more often and then pay the direct search).
@@ -105,7 +106,7 @@ class TopKBlocks:
   num_stages: int = 3
   sample: bool = True      # rows longer than capacity: sample, then collect (False: radix search)
   capacity: int = 6144     # C: entries collected a row (rounded up to a multiple of block); 3k
-                           # at k = 2048: z = 8.3 at f = 1/16, ~3.5k collected
+                           # at k = 2048: z = 5.9 at f = 1/32, ~3.5k collected
   sample_every: int = 32   # 1 / f: the sampled fraction of a row (the sample's search re-reads
                            # f of the row a pass); 32: z = 5.9 at C = 6144, k = 2048, and the
                            # [2048, 128k] chunk in 1.21 vs 1.43 ms at 16 (H200, session 15)
