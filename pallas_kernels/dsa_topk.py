@@ -60,21 +60,37 @@ causal prefill chunks pass t + 1 and read only the visible part (half the bytes)
 Measured, radix search (H100, see NOTES_dsa.md): the last causal [2048, 128k] chunk of a
 prefill in 5.0 ms (float32 scores) or 3.5 ms (bf16) vs 19 ms for `lax.top_k`; but one row
 (decode) takes 0.2-0.3 ms vs 0.07-0.09 ms: a single row is latency-bound (a program's passes
-are sequential), so `lca.attention.dsa.top_k_select` uses `lax.top_k` for few rows by default.
+are sequential); hence the segmented collection for few long rows (below).
 Sample, then collect (H200, 2026-12-02, session 14): the last causal [2048, 128k] chunk in 1.60 ms
 (bf16) / 1.67 ms (float32) vs 3.51 / 5.12 for the radix search in the same process, exact, 0 of
 2048 rows failed on the indexer's scores (~3.6k collected a row); all 64 chunks of a 128k prefill
 47.6 vs 106.6 ms (`experiments/results/bench_dsa_h200/`). Session 15: sampling 1/32 of a row with 4
 key bits a pass (was 1/16, 2): the chunk in 1.16-1.24 ms, all chunks 44.6 ms.
 
-Few rows: the row is split into `split` segments that are separate rows of
-a first call (K' = min(k, segment) each), whose candidates ([R, split * K'], values
-gathered back) go through a second call. The union of the segments' top-k holds the
-row's top-k, so the result is exact (ties aside).
+Few long rows (fewer than SEGMENT_MAX_ROWS, e.g. one decode step's row): one program a row
+would make every pass sequential (the radix search over a 128k row: 0.2-0.3 ms, H100). So the
+collecting pass is split over `TopKBlocks.segments` programs a row (`_segment_collect_kernel`):
+each finds the row's sample threshold (the same in all; the sample is 1/32 of the row), then
+collects its own segment's keys >= it into its own region (a region holds its whole segment:
+nothing overflows), with a count. Then one program a row (`_segment_select_kernel`) reads the
+regions as one list in position order (entry j's slot skips the unused tails of the regions
+before it: a compare of j with the P regions' ends) and runs the radix search over it; a row
+whose sample misled (fewer than k collected above a threshold that was not the lowest finite
+key) or that has at most C entries takes the whole-row search there. More than C collected (ties
+at the threshold) costs time, not exactness. One bf16 row on an H200 (session 16,
+`experiments/probe_topk_decode.py`): 0.034 ms at 16k, 0.043 at 128k, against lax.top_k's 0.060 /
+0.088 and one program a row's 0.045 / 0.141; ~0.035 ms is a floor of sequential steps (the
+sample's passes, then the search over ~3.6k collected), whatever the row's length.
+
+Few rows without sampling (`sample=False`, or k too close to C): the row is split into `split`
+segments that are separate rows of a first call (K' = min(k, segment) each), whose candidates
+([R, split * K'], values gathered back) go through a second call. The union of the segments'
+top-k holds the row's top-k, so the result is exact (ties aside).
 """
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -112,6 +128,10 @@ class TopKBlocks:
                            # [2048, 128k] chunk in 1.21 vs 1.43 ms at 16 (H200, session 15)
   sample_run: int = 16     # contiguous entries a sampled run (16 bf16 = one 32-byte memory
                            # sector); runs start every sample_every * sample_run (divides block)
+  segments: int = 16       # few rows (fewer than SEGMENT_MAX_ROWS, e.g. decode): programs a row in
+                           # the collecting call, each collecting one segment (a power of two)
+  segment_warps: int = 8   # num_warps of the two segmented calls (one 128k bf16 row, H200: 0.046
+                           # ms at 8, 0.052 at 4; session 16)
 
 
 def key_bits(dtype) -> int:
@@ -236,16 +256,12 @@ def _kernel(s_ref, len_ref, o_ref, *, block, **kw):
           width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, block=block, **kw)
 
 
-def _collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, *, k, rank, capacity,
-                    run, every, block, bits, accumulate):
-  """Sample, then collect one row. s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 -> pos_ref [C + 1]
-  int32 and val_ref [C + 1] (s_ref's dtype): the positions and scores of the keys >= the sample's
-  threshold, in position order (slot C: the scatter's trash); cnt_ref [] int32: how many (-1: a
-  row of <= C entries, not sampled); direct_ref [] int32: 1 when the row needs the radix search
-  over the whole row (not sampled, or the collection failed)."""
-  width = key_bits(s_ref.dtype)
-  neg_inf_key = _neg_inf_key(s_ref.dtype)
-  length = len_ref[...]
+def _sample_threshold(s_ref, length, *, rank, run, every, block, bits, accumulate, width,
+                      neg_inf_key):
+  """The radix search over the sample of row s_ref [Sp] (entries >= length as -inf): the first
+  `run` entries of every `every * run`, for its rank-th largest key -> the collecting threshold
+  (a signed key > the -inf key: with fewer than rank finite keys in the sample, the lowest finite
+  key, so that every finite key is collected)."""
   stride = every * run
   total_runs = s_ref.shape[0] // stride               # stride divides the padded row
   cols = jnp.arange(block, dtype=jnp.int32)
@@ -258,12 +274,27 @@ def _collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, *, k,
     x = plgpu.load(s_ref.at[jax.lax.rem(r, total_runs) * stride + offset])
     return jnp.where(r * stride + offset < length, float_keys(x), neg_inf_key)
 
+  sample_blocks = ((length + stride - 1) // stride * run + block - 1) // block
+  kth, _, _ = _search(sample_keys, sample_blocks, jnp.minimum(rank, sample_blocks * block),
+                      jnp.bool_(False), width=width, bits=bits, accumulate=accumulate, block=block)
+  return jnp.maximum(kth, neg_inf_key + 1)
+
+
+def _collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, *, k, rank, capacity,
+                    run, every, block, bits, accumulate):
+  """Sample, then collect one row. s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 -> pos_ref [C + 1]
+  int32 and val_ref [C + 1] (s_ref's dtype): the positions and scores of the keys >= the sample's
+  threshold, in position order (slot C: the scatter's trash); cnt_ref [] int32: how many (-1: a
+  row of <= C entries, not sampled); direct_ref [] int32: 1 when the row needs the radix search
+  over the whole row (not sampled, or the collection failed)."""
+  neg_inf_key = _neg_inf_key(s_ref.dtype)
+  length = len_ref[...]
+  cols = jnp.arange(block, dtype=jnp.int32)
+
   def sample_and_collect():
-    sample_blocks = ((length + stride - 1) // stride * run + block - 1) // block
-    kth, _, _ = _search(sample_keys, sample_blocks, jnp.minimum(rank, sample_blocks * block),
-                        jnp.bool_(False), width=width, bits=bits, accumulate=accumulate, block=block)
-    # kth <= the -inf key (fewer than rank finite in the sample): collect every finite key
-    thr = jnp.maximum(kth, neg_inf_key + 1)
+    thr = _sample_threshold(s_ref, length, rank=rank, run=run, every=every, block=block, bits=bits,
+                            accumulate=accumulate, width=key_bits(s_ref.dtype),
+                            neg_inf_key=neg_inf_key)
     num_blocks = (length + block - 1) // block
 
     def collect(i, taken):
@@ -313,6 +344,87 @@ def _select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, o_ref,
   jax.lax.cond(direct_ref[...] != 0, whole_row, collected)
 
 
+def _segment_collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, *, rank, capacity,
+                            segment, run, every, block, bits, accumulate):
+  """Sample, then collect one segment of a row: program (r, p) of few long rows (decode). Every
+  program of a row finds the same threshold from the row's sample (s_ref [Sp], entries >= len_ref
+  [] as -inf), then collects the keys >= it among entries [p segment, (p + 1) segment) into
+  pos_ref, val_ref [segment + 1] (positions, scores; in position order; slot segment: the
+  scatter's trash), their count into cnt_ref [] and the threshold into thr_ref []. A region
+  holds its whole segment, so nothing overflows; rows
+  of at most C entries are not sampled (cnt_ref 0: the select call searches them whole)."""
+  neg_inf_key = _neg_inf_key(s_ref.dtype)
+  length = len_ref[...]
+  start = pl.program_id(1) * segment
+  cols = jnp.arange(block, dtype=jnp.int32)
+
+  def sample_and_collect():
+    thr = _sample_threshold(s_ref, length, rank=rank, run=run, every=every, block=block, bits=bits,
+                            accumulate=accumulate, width=key_bits(s_ref.dtype),
+                            neg_inf_key=neg_inf_key)
+    end = jnp.clip(length - start, 0, segment)        # this segment's visible entries
+
+    def collect(i, taken):
+      local = i * block + cols
+      x = s_ref[pl.ds(pl.multiple_of(start + i * block, block), block)]
+      take = (local < end) & (float_keys(x) >= thr)
+      t = take.astype(jnp.int32)
+      slot = jnp.where(take, taken + jnp.cumsum(t) - t, segment)
+      plgpu.store(pos_ref.at[slot], start + local, mask=take)
+      plgpu.store(val_ref.at[slot], x, mask=take)
+      return taken + jnp.sum(t)
+
+    cnt_ref[...] = jax.lax.fori_loop(0, (end + block - 1) // block, collect, jnp.int32(0))
+    thr_ref[...] = thr
+
+  def not_sampled():
+    cnt_ref[...] = jnp.int32(0)
+    thr_ref[...] = jnp.int32(neg_inf_key)
+
+  jax.lax.cond(length > capacity, sample_and_collect, not_sampled)
+
+
+def _segment_select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, o_ref, *, k,
+                           capacity, segment, block, **kw):
+  """The radix search over a row's collected entries, read from its P segment regions (pos_ref,
+  val_ref [P * (segment + 1)], cnt_ref [P] each region's count, thr_ref [P] the threshold) as one list
+  in position order; or over the whole row (s_ref [Sp], len_ref []) when it was not sampled (at
+  most C entries) or the sample misled (fewer than k collected above a threshold that was not
+  the lowest finite key). o_ref [Kp + 1] int32."""
+  neg_inf_key = _neg_inf_key(s_ref.dtype)
+  length = len_ref[...]
+  counts = [cnt_ref[p] for p in range(cnt_ref.shape[0])]   # P scalars
+  ends = list(itertools.accumulate(counts))           # list index where each region ends
+  total = ends[-1]
+  thr = jnp.max(thr_ref[...])
+  cols = jnp.arange(block, dtype=jnp.int32)
+
+  def slots(i):
+    """List entries i * block + cols -> their slots in the regions (0 past the list's end)."""
+    j = i * block + cols
+    # the regions before j's own are those that end at or before j: skip their unused slots.
+    # One [block] update a region: a [block, P] compare-and-sum spilled registers (segments 16,
+    # 4 warps: 0.15-0.2 ms a 128k row whatever its length; session 16)
+    skip = jnp.zeros_like(j)
+    for end, count in zip(ends, counts):
+      skip += jnp.where(j >= end, segment + 1 - count, 0)
+    return jnp.where(j < total, j + skip, 0), j < total
+
+  def keys(i):
+    slot, valid = slots(i)
+    return jnp.where(valid, float_keys(plgpu.load(val_ref.at[slot])), neg_inf_key)
+
+  def whole_row():
+    _kernel(s_ref, len_ref, o_ref, k=k, block=block, **kw)
+
+  def collected():
+    _select(o_ref, keys, lambda i: plgpu.load(pos_ref.at[slots(i)[0]]), total,
+            width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, k=k, block=block, **kw)
+
+  failed = (total < jnp.minimum(k, length)) & (thr > neg_inf_key + 1)
+  jax.lax.cond((length <= capacity) | failed, whole_row, collected)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Launch:
   """Static parameters of one call, from the scores' shape and dtype, k and TopKBlocks."""
@@ -342,8 +454,15 @@ def _launch(width: int, dtype, k: int, blocks: TopKBlocks) -> _Launch:
                  or block % (blocks.sample_run * blocks.sample_every)):
     raise ValueError(f"TopKBlocks.sample_run * sample_every must divide the block ({block}), got "
                      f"{blocks.sample_run} * {blocks.sample_every}")
+  if blocks.segments < 1 or blocks.segments & (blocks.segments - 1):
+    raise ValueError(f"TopKBlocks.segments must be a power of two, got {blocks.segments}")
   return _Launch(k=kk, bits=bits, block=block, out_block=out_block, padded=-(-width // block) * block,
                  kp=-(-kk // out_block) * out_block, capacity=capacity, rank=rank, sample=sample)
+
+
+def samples(width: int, dtype, k: int, blocks: TopKBlocks | None = None) -> bool:
+  """Whether rows of `width` scores of `dtype` take the sample-then-collect path for this k."""
+  return _launch(width, dtype, k, blocks or TopKBlocks()).sample
 
 
 def _prepare(scores, lengths, lp: _Launch):
@@ -354,8 +473,8 @@ def _prepare(scores, lengths, lp: _Launch):
   return _score_dtype(scores), jnp.clip(lengths.astype(jnp.int32), 0, width)
 
 
-def _compiler_params(blocks: TopKBlocks):
-  return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+def _compiler_params(blocks: TopKBlocks, num_warps: int | None = None):
+  return plgpu.CompilerParams(num_warps=num_warps or blocks.num_warps, num_stages=blocks.num_stages)
 
 
 _ROW_SCALAR = pl.BlockSpec((None,), lambda r: (r,))
@@ -414,12 +533,55 @@ def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
   if not lp.sample:
     out = call(functools.partial(_kernel, **kw), in_specs=[row_spec, _ROW_SCALAR],
                name="dsa_topk")(scores, lengths)
+  elif rows < SEGMENT_MAX_ROWS and blocks.segments > 1:
+    out = _segmented(scores, lengths, lp, blocks, interpret)
   else:
     scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
     out = call(functools.partial(_select_kernel, **kw),
                in_specs=[row_spec, _ROW_SCALAR, scratch, scratch, _ROW_SCALAR, _ROW_SCALAR],
                name="dsa_topk_select")(scores, lengths, *_collect(scores, lengths, lp, blocks, interpret))
   return out[:, :lp.k]
+
+
+SEGMENT_MAX_ROWS = 64   # fewer rows than this (decode): the collecting pass split over segments
+
+
+def _segmented(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool):
+  """Sample, then collect, for few long rows: each row's collecting pass split over
+  `blocks.segments` programs (one segment each), then one program a row searches the collected
+  entries of all its segments. Prepared scores [R, Sp], lengths [R] -> [R, Kp + 1] int32."""
+  rows, parts = scores.shape[0], blocks.segments
+  segment = -(-lp.padded // (parts * lp.block)) * lp.block
+  row_spec = pl.BlockSpec((None, lp.padded), lambda r, p: (r, 0))
+  region = pl.BlockSpec((None, None, segment + 1), lambda r, p: (r, p, 0))   # + the trash slot
+  one = pl.BlockSpec((None, None), lambda r, p: (r, p))
+  kw = dict(block=lp.block, bits=lp.bits, accumulate=blocks.accumulate, capacity=lp.capacity,
+            segment=segment)
+  pos, val, cnt, thr = pl.pallas_call(
+      functools.partial(_segment_collect_kernel, rank=lp.rank, run=blocks.sample_run,
+                        every=blocks.sample_every, **kw),
+      grid=(rows, parts),
+      in_specs=[row_spec, pl.BlockSpec((None,), lambda r, p: (r,))],
+      out_specs=[region, region, one, one],
+      out_shape=[jax.ShapeDtypeStruct((rows, parts, segment + 1), jnp.int32),
+                 jax.ShapeDtypeStruct((rows, parts, segment + 1), scores.dtype),
+                 jax.ShapeDtypeStruct((rows, parts), jnp.int32),
+                 jax.ShapeDtypeStruct((rows, parts), jnp.int32)],
+      compiler_params=_compiler_params(blocks, blocks.segment_warps), interpret=interpret,
+      name="dsa_topk_segment_collect",
+  )(scores, lengths)
+  flat = pl.BlockSpec((None, parts * (segment + 1)), lambda r: (r, 0))
+  per_part = pl.BlockSpec((None, parts), lambda r: (r, 0))
+  return pl.pallas_call(
+      functools.partial(_segment_select_kernel, k=lp.k, out_block=lp.out_block, trash=lp.kp, **kw),
+      grid=(rows,),
+      in_specs=[pl.BlockSpec((None, lp.padded), lambda r: (r, 0)), _ROW_SCALAR, flat, flat,
+                per_part, per_part],
+      out_specs=pl.BlockSpec((None, lp.kp + 1), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, lp.kp + 1), jnp.int32),
+      compiler_params=_compiler_params(blocks, blocks.segment_warps), interpret=interpret,
+      name="dsa_topk_segment_select",
+  )(scores, lengths, pos.reshape(rows, -1), val.reshape(rows, -1), cnt, thr)
 
 
 def _score_dtype(x):
@@ -453,7 +615,8 @@ def top_k(scores: jax.Array, k: int, *, lengths: jax.Array | None = None, split:
           else jnp.broadcast_to(lengths, lead).reshape(rows).astype(jnp.int32))
   blocks = blocks or TopKBlocks()
   interpret = resolve_interpret(interpret)
-  split = default_split(rows, width, kk) if split is None else split
+  if split is None:   # few long rows that sample take the segmented collection instead
+    split = 1 if samples(width, flat.dtype, kk, blocks) else default_split(rows, width, kk)
   if split <= 1:
     return top_k_rows(flat, lens, k=kk, blocks=blocks, interpret=interpret).reshape(*lead, kk)
   seg = -(-width // split)

@@ -131,15 +131,17 @@ def test_top_k_select_rejects_bad_k():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton kernel)")
 def test_top_k_kernel_on_gpu_at_dsa_sizes():
-  """A causal prefill chunk ([64, 32k], k = 2048) and a split decode row (128k), by sample then
-  collect (the default: no row fails on random scores) and by the radix search alone; rows of
-  equal scores fail the collection and take the full-row search."""
+  """A causal prefill chunk ([64, 32k], k = 2048) and a decode row (128k, collected over segments),
+  by sample then collect (the default: no row fails on random scores) and by the radix search
+  alone; rows of equal scores fail the collection and take the full-row search."""
   width, k = 32768, 2048
   x = _normal(10, (64, width))
   lengths = jnp.linspace(0, width, 64).astype(jnp.int32)
   _assert_top_k_sets(jax.jit(lambda x, n: dsa_topk.top_k(x, k, lengths=n))(x, lengths), x, k, lengths)
   row = _normal(11, (1, 4 * width))
   _assert_top_k_sets(jax.jit(lambda x: dsa_topk.top_k(x, k))(row), row, k)
+  row16 = row.astype(jnp.bfloat16)                  # a decode step's selection: the default takes the kernel
+  _assert_top_k_sets(jax.jit(lambda x: dsa.top_k_select(x[None], k))(row16)[0], row16, k)
   xb = x.astype(jnp.bfloat16)                       # 16-bit keys (the FP8 path's selection)
   _, _, count, direct = dsa_topk.collect_candidates(xb, lengths, k=k)
   assert (np.asarray(direct) == (np.asarray(lengths) <= 6144)).all(), np.asarray(count)
@@ -179,7 +181,9 @@ def test_sample_plan_balances_the_two_tails():
 def test_sampled_top_k_is_exact(dtype, ties):
   """Long rows (odd lengths), rows between k and C, shorter than k, empty, with -inf holes, and
   NaN past the length (never read): the exact top-k in position order, through the sample (each
-  long row collected, none failed), with the radix search alone (sample=False), and split."""
+  long row collected, none failed) with one program a row (segments=1) and with the collection
+  split over 4 and 8 segments (few rows: the default), with the radix search alone
+  (sample=False), and split."""
   width, k = 13_000, 128
   x = _normal(20, (8, width))
   if ties:                                            # few distinct values: big groups at c and T
@@ -194,7 +198,8 @@ def test_sampled_top_k_is_exact(dtype, ties):
   count = np.asarray(count)
   assert (k <= count[:3]).all() and (count[:3] <= 2048).all(), count
   assert count[5] <= 300 and count[6] < k, count      # all their finite entries: exact, not failed
-  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, sample=False)):   # split=1: few rows
+  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1),
+                 dataclasses.replace(_SAMPLED, segments=8), dataclasses.replace(_SAMPLED, sample=False)):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
   if dtype == jnp.float32:                            # split (decode): segments longer than C
     got = dsa_topk.top_k(x[:3], k, lengths=lengths[:3], split=2, blocks=_SAMPLED)
@@ -205,7 +210,8 @@ def test_sampled_top_k_falls_back_when_the_sample_misleads():
   """Rows on which the collection fails, each answered exactly by the full-row search: all equal
   (every entry >= c: more than C), large values at the sampled positions only (c too high: fewer
   than k >= c), large values hidden from the sample (more than C >= c); a normal row beside them
-  is collected."""
+  is collected. Split over segments (few rows), only the second fails: the regions hold every
+  collected entry, so more than C collected costs time, not exactness."""
   width, k, blocks = 8192, 128, _SAMPLED
   sampled = jnp.asarray(_sampled_positions(width, blocks))
   x = _normal(23, (4, width))
@@ -218,19 +224,38 @@ def test_sampled_top_k_falls_back_when_the_sample_misleads():
   np.testing.assert_array_equal(np.asarray(direct), [1, 1, 1, 0])
   count = np.asarray(count)
   assert count[0] > 2048 and count[1] < k and count[2] > 2048, count
-  _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
+  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1)):   # segmented, one program a row
+    _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
+
+
+def test_segmented_top_k_with_the_top_in_one_segment():
+  """Decode rows whose top-k sits in one segment (the most recent keys, or the first), beside a
+  row of equal scores (every key collected: more than C, still exact) and one shorter than C
+  (searched whole): the regions are read back as one list in position order."""
+  width, k = 9000, 128
+  x = _normal(24, (4, width))
+  recent = jnp.arange(width) >= width - 300
+  x = x.at[0].set(jnp.where(recent, x[0] + 8, x[0]))
+  x = x.at[1].set(jnp.where(jnp.arange(width) < 200, x[1] + 8, x[1]))
+  x = x.at[2].set(0.5)
+  x = x.astype(jnp.bfloat16)
+  lengths = jnp.array([width, 8999, width, 1999])
+  _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, blocks=_SAMPLED), x, k, lengths)
 
 
 def test_top_k_kernels_lower_for_the_gpu(monkeypatch):
   """Both algorithms lower to Triton for an H100 on this machine (no GPU needed): the sampled
-  path's gather of the sample, the per-row branches and the early-exit loops included."""
+  path's gather of the sample, the per-row branches and the early-exit loops included, for a
+  prefill chunk (64 rows, one program a row) and a decode row (segmented)."""
   from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gpu_info, "get_gpu_info",
                       lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
   for dtype in (jnp.bfloat16, jnp.float32):
-    args = (jax.ShapeDtypeStruct((4, 131072), dtype), jax.ShapeDtypeStruct((4,), jnp.int32))
-    for blocks, names in ((dsa_topk.TopKBlocks(), ("dsa_topk_collect", "dsa_topk_select")),
-                          (dsa_topk.TopKBlocks(sample=False), ("dsa_topk",))):
+    for rows, blocks, names in (
+        (64, dsa_topk.TopKBlocks(), ("dsa_topk_collect", "dsa_topk_select")),
+        (1, dsa_topk.TopKBlocks(), ("dsa_topk_segment_collect", "dsa_topk_segment_select")),
+        (4, dsa_topk.TopKBlocks(sample=False), ("dsa_topk",))):
+      args = (jax.ShapeDtypeStruct((rows, 131072), dtype), jax.ShapeDtypeStruct((rows,), jnp.int32))
       f = lambda s, n, blocks=blocks: dsa_topk.top_k(s, 2048, lengths=n, blocks=blocks, interpret=False)
       text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-      assert all(name in text for name in names), (dtype, blocks)
+      assert all(name in text for name in names), (dtype, rows, blocks)
