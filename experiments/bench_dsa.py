@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from experiments import bench_common
 from lca.attention import dsa, full
-from pallas_kernels import dsa_attention, dsa_indexer, dsa_topk, resolve_interpret
+from pallas_kernels import dsa_attention, dsa_indexer, dsa_topk, flash_decode, resolve_interpret
 
 _LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768", "65536", "131072"], "Context lengths.")
 _HEADS = flags.DEFINE_integer("heads", 128, "Query heads.")
@@ -62,6 +62,8 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions (median).")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_dsa", "Output directory.")
 _PARTS = flags.DEFINE_list("parts", ["decode", "prefill"], "Which of decode, prefill, topk to run.")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode: calls per jitted loop (bench_in_loop).")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 1, "Decode: sequences a step (each one new token over "
+                                     "its own cache of L).")
 _RUN = flags.DEFINE_string("run", "s10", "Label of this run, stored in each row (and the sweeps).")
 _DENSE = flags.DEFINE_list("dense", ["cudnn", "pallas"], "Prefill: dense baselines to time.")
 _SPARSE_FROM = flags.DEFINE_string("sparse_from", "", "Prefill: a sweep_sparse.json; its fastest variant at "
@@ -79,13 +81,13 @@ bench = bench_common.bench
 _try = bench_common.try_bench
 
 
-def _mla_operands(key, q_len, kv_len):
-  """q [1, q_len, H, latent + R], latent [1, kv_len, 1, latent], k_R [1, kv_len, 1, R] or None."""
+def _mla_operands(key, q_len, kv_len, batch=1):
+  """q [B, q_len, H, latent + R], latent [B, kv_len, 1, latent], k_R [B, kv_len, 1, R] or None."""
   h, lat, rope = _HEADS.value, _LATENT.value, _ROPE.value
   ks = jax.random.split(key, 3)
-  q = jax.random.normal(ks[0], (1, q_len, h, lat + rope), jnp.bfloat16)
-  latent = jax.random.normal(ks[1], (1, kv_len, 1, lat), jnp.bfloat16)
-  k_rope = jax.random.normal(ks[2], (1, kv_len, 1, rope), jnp.bfloat16) if rope else None
+  q = jax.random.normal(ks[0], (batch, q_len, h, lat + rope), jnp.bfloat16)
+  latent = jax.random.normal(ks[1], (batch, kv_len, 1, lat), jnp.bfloat16)
+  k_rope = jax.random.normal(ks[2], (batch, kv_len, 1, rope), jnp.bfloat16) if rope else None
   return q, latent, k_rope
 
 
@@ -264,27 +266,53 @@ def prefill_case(length, reps):
   return res
 
 
+_FLASH_DECODE_LAUNCHES = ((64, 32, 2), (32, 32, 2), (16, 32, 2), (16, 64, 2))  # block_r, block_k, stages
+
+
+_MHA_CACHE_BYTES = 40e9   # decode: the MHA baseline's cache (k = v, one array) is skipped above this
+
+
 def decode_case(length, reps):
   h, lat, hi, di, top_k = _HEADS.value, _LATENT.value, _INDEX_HEADS.value, _INDEX_DIM.value, _TOP_K.value
   keys = jax.random.split(jax.random.key(length + 1), 8)
   bf = jnp.bfloat16
-  res = {"length": length}
+  b = _DECODE_BATCH.value
+  res = {"length": length, "batch": b}
   loop = functools.partial(_in_loop, inner=_INNER.value, reps=reps)
 
-  q, latent, k_rope = _mla_operands(keys[0], 1, length)
-  qpos = jnp.full((1, 1), length - 1, jnp.int32)
-  kvpos = jnp.arange(length, dtype=jnp.int32)[None]
+  q, latent, k_rope = _mla_operands(keys[0], 1, length, b)
+  qpos = jnp.full((b, 1), length - 1, jnp.int32)
+  kvpos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
   key = lambda kv, kr: kv if kr is None else jnp.concatenate([kv, kr], axis=-1)
   res["dense_mqa_xla_ms"] = loop("dense absorbed-MQA decode (XLA)", lambda q, kv, kr: full.attention_reference(
       q, key(kv, kr), kv, causal=True, q_positions=qpos, kv_positions=kvpos), q, latent, k_rope)
-  qm = jax.random.normal(keys[2], (1, 1, h, 128), bf)
-  km = jax.random.normal(keys[3], (1, length, h, 128), bf)
-  res["dense_mha_cudnn_ms"] = loop("dense MHA 128x128 decode (cuDNN)", lambda q, k: jax.nn.dot_product_attention(
-      q, k, k, implementation="cudnn"), qm, km)
-  del km
-  qi = jax.random.normal(keys[4], (1, 1, hi, di), bf)
-  ki = jax.random.normal(keys[5], (1, length, di), bf)
-  w = jax.random.normal(keys[6], (1, 1, hi), jnp.float32)
+  # lca's flash-decoding kernel on the same absorbed MQA: 128 query rows over one KV head. The
+  # 576-dim key is padded to 1024 inside flash_decode (a copy of the cache each call: an upper
+  # bound); the 512-dim latent alone (no RoPE part, no padding) is a lower bound for a dense kernel.
+  # The default launch overflows shared memory at these head dims: the fastest of a few that fit.
+  lengths = jnp.full((b,), length, jnp.int32)
+  kcat = jax.jit(key)(latent, k_rope)
+  for name, qq, kk, label in (("dense_mqa_flash_ms", q, kcat, "key 576"),
+                              ("dense_mqa_flash512_ms", q[..., :lat], latent, "latent 512 alone")):
+    best = None
+    for block_r, block_k, stages in _FLASH_DECODE_LAUNCHES:
+      t = loop(f"dense MQA decode (lca flash_decode, {label}; block_r {block_r}, block_k {block_k}, "
+               f"{stages} stages)", lambda q, k, v, br=block_r, bk=block_k, ns=stages: flash_decode.flash_decode(
+                   q, k, v, lengths, block_r=br, block_k=bk, num_stages=ns), qq, kk, latent)
+      if t is not None and (best is None or t < best[0]):
+        best = (t, f"{block_r}/{block_k}/{stages}")
+    res[name] = None if best is None else best[0]
+    res[name.replace("_ms", "_launch")] = None if best is None else best[1]
+  del kcat
+  if b * length * h * 128 * 2 <= _MHA_CACHE_BYTES:
+    qm = jax.random.normal(keys[2], (b, 1, h, 128), bf)
+    km = jax.random.normal(keys[3], (b, length, h, 128), bf)
+    res["dense_mha_cudnn_ms"] = loop("dense MHA 128x128 decode (cuDNN)", lambda q, k: jax.nn.dot_product_attention(
+        q, k, k, implementation="cudnn"), qm, km)
+    del km
+  qi = jax.random.normal(keys[4], (b, 1, hi, di), bf)
+  ki = jax.random.normal(keys[5], (b, length, di), bf)
+  w = jax.random.normal(keys[6], (b, 1, hi), jnp.float32)
   k8 = jax.jit(dsa.quantize_index_keys)(ki)     # the FP8 key cache: quantized when written
   res["indexer_fp8_ms"] = loop("indexer fp8 (quantized key cache)", lambda qi, k8, w: dsa_indexer.indexer_scores(
       qi, k8, w, qpos, kvpos, fp8=True), qi, k8, w)
@@ -293,18 +321,24 @@ def decode_case(length, reps):
   res["indexer_bf16_ms"] = loop("indexer bf16", lambda qi, ki, w: dsa_indexer.indexer_scores(
       qi, ki, w, qpos, kvpos, fp8=False), qi, ki, w)
   sc = dsa_indexer.indexer_scores(qi, k8, w, qpos, kvpos, fp8=True)
-  for impl, key in (("pallas", "topk_ms"), ("xla", "topk_xla_ms")):
-    res[key] = loop(f"top-k {impl}", lambda s, impl=impl: dsa.top_k_select(s, top_k, implementation=impl), sc)
+  for impl, name in (("pallas", "topk_ms"), ("xla", "topk_xla_ms")):
+    for dt, suffix in ((jnp.float32, ""), (bf, "_bf16")):   # bf16: what the FP8 path selects on
+      res[name.replace("_ms", suffix + "_ms")] = loop(
+          f"top-k {impl} {jnp.dtype(dt).name}", lambda s, impl=impl: dsa.top_k_select(s, top_k, implementation=impl),
+          sc.astype(dt))
   idx = dsa.top_k_select(sc, top_k, implementation="xla")
   res["sparse_attention_ms"] = loop("sparse attention (split-K)", lambda q, kv, kr, i: dsa.sparse_attention(
       q, kv, kv, i, k_rope=kr, implementation="pallas"), q, latent, k_rope, idx)
 
-  def step(qi, q, ki, w, kv, kr, topk=None):   # the indexer query first: nothing hoisted
-    i = dsa.top_k_select(dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos), top_k, implementation=topk)
+  def step(qi, q, ki, w, kv, kr, topk=None, score_dtype=jnp.float32):   # the indexer query first: nothing hoisted
+    scores = dsa_indexer.indexer_scores(qi, ki, w, qpos, kvpos, out_dtype=score_dtype)
+    i = dsa.top_k_select(scores, top_k, implementation=topk)
     return dsa.sparse_attention(q, kv, kv, i, k_rope=kr, implementation="pallas")
-  # default: bf16 indexer (decode kernel), top_k_select's default (lax.top_k for one row)
-  for name, keys, kw in (("dsa_total_ms", ki, {}), ("dsa_total_fp8_ms", k8, {}),
-                         ("dsa_total_kernel_topk_ms", ki, dict(topk="pallas"))):
+  # dsa_total_ms: the model's decode step on GPU (FP8 key cache, bf16 scores, top_k_select's default)
+  for name, keys, kw in (("dsa_total_ms", k8, dict(score_dtype=bf)),
+                         ("dsa_total_xla_topk_ms", k8, dict(score_dtype=bf, topk="xla")),
+                         ("dsa_total_kernel_topk_ms", k8, dict(score_dtype=bf, topk="pallas")),
+                         ("dsa_total_bf16_ms", ki, {})):
     res[name] = loop(f"DSA decode step {name}", functools.partial(step, **kw), qi, q, keys, w, latent, k_rope)
   return res
 
@@ -591,6 +625,13 @@ def _ratio(a, b):
   return None if a is None or b is None or b == 0 else a / b
 
 
+def _pair(r, a, b):
+  """'x / y' of two fields of row r (nan for a missing one), None when both are missing."""
+  if r.get(a) is None and r.get(b) is None:
+    return None
+  return f"{r.get(a) or float('nan'):.3g} / {r.get(b) or float('nan'):.3g}"
+
+
 def _table(head, rows, cols):
   f = lambda x: "-" if x is None else (str(x) if isinstance(x, (bool, int, str)) else f"{x:.3g}")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -655,10 +696,10 @@ def plot_indexer_sweep(rows, meta, path: pathlib.Path):
 
 
 def _merge(old, new):
-  """Rows of `new` replace those of `old` with the same length and key dims; the others are kept
+  """Rows of `new` replace those of `old` with the same batch, length and key dims; the others are kept
   (rows before session 8 have no key-dim fields: latent 512, no RoPE part)."""
   out = {}
-  row_key = lambda r: (r["length"], r.get("latent", 512), r.get("rope_dim", 0))
+  row_key = lambda r: (r.get("batch", 1), r["length"], r.get("latent", 512), r.get("rope_dim", 0))
   for part in set(old) | set(new):
     if part == "meta":
       continue
@@ -678,12 +719,13 @@ def write(results, out: pathlib.Path, **meta_extra):
   meta.update(meta_extra)
   (out / "results.json").write_text(json.dumps(dict(meta=meta, **results), indent=1))
   g = lambda key: lambda r: r.get(key)
-  lines = [f"device {meta['device']}, jax {meta['jax']}, {meta['date']}; batch 1, {meta['heads']} heads, "
+  lines = [f"device {meta['device']}, jax {meta['jax']}, {meta['date']}; {meta['heads']} heads, "
            f"top-k {meta['top_k']}, indexer {meta['index_heads']}x{meta['index_dim']}, chunk {meta['chunk']}. "
            "Prefill: wall ms of one call; from run s10 the indexer columns are the Mosaic GPU kernel "
            "(Triton before; both in s10 rows); top-k = (indexer fp8 + top-k, all chunks) - indexer fp8, on "
            "the bf16 scores the FP8 path selects on from run s9 (float32 before; both in s9 rows). "
-           "Decode: device ms per call (bench_in_loop).", ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
+           "Prefill batch 1. Decode: device ms per step (bench_in_loop), one new token per sequence of the batch.",
+           ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
   lines += _table(
       ["prefill L", "run", "key dims", "dense cuDNN 128x128", "dense flash", "dense MLA cuDNN 192/128",
        "indexer fp8", "indexer bf16", "indexer fp8 / bf16, Triton kernel", "top-k (kernel, all chunks)",
@@ -705,15 +747,22 @@ def write(results, out: pathlib.Path, **meta_extra):
        lambda r: _ratio(r.get("dense_mla_cudnn_ms"), r.get("dsa_total_ms")),
        lambda r: _ratio(r.get("indexer_fp8_ms"), r.get("dsa_total_ms"))])
   lines += [""] + _table(
-      ["decode L", "run", "key dims", "dense MQA (XLA)", "dense MHA cuDNN", "indexer fp8", "indexer bf16", "top-k kernel",
-       "top-k lax", "sparse attn", "DSA step", "DSA step, fp8 indexer", "DSA step, top-k kernel",
-       "speed-up vs dense MQA", "vs MHA cuDNN"],
+      ["decode L", "batch", "run", "key dims", "dense MQA (XLA)", "dense MQA lca flash 576 / 512", "dense MHA cuDNN",
+       "indexer fp8", "indexer bf16", "top-k kernel / lax, f32", "top-k kernel / lax, bf16", "sparse attn",
+       "DSA step", "DSA step, lax top-k", "DSA step, bf16 indexer", "speed-up vs dense MQA (XLA)",
+       "vs MQA lca flash 576 / 512", "vs MHA cuDNN"],
       results.get("decode", []),
-      [g("length"), g("run"), lambda r: f"{r.get('latent', 512)}+{r['rope_dim']}" if "rope_dim" in r else "512",
-       g("dense_mqa_xla_ms"), g("dense_mha_cudnn_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
-       g("topk_ms"), g("topk_xla_ms"), g("sparse_attention_ms"), g("dsa_total_ms"),
-       g("dsa_total_fp8_ms"), g("dsa_total_kernel_topk_ms"),
+      [g("length"), lambda r: r.get("batch", 1), g("run"),
+       lambda r: f"{r.get('latent', 512)}+{r['rope_dim']}" if "rope_dim" in r else "512",
+       g("dense_mqa_xla_ms"), lambda r: _pair(r, "dense_mqa_flash_ms", "dense_mqa_flash512_ms"),
+       g("dense_mha_cudnn_ms"), g("indexer_fp8_ms"), g("indexer_bf16_ms"),
+       lambda r: _pair(r, "topk_ms", "topk_xla_ms"), lambda r: _pair(r, "topk_bf16_ms", "topk_xla_bf16_ms"),
+       g("sparse_attention_ms"), g("dsa_total_ms"),
+       lambda r: r.get("dsa_total_xla_topk_ms") or r.get("dsa_total_fp8_ms"),
+       lambda r: r.get("dsa_total_bf16_ms"),
        lambda r: _ratio(r.get("dense_mqa_xla_ms"), r.get("dsa_total_ms")),
+       lambda r: _pair({n: _ratio(r.get(f"dense_mqa_{n}_ms"), r.get("dsa_total_ms")) for n in ("flash", "flash512")},
+                       "flash", "flash512"),
        lambda r: _ratio(r.get("dense_mha_cudnn_ms"), r.get("dsa_total_ms"))])
   if results.get("topk"):
     names = list(TOPK_CONFIGS)
@@ -738,13 +787,20 @@ def write(results, out: pathlib.Path, **meta_extra):
                                                   "indexer_fp8_ms",
                                                   "topk_ms", "topk_xla_ms_scaled", "sparse_attention_ms",
                                                   "dsa_total_ms")),
-                            (axes[1], "decode", ("dense_mqa_xla_ms", "dense_mha_cudnn_ms", "indexer_fp8_ms",
-                                                 "topk_ms", "topk_xla_ms", "sparse_attention_ms",
+                            (axes[1], "decode", ("dense_mqa_xla_ms", "dense_mqa_flash512_ms", "dense_mha_cudnn_ms",
+                                                 "indexer_fp8_ms", "topk_bf16_ms", "topk_xla_bf16_ms",
+                                                 "sparse_attention_ms",
                                                  "dsa_total_ms"))):
-      for s in series:
-        pts = [(r["length"], r[s]) for r in results.get(key, []) if r.get(s) is not None]
-        if pts:
-          ax.plot(*zip(*pts), marker="o", label=s.replace("_ms", ""))
+      rows = results.get(key, [])
+      colors = {}   # one colour a series; larger batches dashed in the same colour
+      for batch in sorted({r.get("batch", 1) for r in rows}):
+        # batch 1: every part; larger decode batches: the dense baselines and the DSA step, dashed
+        for s in series if batch == 1 else ("dense_mqa_xla_ms", "dense_mqa_flash512_ms", "dsa_total_ms"):
+          pts = [(r["length"], r[s]) for r in rows if r.get("batch", 1) == batch and r.get(s) is not None]
+          if pts:
+            ax.plot(*zip(*pts), marker="o", linestyle="-" if batch == 1 else "--",
+                    color=colors.setdefault(s, f"C{len(colors) % 10}"),
+                    label=s.replace("_ms", "") + ("" if batch == 1 else f", batch {batch}"))
       ax.set_xscale("log", base=2)
       ax.set_yscale("log")
       ax.set_xlabel("context length")
