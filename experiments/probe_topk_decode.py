@@ -1,6 +1,7 @@
 """Probe: top-k 2048 of ONE row (a decode step's indexer scores) on the GPU: `lax.top_k` (a sort),
 the kernel's segmented sample-then-collect (the collecting pass split over `TopKBlocks.segments`
-programs, then one program searches the collected entries), one program a row (segments=1) and
+programs, then one program searches the collected entries; the sample and the collected list
+searched in registers, or from memory block by block), one program a row (segments=1) and
 the radix search split into segments (sample=False, the kernel's decode path before session 16).
 Device time per call (`bench_common.bench_in_loop`), exactness against lax.top_k as sets.
 
@@ -33,17 +34,13 @@ VARIANTS = {   # name: blocks, or None for lax.top_k
     "lax.top_k": None,
     "segments16 (default)": Blocks(),
     "one program (segments1)": Blocks(segments=1),
+    "lists from memory (list_block=0)": Blocks(list_block=0),
     "radix split (sample=False)": Blocks(sample=False),
-    "segments4": Blocks(segments=4),
-    "segments8": Blocks(segments=8),
-    "segments32": Blocks(segments=32),
-    "segments64": Blocks(segments=64),
-    "segments16 block2048": Blocks(block=2048),
-    "segments16 block512": Blocks(block=512),
-    "segments16 warps4": Blocks(segment_warps=4),
-    "segments16 stages2": Blocks(num_stages=2),
+    "lists in registers, 1 bit a pass": Blocks(list_bits=1),
+    "lists in registers, 4 bits a pass": Blocks(list_bits=4),
+    "lists in registers up to 4096": Blocks(list_block=4096),
 }
-ALWAYS = ("lax.top_k", "segments16 (default)", "one program (segments1)", "radix split (sample=False)")
+ALWAYS = ("lax.top_k", "segments16 (default)", "lists from memory (list_block=0)", "one program (segments1)")
 
 
 def _fn(blocks):

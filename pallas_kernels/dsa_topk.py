@@ -77,10 +77,12 @@ regions as one list in position order (entry j's slot skips the unused tails of 
 before it: a compare of j with the P regions' ends) and runs the radix search over it; a row
 whose sample misled (fewer than k collected above a threshold that was not the lowest finite
 key) or that has at most C entries takes the whole-row search there. More than C collected (ties
-at the threshold) costs time, not exactness. One bf16 row on an H200 (session 16,
-`experiments/probe_topk_decode.py`): 0.034 ms at 16k, 0.043 at 128k, against lax.top_k's 0.060 /
-0.088 and one program a row's 0.045 / 0.141; ~0.035 ms is a floor of sequential steps (the
-sample's passes, then the search over ~3.6k collected), whatever the row's length.
+at the threshold) costs time, not exactness. Both short lists (the sample, 4k entries at 128k,
+and the ~3.6k collected) are loaded once and searched in registers, 2 key bits a pass
+(`TopKBlocks.list_block`; from memory block by block each pass was a chain of dependent loads).
+One bf16 row on an H200 (session 16, `experiments/probe_topk_decode.py`): 0.030 ms at 16k, 0.031
+at 128k, against lax.top_k's 0.060 / 0.062-0.088, the lists from memory 0.034 / 0.045, and one
+program a row 0.044 / 0.140.
 
 Few rows without sampling (`sample=False`, or k too close to C): the row is split into `split`
 segments that are separate rows of a first call (K' = min(k, segment) each), whose candidates
@@ -132,6 +134,12 @@ class TopKBlocks:
                            # the collecting call, each collecting one segment (a power of two)
   segment_warps: int = 8   # num_warps of the two segmented calls (one 128k bf16 row, H200: 0.046
                            # ms at 8, 0.052 at 4; session 16)
+  list_block: int = 4096   # segmented calls: a sample or collected list of at most this many
+                           # entries is loaded once and searched in registers, `list_bits` key bits
+                           # a pass (0: block by block from memory, `block` entries a step). One
+                           # 128k bf16 row, H200: 0.031 ms at 4096 (the 1/32 sample and the ~3.6k
+                           # collected both fit), 0.041 at 8192, 0.045 from memory (session 16)
+  list_bits: int = 2       # 1: 0.041 ms, 4: 0.122 (a [list_block, 16] compare spills) at 8192
 
 
 def key_bits(dtype) -> int:
@@ -257,13 +265,17 @@ def _kernel(s_ref, len_ref, o_ref, *, block, **kw):
 
 
 def _sample_threshold(s_ref, length, *, rank, run, every, block, bits, accumulate, width,
-                      neg_inf_key):
+                      neg_inf_key, list_block=0, list_bits=None):
   """The radix search over the sample of row s_ref [Sp] (entries >= length as -inf): the first
   `run` entries of every `every * run`, for its rank-th largest key -> the collecting threshold
   (a signed key > the -inf key: with fewer than rank finite keys in the sample, the lowest finite
-  key, so that every finite key is collected)."""
+  key, so that every finite key is collected). A sample of at most list_block entries is loaded
+  once, as one block, and searched in registers with list_bits a pass."""
   stride = every * run
   total_runs = s_ref.shape[0] // stride               # stride divides the padded row
+  in_registers = list_block and pl.next_power_of_2(total_runs * run) <= list_block
+  if in_registers:
+    block, bits, accumulate = max(run, pl.next_power_of_2(total_runs * run)), list_bits, False
   cols = jnp.arange(block, dtype=jnp.int32)
   col_run, offset = jax.lax.div(cols, run), jax.lax.rem(cols, run)
 
@@ -275,6 +287,9 @@ def _sample_threshold(s_ref, length, *, rank, run, every, block, bits, accumulat
     return jnp.where(r * stride + offset < length, float_keys(x), neg_inf_key)
 
   sample_blocks = ((length + stride - 1) // stride * run + block - 1) // block
+  if in_registers:                                    # one block: load it once, outside the passes
+    sample_vec = sample_keys(0)
+    sample_keys = lambda i: sample_vec
   kth, _, _ = _search(sample_keys, sample_blocks, jnp.minimum(rank, sample_blocks * block),
                       jnp.bool_(False), width=width, bits=bits, accumulate=accumulate, block=block)
   return jnp.maximum(kth, neg_inf_key + 1)
@@ -345,7 +360,7 @@ def _select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, o_ref,
 
 
 def _segment_collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, *, rank, capacity,
-                            segment, run, every, block, bits, accumulate):
+                            segment, run, every, block, bits, accumulate, list_block, list_bits):
   """Sample, then collect one segment of a row: program (r, p) of few long rows (decode). Every
   program of a row finds the same threshold from the row's sample (s_ref [Sp], entries >= len_ref
   [] as -inf), then collects the keys >= it among entries [p segment, (p + 1) segment) into
@@ -361,7 +376,7 @@ def _segment_collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, 
   def sample_and_collect():
     thr = _sample_threshold(s_ref, length, rank=rank, run=run, every=every, block=block, bits=bits,
                             accumulate=accumulate, width=key_bits(s_ref.dtype),
-                            neg_inf_key=neg_inf_key)
+                            neg_inf_key=neg_inf_key, list_block=list_block, list_bits=list_bits)
     end = jnp.clip(length - start, 0, segment)        # this segment's visible entries
 
     def collect(i, taken):
@@ -385,23 +400,24 @@ def _segment_collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, 
 
 
 def _segment_select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, o_ref, *, k,
-                           capacity, segment, block, **kw):
+                           capacity, segment, block, list_block, list_bits, **kw):
   """The radix search over a row's collected entries, read from its P segment regions (pos_ref,
   val_ref [P * (segment + 1)], cnt_ref [P] each region's count, thr_ref [P] the threshold) as one list
   in position order; or over the whole row (s_ref [Sp], len_ref []) when it was not sampled (at
   most C entries) or the sample misled (fewer than k collected above a threshold that was not
-  the lowest finite key). o_ref [Kp + 1] int32."""
+  the lowest finite key). A list of at most list_block entries is loaded once and searched in
+  registers (list_bits a pass). o_ref [Kp + 1] int32."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
+  width = key_bits(s_ref.dtype)
   length = len_ref[...]
   counts = [cnt_ref[p] for p in range(cnt_ref.shape[0])]   # P scalars
   ends = list(itertools.accumulate(counts))           # list index where each region ends
   total = ends[-1]
   thr = jnp.max(thr_ref[...])
-  cols = jnp.arange(block, dtype=jnp.int32)
 
-  def slots(i):
-    """List entries i * block + cols -> their slots in the regions (0 past the list's end)."""
-    j = i * block + cols
+  def slots(i, size=block):
+    """List entries i * size + [0, size) -> their slots in the regions (0 past the list's end)."""
+    j = i * size + jnp.arange(size, dtype=jnp.int32)
     # the regions before j's own are those that end at or before j: skip their unused slots.
     # One [block] update a region: a [block, P] compare-and-sum spilled registers (segments 16,
     # 4 warps: 0.15-0.2 ms a 128k row whatever its length; session 16)
@@ -417,9 +433,22 @@ def _segment_select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, o
   def whole_row():
     _kernel(s_ref, len_ref, o_ref, k=k, block=block, **kw)
 
-  def collected():
+  def from_memory():
     _select(o_ref, keys, lambda i: plgpu.load(pos_ref.at[slots(i)[0]]), total,
-            width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, k=k, block=block, **kw)
+            width=width, neg_inf_key=neg_inf_key, k=k, block=block, **kw)
+
+  def in_registers():
+    slot, valid = slots(0, list_block)
+    key_vec = jnp.where(valid, float_keys(plgpu.load(val_ref.at[slot])), neg_inf_key)
+    pos_vec = plgpu.load(pos_ref.at[slot])
+    _select(o_ref, lambda i: key_vec, lambda i: pos_vec, total, width=width, neg_inf_key=neg_inf_key,
+            k=k, block=list_block, **dict(kw, bits=list_bits, accumulate=False))
+
+  def collected():
+    if list_block:
+      jax.lax.cond(total <= list_block, in_registers, from_memory)
+    else:
+      from_memory()
 
   failed = (total < jnp.minimum(k, length)) & (thr > neg_inf_key + 1)
   jax.lax.cond((length <= capacity) | failed, whole_row, collected)
@@ -456,6 +485,10 @@ def _launch(width: int, dtype, k: int, blocks: TopKBlocks) -> _Launch:
                      f"{blocks.sample_run} * {blocks.sample_every}")
   if blocks.segments < 1 or blocks.segments & (blocks.segments - 1):
     raise ValueError(f"TopKBlocks.segments must be a power of two, got {blocks.segments}")
+  if blocks.list_block and (blocks.list_block < 16 or blocks.list_block & (blocks.list_block - 1)):
+    raise ValueError(f"TopKBlocks.list_block must be 0 or a power of two >= 16, got {blocks.list_block}")
+  if blocks.list_bits < 1 or 16 % blocks.list_bits:
+    raise ValueError(f"TopKBlocks.list_bits must divide 16, got {blocks.list_bits}")
   return _Launch(k=kk, bits=bits, block=block, out_block=out_block, padded=-(-width // block) * block,
                  kp=-(-kk // out_block) * out_block, capacity=capacity, rank=rank, sample=sample)
 
@@ -557,6 +590,7 @@ def _segmented(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool
   one = pl.BlockSpec((None, None), lambda r, p: (r, p))
   kw = dict(block=lp.block, bits=lp.bits, accumulate=blocks.accumulate, capacity=lp.capacity,
             segment=segment)
+  kw.update(list_block=blocks.list_block, list_bits=blocks.list_bits)
   pos, val, cnt, thr = pl.pallas_call(
       functools.partial(_segment_collect_kernel, rank=lp.rank, run=blocks.sample_run,
                         every=blocks.sample_every, **kw),

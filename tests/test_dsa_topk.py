@@ -157,6 +157,13 @@ def test_top_k_kernel_on_gpu_at_dsa_sizes():
 _SAMPLED = dsa_topk.TopKBlocks(capacity=2048, sample_every=8)
 
 
+# the segmented calls' lists (the sample, the collected) from memory block by block (list_block=0),
+# and in registers only when short (512: ~512 collected a row, so some rows take each way; the
+# samples, 1152+ entries, from memory); the default (4096) takes both in registers
+_LIST_VARIANTS = (dataclasses.replace(_SAMPLED, list_block=0),
+                  dataclasses.replace(_SAMPLED, list_block=512, list_bits=4))
+
+
 def _sampled_positions(width, blocks):
   pos = np.arange(width)
   return pos % (blocks.sample_every * blocks.sample_run) < blocks.sample_run
@@ -174,6 +181,10 @@ def test_sample_plan_balances_the_two_tails():
   assert launch(131072, 5000, dsa_topk.TopKBlocks(capacity=16384)).sample
   with pytest.raises(ValueError, match="sample_run"):
     launch(131072, 2048, dsa_topk.TopKBlocks(sample_run=24))
+  with pytest.raises(ValueError, match="list_block"):
+    launch(131072, 2048, dsa_topk.TopKBlocks(list_block=3000))
+  with pytest.raises(ValueError, match="list_bits"):
+    launch(131072, 2048, dsa_topk.TopKBlocks(list_bits=3))
 
 
 @pytest.mark.parametrize("dtype,ties", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True),
@@ -199,7 +210,8 @@ def test_sampled_top_k_is_exact(dtype, ties):
   assert (k <= count[:3]).all() and (count[:3] <= 2048).all(), count
   assert count[5] <= 300 and count[6] < k, count      # all their finite entries: exact, not failed
   for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1),
-                 dataclasses.replace(_SAMPLED, segments=8), dataclasses.replace(_SAMPLED, sample=False)):
+                 dataclasses.replace(_SAMPLED, segments=8), dataclasses.replace(_SAMPLED, sample=False),
+                 *_LIST_VARIANTS):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
   if dtype == jnp.float32:                            # split (decode): segments longer than C
     got = dsa_topk.top_k(x[:3], k, lengths=lengths[:3], split=2, blocks=_SAMPLED)
@@ -224,7 +236,7 @@ def test_sampled_top_k_falls_back_when_the_sample_misleads():
   np.testing.assert_array_equal(np.asarray(direct), [1, 1, 1, 0])
   count = np.asarray(count)
   assert count[0] > 2048 and count[1] < k and count[2] > 2048, count
-  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1)):   # segmented, one program a row
+  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1), *_LIST_VARIANTS):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
 
 
@@ -240,7 +252,8 @@ def test_segmented_top_k_with_the_top_in_one_segment():
   x = x.at[2].set(0.5)
   x = x.astype(jnp.bfloat16)
   lengths = jnp.array([width, 8999, width, 1999])
-  _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, blocks=_SAMPLED), x, k, lengths)
+  for blocks in (_SAMPLED, *_LIST_VARIANTS):
+    _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, blocks=blocks), x, k, lengths)
 
 
 def test_top_k_kernels_lower_for_the_gpu(monkeypatch):

@@ -391,8 +391,8 @@ def top_k_select(scores: jax.Array, top_k: int, *, lengths: jax.Array | None = N
   its -1 slots last. None: on GPU the kernel for >= TOPK_KERNEL_MIN_ROWS rows (prefill
   chunks: 11x faster than lax.top_k at [2048, 128k]) and for fewer rows longer than the
   kernel's capacity (decode from ~6k keys: the collection split over segments; one bf16
-  row on an H200: 0.034 vs 0.060 ms at 16k, 0.043 vs 0.088 at 128k); lax.top_k for few
-  short rows; CPU xla.
+  row on an H200: ~0.03 ms at 16k-128k, lax.top_k 0.06-0.09); lax.top_k for few short
+  rows; CPU xla.
   """
   check_top_k(top_k)
   if implementation is None and jax.default_backend() == "gpu":
