@@ -209,9 +209,10 @@ def test_sampled_top_k_is_exact(dtype, ties):
   count = np.asarray(count)
   assert (k <= count[:3]).all() and (count[:3] <= 2048).all(), count
   assert count[5] <= 300 and count[6] < k, count      # all their finite entries: exact, not failed
+  lists = _LIST_VARIANTS if dtype == jnp.bfloat16 else ()   # one dtype: the suite's time (CI)
   for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1),
                  dataclasses.replace(_SAMPLED, segments=8), dataclasses.replace(_SAMPLED, sample=False),
-                 *_LIST_VARIANTS):
+                 *lists):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
   if dtype == jnp.float32:                            # split (decode): segments longer than C
     got = dsa_topk.top_k(x[:3], k, lengths=lengths[:3], split=2, blocks=_SAMPLED)
