@@ -193,7 +193,7 @@ def test_sampled_top_k_is_exact(dtype, ties):
   """Long rows (odd lengths), rows between k and C, shorter than k, empty, with -inf holes, and
   NaN past the length (never read): the exact top-k in position order, through the sample (each
   long row collected, none failed) with one program a row (segments=1) and with the collection
-  split over 4 and 8 segments (few rows: the default), with the radix search alone
+  split over segments (few rows: the default), with the radix search alone
   (sample=False), and split."""
   width, k = 13_000, 128
   x = _normal(20, (8, width))
@@ -211,8 +211,7 @@ def test_sampled_top_k_is_exact(dtype, ties):
   assert count[5] <= 300 and count[6] < k, count      # all their finite entries: exact, not failed
   lists = _LIST_VARIANTS if dtype == jnp.bfloat16 else ()   # one dtype: the suite's time (CI)
   for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1),
-                 dataclasses.replace(_SAMPLED, segments=8), dataclasses.replace(_SAMPLED, sample=False),
-                 *lists):
+                 dataclasses.replace(_SAMPLED, sample=False), *lists):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
   if dtype == jnp.float32:                            # split (decode): segments longer than C
     got = dsa_topk.top_k(x[:3], k, lengths=lengths[:3], split=2, blocks=_SAMPLED)
