@@ -366,8 +366,8 @@ def _segment_collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, 
   [] as -inf), then collects the keys >= it among entries [p segment, (p + 1) segment) into
   pos_ref, val_ref [segment + 1] (positions, scores; in position order; slot segment: the
   scatter's trash), their count into cnt_ref [] and the threshold into thr_ref []. A region
-  holds its whole segment, so nothing overflows; rows
-  of at most C entries are not sampled (cnt_ref 0: the select call searches them whole)."""
+  holds its whole segment, so nothing overflows; rows of at most C entries are not sampled
+  (cnt_ref 0: the select call searches them whole)."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
   length = len_ref[...]
   start = pl.program_id(1) * segment
@@ -589,8 +589,7 @@ def _segmented(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool
   region = pl.BlockSpec((None, None, segment + 1), lambda r, p: (r, p, 0))   # + the trash slot
   one = pl.BlockSpec((None, None), lambda r, p: (r, p))
   kw = dict(block=lp.block, bits=lp.bits, accumulate=blocks.accumulate, capacity=lp.capacity,
-            segment=segment)
-  kw.update(list_block=blocks.list_block, list_bits=blocks.list_bits)
+            segment=segment, list_block=blocks.list_block, list_bits=blocks.list_bits)
   pos, val, cnt, thr = pl.pallas_call(
       functools.partial(_segment_collect_kernel, rank=lp.rank, run=blocks.sample_run,
                         every=blocks.sample_every, **kw),

@@ -365,6 +365,7 @@ def _pallas_top_k(scores, top_k, *, lengths=None):
 TOPK_KERNEL_MIN_ROWS = 64   # default top-k on GPU: the kernel from this many rows, or for rows
                             # long enough to sample (decode: the segmented collection), else lax.top_k
 
+
 def _kernel_samples(width: int, dtype, top_k: int) -> bool:
   """Whether the top-k kernel's default launch samples rows of this width (longer than its capacity)."""
   try:
