@@ -284,6 +284,7 @@ def decode_case(length, reps):
   qpos = jnp.full((b, 1), length - 1, jnp.int32)
   kvpos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
   key = lambda kv, kr: kv if kr is None else jnp.concatenate([kv, kr], axis=-1)
+  # XLA: the key concatenated inside the call (as since session 8; XLA may fuse it into the dot)
   res["dense_mqa_xla_ms"] = loop("dense absorbed-MQA decode (XLA)", lambda q, kv, kr: full.attention_reference(
       q, key(kv, kr), kv, causal=True, q_positions=qpos, kv_positions=kvpos), q, latent, k_rope)
   # lca's flash-decoding kernel on the same absorbed MQA: 128 query rows over one KV head. The
