@@ -32,8 +32,8 @@ long rows are read little more than once instead of ~9 times, in two calls:
      `sample_every * sample_run` (fraction f = 1 / sample_every; contiguous runs so that each
      sampled memory sector is used whole). The radix search on the sample (re-read each pass:
      f of a row) finds the key c of rank m = f sqrt(k C) in it; then ONE pass over the row
-     collects, in position order, the positions and scores of every key >= c into a scratch
-     [R, C] and counts them. The number n of row keys >= c is ~ m / f = sqrt(k C), the
+     collects, in position order, the positions and keys of every key >= c into scratches
+     [R, C] and counts them (each thread's line of LANES entries compacted first, `_collect_lines`). The number n of row keys >= c is ~ m / f = sqrt(k C), the
      geometric mean of k and C: n < k needs >= m sampled among the top k - 1 (mean k f), n > C
      fewer than m among the top C (mean C f), so m balances the two tails at
      z = sqrt(f) (sqrt(C) - sqrt(k)) binomial standard deviations (5.9 at the defaults
@@ -43,7 +43,7 @@ long rows are read little more than once instead of ~9 times, in two calls:
      first C are written), or n < k unless c is the lowest finite key (the sample held fewer
      than m finite keys: then every finite key was collected and n < k is the row's count).
   2. `_select_kernel`, one program a row: direct rows run the radix search over the whole row;
-     the others over their n <= C collected scores, the taken slots written as the collected
+     the others over their n <= C collected keys, the taken ones written as the collected
      positions. The scratch is in position order, so the output stays in ascending position
      order and ties still go to the lowest position. Exactness never depends on the sample:
      a failed row costs one program's full-row search (no host sync, nothing for the others).
@@ -65,7 +65,10 @@ Sample, then collect (H200, 2026-12-02, session 14): the last causal [2048, 128k
 (bf16) / 1.67 ms (float32) vs 3.51 / 5.12 for the radix search in the same process, exact, 0 of
 2048 rows failed on the indexer's scores (~3.6k collected a row); all 64 chunks of a 128k prefill
 47.6 vs 106.6 ms (`experiments/results/bench_dsa_h200/`). Session 15: sampling 1/32 of a row with 4
-key bits a pass (was 1/16, 2): the chunk in 1.16-1.24 ms, all chunks 44.6 ms.
+key bits a pass (was 1/16, 2): the chunk in 1.16-1.24 ms, all chunks 44.6 ms. Session 17: the
+collecting pass stored every entry's position and score under a mask, which cost as much as the
+rest of the pass (`experiments/probe_topk_collect.py --parts`); it compacts each thread's line of
+8 entries first and stores 2 a line.
 
 Few long rows (fewer than SEGMENT_MAX_ROWS, e.g. one decode step's row): one program a row
 would make every pass sequential (the radix search over a 128k row: 0.2-0.3 ms, H100). So the
@@ -140,6 +143,11 @@ class TopKBlocks:
                            # 128k bf16 row, H200: 0.031 ms at 4096 (the 1/32 sample and the ~3.6k
                            # collected both fit), 0.041 at 8192, 0.045 from memory (session 16)
   list_bits: int = 2       # 1: 0.041 ms, 4: 0.122 (a [list_block, 16] compare spills) at 8192
+  line_slots: int = 3      # the collecting pass (many rows): taken entries stored a LANES-entry
+                           # line before the rest of the line's takes need a branch (0: always).
+                           # Last causal [2048, L] bf16 chunk, H200 (session 17): 3 / 2 / old
+                           # scatter 0.38 / 0.43 / 0.37 ms at 32k, 0.50 / 0.58 / 0.56 at 64k,
+                           # 0.79 / 0.81 / 0.95 at 128k; 1: 1.35 vs 1.0 at 128k (branch taken)
 
 
 def key_bits(dtype) -> int:
@@ -295,38 +303,74 @@ def _sample_threshold(s_ref, length, *, rank, run, every, block, bits, accumulat
   return jnp.maximum(kth, neg_inf_key + 1)
 
 
-def _collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, *, k, rank, capacity,
-                    run, every, block, bits, accumulate):
-  """Sample, then collect one row. s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 -> pos_ref [C + 1]
-  int32 and val_ref [C + 1] (s_ref's dtype): the positions and scores of the keys >= the sample's
-  threshold, in position order (slot C: the scatter's trash); cnt_ref [] int32: how many (-1: a
-  row of <= C entries, not sampled); direct_ref [] int32: 1 when the row needs the radix search
-  over the whole row (not sampled, or the collection failed)."""
+LANES = 8   # the collecting pass reads a row as lines of LANES entries, one line a thread
+
+
+def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block, slots):
+  """The collecting pass: the keys >= thr among the first `length` entries of lines_ref
+  [Sp / LANES, LANES] (a row) -> their positions pos_ref [C + 1] and keys key_ref [C + 1] int32,
+  in position order (slot C: the masked lanes' trash; past C only counted); returns the count.
+
+  Each line is compacted first: a store instruction costs a lane-step whether or not any lane is
+  active (H200: scattering every entry's position and score under a mask took the [2048, 128k]
+  chunk's pass from 0.46 to 0.93 ms, 0.98 with the mask never true; session 17). So each line's
+  j-th taken entry (j < slots) is found by a count over its LANES entries and stored to the line's
+  base slot + j: 2 `slots` stores a line instead of 2 LANES. At ~2.7% taken (sqrt(k C) of a 128k
+  row) a line holds more than 3 takes ~0.004% of the time; those steps take a branch that
+  scatters the rest."""
+  rows = block // LANES
+  lane = jnp.arange(LANES, dtype=jnp.int32)[None, :]
+
+  def collect(i, taken):
+    x = lines_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :]        # [rows, LANES]
+    start = (i * rows + jnp.arange(rows, dtype=jnp.int32)) * LANES       # [rows] line positions
+    pos = start[:, None] + lane
+    key = float_keys(x)
+    take = (pos < length) & (key >= thr)
+    t = take.astype(jnp.int32)
+    upto = jnp.cumsum(t, axis=1)                                         # takes up to each lane
+    count = jnp.sum(t, axis=1)
+    base = taken + jnp.cumsum(count) - count                             # the line's first slot
+    for j in range(slots):
+      slot = base + j
+      keep = (count > j) & (slot < capacity)
+      slot = jnp.where(keep, slot, capacity)
+      lane_j = jnp.sum((upto <= j).astype(jnp.int32), axis=1)            # lane of the (j+1)-th take
+      plgpu.store(pos_ref.at[slot], start + lane_j, mask=keep)
+      plgpu.store(key_ref.at[slot], jnp.max(jnp.where(lane == lane_j[:, None], key, _INT_MIN), axis=1),
+                  mask=keep)
+
+    def rest():
+      keep = take & (upto > slots) & (base[:, None] + upto - t < capacity)
+      slot = jnp.where(keep, base[:, None] + upto - t, capacity)
+      plgpu.store(pos_ref.at[slot], pos, mask=keep)
+      plgpu.store(key_ref.at[slot], key, mask=keep)
+
+    # a branch of the whole program: its 2 LANES stores a line are issued only when needed
+    jax.lax.cond(jnp.max(count) > slots, rest, lambda: None)
+    return taken + jnp.sum(count)
+
+  # a fori_loop (scf.for, which Triton pipelines), not a loop that stops once past C: that would
+  # only speed up the rare failing rows
+  return jax.lax.fori_loop(0, (length + block - 1) // block, collect, jnp.int32(0))
+
+
+def _collect_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, *, k, rank,
+                    capacity, run, every, block, bits, accumulate, slots):
+  """Sample, then collect one row. s_ref [Sp] f32 / bf16 / f16 and lines_ref [Sp / LANES, LANES]
+  (the same row); len_ref [] int32 -> pos_ref, key_ref [C + 1] int32: the positions and keys of
+  the keys >= the sample's threshold, in position order (slot C: the scatter's trash); cnt_ref [] int32: how many
+  (-1: a row of <= C entries, not sampled); direct_ref [] int32: 1 when the row needs the radix
+  search over the whole row (not sampled, or the collection failed)."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
   length = len_ref[...]
-  cols = jnp.arange(block, dtype=jnp.int32)
 
   def sample_and_collect():
-    thr = _sample_threshold(s_ref, length, rank=rank, run=run, every=every, block=block, bits=bits,
-                            accumulate=accumulate, width=key_bits(s_ref.dtype),
+    thr = _sample_threshold(s_ref, length, rank=rank, run=run, every=every, block=block,
+                            bits=bits, accumulate=accumulate, width=key_bits(s_ref.dtype),
                             neg_inf_key=neg_inf_key)
-    num_blocks = (length + block - 1) // block
-
-    def collect(i, taken):
-      x = s_ref[pl.ds(pl.multiple_of(i * block, block), block)]
-      pos = i * block + cols
-      take = (pos < length) & (float_keys(x) >= thr)
-      t = take.astype(jnp.int32)
-      slot = taken + jnp.cumsum(t) - t
-      keep = take & (slot < capacity)                 # past C the row has failed: counted only
-      slot = jnp.where(keep, slot, capacity)
-      plgpu.store(pos_ref.at[slot], pos, mask=keep)
-      plgpu.store(val_ref.at[slot], x, mask=keep)
-      return taken + jnp.sum(t)
-
-    # a fori_loop (scf.for, which Triton pipelines), not a loop that stops once past C: that
-    # would only speed up the rare failing rows
-    count = jax.lax.fori_loop(0, num_blocks, collect, jnp.int32(0))
+    count = _collect_lines(lines_ref, length, thr, pos_ref, key_ref, capacity=capacity, block=block,
+                           slots=slots)
     # fewer than k collected is exact only when every finite key was (thr at the lowest finite key)
     failed = (count > capacity) | ((count < k) & (thr > neg_inf_key + 1))
     cnt_ref[...] = count
@@ -340,19 +384,23 @@ def _collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, *, k,
   jax.lax.cond(length > capacity, sample_and_collect, not_sampled)
 
 
-def _select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, direct_ref, o_ref, *, block, **kw):
-  """The radix search over a row's collected scores (val_ref [C + 1], cnt_ref [] of them), the
-  taken slots written as their positions (pos_ref [C + 1]), or over the whole row (s_ref [Sp],
-  len_ref []) where direct_ref [] is 1; o_ref [Kp + 1] int32."""
+def _select_kernel(s_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, o_ref, *, block, **kw):
+  """The radix search over a row's collected keys (key_ref [C + 1], cnt_ref [] of them), the taken
+  ones written as their positions (pos_ref [C + 1]); or over the whole row (s_ref [Sp], len_ref [])
+  where direct_ref [] is 1; o_ref [Kp + 1] int32."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
+  count = cnt_ref[...]
+  cols = jnp.arange(block, dtype=jnp.int32)
+
+  def entries(ref, i, fill):
+    """ref's collected entries i * block + [0, block) [block] (fill past count)."""
+    return jnp.where(i * block + cols < count, ref[pl.ds(pl.multiple_of(i * block, block), block)], fill)
 
   def whole_row():
     _kernel(s_ref, len_ref, o_ref, block=block, **kw)
 
   def collected():
-    count = cnt_ref[...]
-    _select(o_ref, _masked_keys(val_ref, count, block, neg_inf_key),
-            lambda i: pos_ref[pl.ds(pl.multiple_of(i * block, block), block)], count,
+    _select(o_ref, lambda i: entries(key_ref, i, neg_inf_key), lambda i: entries(pos_ref, i, 0), count,
             width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, block=block, **kw)
 
   # a per-program branch: the failed rows' full-row search costs the other rows nothing
@@ -489,6 +537,9 @@ def _launch(width: int, dtype, k: int, blocks: TopKBlocks) -> _Launch:
     raise ValueError(f"TopKBlocks.list_block must be 0 or a power of two >= 16, got {blocks.list_block}")
   if blocks.list_bits < 1 or 16 % blocks.list_bits:
     raise ValueError(f"TopKBlocks.list_bits must divide 16, got {blocks.list_bits}")
+  if sample and (block % LANES or not 0 <= blocks.line_slots <= LANES):
+    raise ValueError(f"sampling needs a block that is a multiple of {LANES} (got {block}) and "
+                     f"0 <= TopKBlocks.line_slots <= {LANES} (got {blocks.line_slots})")
   return _Launch(k=kk, bits=bits, block=block, out_block=out_block, padded=-(-width // block) * block,
                  kp=-(-kk // out_block) * out_block, capacity=capacity, rank=rank, sample=sample)
 
@@ -514,33 +565,37 @@ _ROW_SCALAR = pl.BlockSpec((None,), lambda r: (r,))
 
 
 def _collect(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool):
-  """The first call of sample, then collect over prepared scores [R, Sp], lengths [R]."""
+  """The first call of sample, then collect over prepared scores [R, Sp], lengths [R] ->
+  (positions [R, C + 1], keys [R, C + 1], count [R], direct [R])."""
   rows = scores.shape[0]
+  lines = scores.reshape(rows, lp.padded // LANES, LANES)   # the same bytes, read as lines
   scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
   return pl.pallas_call(
       functools.partial(_collect_kernel, k=lp.k, rank=lp.rank, capacity=lp.capacity,
                         run=blocks.sample_run, every=blocks.sample_every, block=lp.block,
-                        bits=lp.bits, accumulate=blocks.accumulate),
+                        bits=lp.bits, accumulate=blocks.accumulate, slots=blocks.line_slots),
       grid=(rows,),
-      in_specs=[pl.BlockSpec((None, lp.padded), lambda r: (r, 0)), _ROW_SCALAR],
+      in_specs=[pl.BlockSpec((None, lp.padded), lambda r: (r, 0)),
+                pl.BlockSpec((None,) + lines.shape[1:], lambda r: (r, 0, 0)), _ROW_SCALAR],
       out_specs=[scratch, scratch, _ROW_SCALAR, _ROW_SCALAR],
       out_shape=[jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
-                 jax.ShapeDtypeStruct((rows, lp.capacity + 1), scores.dtype),
+                 jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
                  jax.ShapeDtypeStruct((rows,), jnp.int32),
                  jax.ShapeDtypeStruct((rows,), jnp.int32)],
       compiler_params=_compiler_params(blocks),
       interpret=interpret,
       name="dsa_topk_collect",
-  )(scores, lengths)
+  )(scores, lines, lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
 def collect_candidates(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
                        interpret: bool | None = None):
   """The sample-then-collect call alone, as `top_k_rows` runs it (for tests and measurements):
-  scores [R, S], lengths [R] -> (positions [R, C + 1] int32, scores [R, C + 1], count [R] int32
-  (-1: the row was not sampled), direct [R] int32 (1: the row takes the full-row radix search:
-  not sampled, or failed)); only the first count entries of a collected row are written."""
+  scores [R, S], lengths [R] -> (positions [R, C + 1] int32, keys [R, C + 1] int32 (`float_keys`),
+  count [R] int32 (-1: the row was not sampled), direct [R] int32 (1: the row takes the full-row
+  radix search: not sampled, or failed)); only the first count entries of a collected row are
+  written."""
   lp = _launch(scores.shape[1], scores.dtype, k, blocks)
   if not lp.sample:
     raise ValueError(f"no sampling for S = {scores.shape[1]}, k = {k} with {blocks}")

@@ -164,6 +164,12 @@ _LIST_VARIANTS = (dataclasses.replace(_SAMPLED, list_block=0),
                   dataclasses.replace(_SAMPLED, list_block=512, list_bits=4))
 
 
+# one program a row (the prefill's calls): the collecting pass with every line's takes stored by
+# the branch (line_slots 0) or all but the first (1); the default (3) takes the branch rarely
+_ROW_VARIANTS = (dataclasses.replace(_SAMPLED, segments=1, line_slots=0),
+                 dataclasses.replace(_SAMPLED, segments=1, line_slots=1))
+
+
 def _sampled_positions(width, blocks):
   pos = np.arange(width)
   return pos % (blocks.sample_every * blocks.sample_run) < blocks.sample_run
@@ -185,6 +191,8 @@ def test_sample_plan_balances_the_two_tails():
     launch(131072, 2048, dsa_topk.TopKBlocks(list_block=3000))
   with pytest.raises(ValueError, match="list_bits"):
     launch(131072, 2048, dsa_topk.TopKBlocks(list_bits=3))
+  with pytest.raises(ValueError, match="line_slots"):
+    launch(131072, 2048, dsa_topk.TopKBlocks(line_slots=9))
 
 
 @pytest.mark.parametrize("dtype,ties", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True),
@@ -209,7 +217,7 @@ def test_sampled_top_k_is_exact(dtype, ties):
   count = np.asarray(count)
   assert (k <= count[:3]).all() and (count[:3] <= 2048).all(), count
   assert count[5] <= 300 and count[6] < k, count      # all their finite entries: exact, not failed
-  lists = _LIST_VARIANTS if dtype == jnp.bfloat16 else ()   # one dtype: the suite's time (CI)
+  lists = (*_LIST_VARIANTS, *_ROW_VARIANTS) if dtype == jnp.bfloat16 else ()   # one dtype: CI's time
   for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1),
                  dataclasses.replace(_SAMPLED, sample=False), *lists):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
