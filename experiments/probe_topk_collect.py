@@ -109,22 +109,34 @@ def collect_call(scores, lengths, thr, lp, *, block, mode, warps, interpret):
       name="probe_collect")(scores, lengths, thr)
 
 
+def last_chunk(length, rows):
+  """The last causal chunk's bf16 scores [rows, length], lengths [rows] and lax.top_k's sorted
+  positions [rows, K] (the reference)."""
+  x = jax.random.normal(jax.random.key(length), (rows, length)).astype(jnp.bfloat16)
+  n = jnp.arange(length - rows, length, dtype=jnp.int32) + 1
+  visible = jnp.where(jnp.arange(length) < n[:, None], x.astype(jnp.float32), -jnp.inf)
+  return x, n, np.sort(np.asarray(jax.lax.top_k(visible, K)[1]), -1)
+
+
+def top_k_fn(mod, blocks, interpret):
+  return jax.jit(lambda s, n: mod.top_k(s, K, lengths=n, split=1, blocks=blocks, interpret=interpret))
+
+
+def other_modules():
+  return {path.rsplit(".", 1)[-1]: importlib.import_module(path) for path in _AB.value}
+
+
 def by_length(interpret):
   """The last causal chunk at each of --lengths, this module's default against --ab_module's,
   timed in turn with `bench_pipelined` (16 calls a sync: host jitter hidden)."""
   for length in map(int, _LENGTHS.value):
-    rows = 8 if interpret else min(2048, length)
-    x = jax.random.normal(jax.random.key(length), (rows, length)).astype(jnp.bfloat16)
-    n = jnp.arange(length - rows, length, dtype=jnp.int32) + 1
-    visible = jnp.where(jnp.arange(length) < n[:, None], x.astype(jnp.float32), -jnp.inf)
-    ref = np.sort(np.asarray(jax.lax.top_k(visible, K)[1]), -1)
-    modules = {"this": tk, **{p.rsplit(".", 1)[-1]: importlib.import_module(p) for p in _AB.value}}
+    x, n, ref = last_chunk(length, 8 if interpret else min(2048, length))
+    modules = {"this": tk, **other_modules()}
     variants = {f"{name} default": (mod, mod.TopKBlocks()) for name, mod in modules.items()}
     variants["this line_slots 2"] = (tk, tk.TopKBlocks(line_slots=2))
     cases = {}
     for name, (mod, blocks) in variants.items():
-      f = jax.jit(lambda s, n, mod=mod, blocks=blocks: mod.top_k(s, K, lengths=n, split=1, blocks=blocks,
-                                                                interpret=interpret))
+      f = top_k_fn(mod, blocks, interpret)
       assert (np.sort(np.asarray(f(x, n)), -1) == ref).all(), (length, name)
       cases[name] = (f"L={length} {name}", f, (x, n))
     times = bench_common.interleaved(cases, rounds=3, reps=5, timer=bench_common.bench_pipelined)
@@ -140,10 +152,7 @@ def main(argv):
   length, rows = (16384, 8) if _SMALL.value else (131072, 2048)
   reps = 1 if _SMALL.value else 9
   print(jax.devices()[0].device_kind, f"[{rows}, {length}] k={K}", flush=True)
-  x = jax.random.normal(jax.random.key(0), (rows, length)).astype(jnp.bfloat16)
-  n = jnp.arange(length - rows, length, dtype=jnp.int32) + 1      # the last causal chunk's rows
-  visible = jnp.where(jnp.arange(length) < n[:, None], x.astype(jnp.float32), -jnp.inf)
-  ref = np.sort(np.asarray(jax.lax.top_k(visible, K)[1]), -1)
+  x, n, ref = last_chunk(length, rows)
   lp = tk._launch(length, x.dtype, K, tk.TopKBlocks())
   assert lp.sample and lp.padded == length
 
@@ -154,16 +163,13 @@ def main(argv):
 
   # the whole top-k: this module's variants and --ab_module's default, timed in turn
   cases = {}
-  modules = {"this": tk}
-  for path in _AB.value:
-    modules[path.rsplit(".", 1)[-1]] = importlib.import_module(path)
+  modules = {"this": tk, **other_modules()}
   for name, mod in modules.items():
     variants = {"default": mod.TopKBlocks()}
     if mod is tk and not _SMALL.value:
       variants.update({f"line_slots {s}": tk.TopKBlocks(line_slots=s) for s in (1, 2)})
     for v, blocks in variants.items():
-      f = jax.jit(lambda s, n, mod=mod, blocks=blocks: mod.top_k(s, K, lengths=n, split=1, blocks=blocks,
-                                                                interpret=interpret))
+      f = top_k_fn(mod, blocks, interpret)
       exact = bool((np.sort(np.asarray(f(x, n)), -1) == ref).all())
       print(f"{name} {v}: exact {exact}", flush=True)
       cases[f"{name} {v}"] = (f"{name} {v}", f, (x, n))
@@ -178,8 +184,10 @@ def main(argv):
 
   # the first call's parts (session 17: what made the collecting pass slow)
   thr_variants = {
-      "threshold: block 1024, 4 bits, from memory (as in collect)": dict(block=1024, bits=4, list_block=0, list_bits=2, warps=4),
-      "threshold: in registers (list_block 4096, 2 bits), 4 warps": dict(block=1024, bits=4, list_block=4096, list_bits=2, warps=4),
+      "threshold: block 1024, 4 bits, from memory (as in collect)":
+          dict(block=1024, bits=4, list_block=0, list_bits=2, warps=4),
+      "threshold: in registers (list_block 4096, 2 bits), 4 warps":
+          dict(block=1024, bits=4, list_block=4096, list_bits=2, warps=4),
   }
   thrs = {}
   for name, kw in thr_variants.items():
