@@ -15,6 +15,17 @@ def _normal(seed, shape, dtype=jnp.float32):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
+def _out_and_grads(f, ct, *args):
+  """(f(*args), d sum(f(*args) * ct) / d args) from one jitted program: one compile, not one
+  per eager op (CPU suite time). The output is the forward the gradient runs: the kernels'
+  custom_vjp forward rule launches the same forward kernel as the plain call."""
+  def loss(*a):
+    out = f(*a)
+    return jnp.sum(out * ct), out
+  grads, out = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+  return out, grads
+
+
 def _assert_scores_close(got, ref, tol):
   got, ref = np.asarray(got), np.asarray(ref)
   np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
@@ -109,10 +120,10 @@ def test_sparse_kernel_forward_and_gradients_gqa_odd_length():
   blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16)
   fast = lambda q, k, v: dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks)
   ref = lambda q, k, v: dsa.sparse_attention_reference(q, k, v, idx)
-  chex.assert_trees_all_close(fast(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
   ct = _normal(20, (1, 7, 4, 12))
-  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(q, k, v)
-  chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+  (got, grads), (want, want_grads) = (_out_and_grads(f, ct, q, k, v) for f in (fast, ref))
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_kernel_forward_over_many_steps():
@@ -135,17 +146,18 @@ def test_sparse_kernel_shared_kv_forward_and_gradient():
   q, kv, _, idx = _case(60, 6, 20, 1, 24, 24, 5, batch=1)
   ref = lambda q, kv: dsa.sparse_attention_reference(q, kv, kv, idx)
   ct = _normal(61, (1, 6, 20, 24))
-  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1))(q, kv)
+  want, want_grads = _out_and_grads(ref, ct, q, kv)
   # other head blocks in the backward: 20 heads padded to 64 forward and to 32 backward, or back
   for blocks in (dsa_attention.SparseBlocks(block_h=16, block_k=16),
                  dsa_attention.SparseBlocks(block_h=64, block_k=16, bwd_block_h=16),
                  dsa_attention.SparseBlocks(block_h=16, block_k=16, bwd_block_h=64)):
     fast = lambda q, kv, blocks=blocks: dsa_attention.sparse_attention(q, kv, kv, idx, blocks=blocks)
-    chex.assert_trees_all_close(fast(q, kv), ref(q, kv), atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+    got, grads = _out_and_grads(fast, ct, q, kv)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
   split = dsa_attention.SparseBlocks(block_h=32, block_k=16, num_splits=2)   # v=None: shared too
   chex.assert_trees_all_close(dsa_attention.sparse_attention(q, kv, None, idx, blocks=split),
-                              ref(q, kv), atol=1e-5, rtol=1e-5)
+                              want, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_kernel_mla_split_key_forward_gradients_and_decode():
@@ -157,19 +169,20 @@ def test_sparse_kernel_mla_split_key_forward_gradients_and_decode():
   ref = lambda q, kv, kr: dsa.sparse_attention_reference(q, jnp.concatenate([kv, kr], -1), kv, idx,
                                                          scale=scale)
   ct = _normal(82, (1, 9, 20, latent))
-  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2))(q, kv[..., :latent], k_rope)
+  args = (q, kv[..., :latent], k_rope)
+  want, want_grads = _out_and_grads(ref, ct, *args)
   for blocks in (dsa_attention.SparseBlocks(block_h=16, block_k=16),
                  dsa_attention.SparseBlocks(block_h=32, block_k=16, bwd_block_h=16)):
     fast = lambda q, kv, kr, blocks=blocks: dsa_attention.sparse_attention(
         q, kv, None, idx, k_rope=kr, scale=scale, blocks=blocks)
-    got = fast(q, kv[..., :latent], k_rope)
+    got, grads = _out_and_grads(fast, ct, *args)
     chex.assert_shape(got, (1, 9, 20, latent))
-    chex.assert_trees_all_close(got, ref(q, kv[..., :latent], k_rope), atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(grads(fast), grads(ref), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
   split = dsa_attention.SparseBlocks(block_h=32, block_k=16, num_splits=2)
   chex.assert_trees_all_close(
       dsa_attention.sparse_attention(q, kv[..., :latent], None, idx, k_rope=k_rope, scale=scale, blocks=split),
-      ref(q, kv[..., :latent], k_rope), atol=1e-5, rtol=1e-5)
+      want, atol=1e-5, rtol=1e-5)
   # powers of two with R | D (V3.2's 512 + 64): the kernels read q's two parts in place
   q2, kv2, _, idx2 = _case(83, 9, 16, 1, 48, 24, 6, batch=1)
   kr2 = _normal(84, (1, 9, 1, 16))
@@ -178,9 +191,9 @@ def test_sparse_kernel_mla_split_key_forward_gradients_and_decode():
   ref2 = lambda q, kv, kr: dsa.sparse_attention_reference(q, jnp.concatenate([kv, kr], -1), kv, idx2)
   ct2 = _normal(85, (1, 9, 16, 32))
   args2 = (q2, kv2[..., :32], kr2)
-  chex.assert_trees_all_close(fast2(*args2), ref2(*args2), atol=1e-5, rtol=1e-5)
-  grads2 = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * ct2), argnums=(0, 1, 2))(*args2)
-  chex.assert_trees_all_close(grads2(fast2), grads2(ref2), atol=1e-5, rtol=1e-5)
+  (got2, grads2), (want2, want_grads2) = (_out_and_grads(f, ct2, *args2) for f in (fast2, ref2))
+  chex.assert_trees_all_close(got2, want2, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(grads2, want_grads2, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="q's head dim"):
     dsa_attention.sparse_attention(q[..., :28], kv[..., :latent], None, idx, k_rope=k_rope)
   with pytest.raises(ValueError, match="shared form"):

@@ -34,11 +34,20 @@ def test_large_k_equals_dense_mla_forward_and_gradients(implementation):
   x, pos = _normal(1, (2, 11, 32)), _pos(11)
   dense = lambda m, x: mla.MLAttention.__call__(m, x, pos)[0]     # MLA's naive (training) form
   sparse = lambda m, x: m(x, pos)[0]
-  chex.assert_shape(sparse(layer, x), (2, 11, 32))
-  chex.assert_trees_all_close(sparse(layer, x), dense(layer, x), atol=1e-5, rtol=1e-5)
   ct = _normal(2, (2, 11, 32))
-  grad = lambda f: nnx.grad(lambda m, x: jnp.sum(f(m, x) * ct), argnums=(0, 1))(layer, x)
-  (g_sparse, gx_sparse), (g_dense, gx_dense) = grad(sparse), grad(dense)
+
+  def out_and_grads(f):
+    """The output and the gradients of sum(output * ct), from one jitted program (CPU suite
+    time: eager NNX calls compile op by op)."""
+    def loss(m, x):
+      out = f(m, x)
+      return jnp.sum(out * ct), out
+    return nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))(layer, x)
+
+  (g_sparse, gx_sparse), out_sparse = out_and_grads(sparse)
+  (g_dense, gx_dense), out_dense = out_and_grads(dense)
+  chex.assert_shape(out_sparse, (2, 11, 32))
+  chex.assert_trees_all_close(out_sparse, out_dense, atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(gx_sparse, gx_dense, atol=1e-5, rtol=1e-5)
   main = lambda g: {k: v for k, v in nnx.to_flat_state(g) if k[0] != "indexer"}
   chex.assert_trees_all_close(main(g_sparse), main(g_dense), atol=1e-5, rtol=1e-5)
@@ -48,15 +57,21 @@ def test_small_k_attends_only_the_selected_latents():
   """The layer's output equals the masked reference over the indexer's own top-k set."""
   layer = _layer(top_k=3)
   x, pos = _normal(3, (2, 9, 32)), _pos(9)
-  q_nope, q_rope, c_kv, k_rope, scale = layer.project(x, pos)
-  q_idx, w = layer.indexer.queries(x, pos, layer.query_latent(x))
-  idx = dsa.top_k_indices(dsa.indexer_scores_reference(q_idx, layer.indexer.keys(x, pos), w), 3)
-  q = jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, layer.w_uk[...]), q_rope], -1)
-  key = jnp.concatenate([c_kv, k_rope], -1)[:, :, None]
-  o_latent = dsa.sparse_attention_reference(q, key, c_kv[:, :, None], idx, scale=scale)
-  want = jnp.einsum("bthc,chd->bthd", o_latent, layer.w_uv[...]).reshape(2, 9, -1) @ layer.wo[...]
-  chex.assert_trees_all_close(layer(x, pos)[0], want, atol=1e-5, rtol=1e-5)
-  assert float(jnp.abs(layer(x, pos)[0] - mla.MLAttention.__call__(layer, x, pos)[0]).max()) > 1e-3
+
+  @nnx.jit   # one compile, not one per eager op (CPU suite time); likewise below
+  def masked_reference(layer, x):
+    q_nope, q_rope, c_kv, k_rope, scale = layer.project(x, pos)
+    q_idx, w = layer.indexer.queries(x, pos, layer.query_latent(x))
+    idx = dsa.top_k_indices(dsa.indexer_scores_reference(q_idx, layer.indexer.keys(x, pos), w), 3)
+    q = jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, layer.w_uk[...]), q_rope], -1)
+    key = jnp.concatenate([c_kv, k_rope], -1)[:, :, None]
+    o_latent = dsa.sparse_attention_reference(q, key, c_kv[:, :, None], idx, scale=scale)
+    return jnp.einsum("bthc,chd->bthd", o_latent, layer.w_uv[...]).reshape(2, 9, -1) @ layer.wo[...]
+
+  got = nnx.jit(lambda m, x: m(x, pos)[0])(layer, x)
+  chex.assert_trees_all_close(got, masked_reference(layer, x), atol=1e-5, rtol=1e-5)
+  dense = nnx.jit(lambda m, x: mla.MLAttention.__call__(m, x, pos)[0])(layer, x)
+  assert float(jnp.abs(got - dense).max()) > 1e-3
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -68,7 +83,7 @@ def test_kl_gradient_reaches_only_the_indexer(stage):
     layer(x, pos)
     return dsa.indexer_kl(layer)
 
-  grads, gx = nnx.grad(kl_loss, argnums=(0, 1))(layer, x)
+  grads, gx = nnx.jit(nnx.grad(kl_loss, argnums=(0, 1)))(layer, x)
   names = {".".join(map(str, p)) for p, v in nnx.to_flat_state(grads) if float(jnp.abs(v.get_value()).max()) > 0}
   assert {"indexer.wq", "indexer.wk", "indexer.ww"} <= names and all(n.startswith("indexer.") for n in names)
   np.testing.assert_array_equal(gx, 0.0)      # c_Q and x reach the indexer detached

@@ -29,9 +29,14 @@ def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.flo
   return q, k, v, do
 
 
-def _value_and_grads(fn, q, k, v, do):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(do))
+def _value_and_grads(fn, q, k, v, do, jit=True):
+  """(out, dq, dk, dv) of fn at q, k, v for the output cotangent do. jit: one compile instead
+  of one per eager op (CPU suite time); eager for bf16 references, whose rounding after every
+  op a fused program could change."""
+  def run(q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(do))
+  return (jax.jit(run) if jit else run)(q, k, v, do)
 
 
 def _segments(seed, batch, length):
@@ -89,7 +94,7 @@ def test_bf16_error_within_twice_the_reference_error():
   exact = _value_and_grads(functools.partial(full.attention_reference, causal=True),
                            *(bf(x).astype(jnp.float32) for x in (q, k, v, do)))
   ref16 = _value_and_grads(functools.partial(full.attention_reference, causal=True),
-                           bf(q), bf(k), bf(v), bf(do))
+                           bf(q), bf(k), bf(v), bf(do), jit=False)
   got16 = _value_and_grads(functools.partial(flash.flash_attention, causal=True),
                            bf(q), bf(k), bf(v), bf(do))
   for name, g, r, e in zip(("out", "dq", "dk", "dv"), got16, ref16, exact):
@@ -188,7 +193,7 @@ def test_gpu_bf16_against_fp32_reference(batch, length, heads, kv_heads, head_di
   exact = _value_and_grads(functools.partial(full.attention_reference, **kw),
                            up(q), up(k), up(v), up(do))
   ref16 = _value_and_grads(functools.partial(full.attention_reference, **kw),
-                           bf(q), bf(k), bf(v), bf(do))
+                           bf(q), bf(k), bf(v), bf(do), jit=False)
   got = _value_and_grads(jax.jit(functools.partial(flash.flash_attention, **kw)),
                          bf(q), bf(k), bf(v), bf(do))
   for name, g, r, e in zip(("out", "dq", "dk", "dv"), got, ref16, exact):

@@ -37,7 +37,8 @@ def test_kernel_matches_batched_vjp(delta, block_v):
   args = _inputs(int(delta))
   kw = dict(scale=0.3, delta=delta)
   got = gated_delta_bwd.chunk_local_grads(*args, **kw, config=gated_delta_bwd.Config(block_v=block_v))
-  want = gated_delta_bwd.chunk_local_grads_reference(*args, **kw)
+  # the reference jitted: one compile, not one per eager op (CPU suite time)
+  want = jax.jit(lambda *a: gated_delta_bwd.chunk_local_grads_reference(*a, **kw))(*args)
   for name, x, y, x_in in zip(_NAMES, got, want, args):
     assert x.shape == x_in.shape and x.dtype == x_in.dtype, name
     scale = float(jnp.max(jnp.abs(y)))
@@ -86,7 +87,10 @@ def test_custom_vjp_local_grads_switch():
     def loss(*a):
       o, _ = gated_delta.chunk_gated_delta_rule(*a, config=gated_delta.Config(local_grads=local_grads))
       return jnp.sum(o * do)
-    return jax.grad(loss, range(5))(q, k, v, beta, log_alpha)
+    grad = jax.grad(loss, range(5))
+    # the XLA local grads are many small ops: jitted, one compile instead of one per eager op
+    # (CPU suite time; jitting the kernel path too measured no faster)
+    return (jax.jit(grad) if local_grads == "xla" else grad)(q, k, v, beta, log_alpha)
 
   for name, got, want in zip(_NAMES, grads(gated_delta_bwd.Config()), grads("xla")):
     scale = float(jnp.max(jnp.abs(want)))

@@ -35,8 +35,9 @@ def _weighted_sum(fn):
 def test_kernel_forward_and_gradients_match_reference_and_chunked():
   args = _inputs(0)  # length 100: two chunks, the second one padded
   (o, s), vjp = jax.vjp(lambda *a: gated_delta.chunk_gated_delta_rule(*a[:5], initial_state=a[5]), *args)
-  o_ref, s_ref = linear.gated_delta_rule_reference(*args[:5], initial_state=args[5])
-  o_chk, s_chk = linear.gated_delta_rule_chunked(*args[:5], initial_state=args[5])
+  # the references jitted: one compile each, not one per eager op (CPU suite time)
+  o_ref, s_ref = jax.jit(lambda *a: linear.gated_delta_rule_reference(*a[:5], initial_state=a[5]))(*args)
+  o_chk, s_chk = jax.jit(lambda *a: linear.gated_delta_rule_chunked(*a[:5], initial_state=a[5]))(*args)
   for want in ((o_ref, s_ref), (o_chk, s_chk)):
     np.testing.assert_allclose(o, want[0], atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(s, want[1], atol=2e-5, rtol=1e-4)
@@ -44,7 +45,7 @@ def test_kernel_forward_and_gradients_match_reference_and_chunked():
   wo = jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape)
   ws = jnp.sin(jnp.arange(s.size, dtype=jnp.float32)).reshape(s.shape)
   grads = vjp((wo, ws))
-  grads_ref = jax.grad(_weighted_sum(linear.gated_delta_rule_reference), range(6))(*args)
+  grads_ref = jax.jit(jax.grad(_weighted_sum(linear.gated_delta_rule_reference), range(6)))(*args)
   for name, g, g_ref in zip(("q", "k", "v", "beta", "log_alpha", "s0"), grads, grads_ref):
     scale = float(jnp.max(jnp.abs(g_ref)))
     np.testing.assert_allclose(g, g_ref, atol=1e-5 * scale + 1e-6, rtol=1e-3, err_msg=name)

@@ -22,32 +22,32 @@ def _inputs(seed, batch=2, length=77, heads=2, dk=16, dv=8, delta=True, state=Tr
   return q, k, v, beta, log_alpha, s0
 
 
-def _loss(fn, beta_is_none):
-  """Scalar of (o, state) with random weights, differentiable in all array inputs."""
+def _loss(fn, beta_is_none, aux=False):
+  """Scalar of (o, state) with random weights, differentiable in all array inputs; with
+  aux=True, (scalar, (o, state))."""
   def loss(q, k, v, beta, log_alpha, s0):
     o, s = fn(q, k, v, None if beta_is_none else beta, log_alpha, initial_state=s0)
     wo = jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape)
     ws = jnp.sin(jnp.arange(s.size, dtype=jnp.float32)).reshape(s.shape)
-    return jnp.sum(o * wo) + jnp.sum(s * ws)
+    scalar = jnp.sum(o * wo) + jnp.sum(s * ws)
+    return (scalar, (o, s)) if aux else scalar
   return loss
 
 
 @pytest.mark.parametrize("delta,chunk_size,length", [(True, 16, 77)])
 def test_chunked_matches_recurrent_reference(delta, chunk_size, length):
   q, k, v, beta, log_alpha, s0 = _inputs(0, length=length, delta=delta)
-  o_ref, s_ref = jax.jit(linear.gated_delta_rule_reference)(q, k, v, beta, log_alpha, initial_state=s0)
-  chunked = jax.jit(lambda *a, **kw: linear.gated_delta_rule_chunked(*a, chunk_size=chunk_size, **kw))
-  o, s = chunked(q, k, v, beta, log_alpha, initial_state=s0)
+  beta_arg = jnp.ones(q.shape[:3]) if beta is None else beta
+  args = (q, k, v, beta_arg, log_alpha, s0)
+  argnums = (0, 1, 2, 4, 5) if beta is None else (0, 1, 2, 3, 4, 5)
+  # one compile each: (o, state) come out as aux of the gradient's forward pass
+  both = lambda fn: jax.jit(jax.grad(_loss(fn, beta is None, aux=True), argnums, has_aux=True))(*args)
+  g_ref, (o_ref, s_ref) = both(linear.gated_delta_rule_reference)
+  g, (o, s) = both(lambda *a, **kw: linear.gated_delta_rule_chunked(*a, chunk_size=chunk_size, **kw))
   chex.assert_shape(o, v.shape)
   chex.assert_shape(s, s0.shape)
   np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4)
   np.testing.assert_allclose(s, s_ref, atol=2e-5, rtol=1e-4)
-
-  beta_arg = jnp.ones(q.shape[:3]) if beta is None else beta
-  args = (q, k, v, beta_arg, log_alpha, s0)
-  argnums = (0, 1, 2, 4, 5) if beta is None else (0, 1, 2, 3, 4, 5)
-  g_ref = jax.jit(jax.grad(_loss(linear.gated_delta_rule_reference, beta is None), argnums))(*args)
-  g = jax.jit(jax.grad(_loss(chunked, beta is None), argnums))(*args)
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, atol=5e-5 * float(jnp.max(jnp.abs(b))) + 1e-6, rtol=1e-3)
 

@@ -46,20 +46,22 @@ SMALL_TILES = kernels.Tuning(block_kc=8, cmp_rows=16, cmp_dkdv_rows=32, cmp_dkdv
 def test_cmp_and_slc_kernels_match_reference_forward_and_grads(tuning, dim, v_dim):
   """Compressed attention, importance, top-n and selected attention, GQA group of 3 (padded to 4)."""
   args = _inputs(jax.random.key(0), 75, 6, 2, dim=dim, v_dim=v_dim)
-  fast = jax.jit(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES, tuning=tuning, return_selection=True))
-  o_cmp, o_slc, idx = fast(*args)
-  r_cmp, r_slc, r_idx = jax.jit(_reference_branches)(*args)
+  w1, w2 = jax.random.normal(jax.random.key(1), (2, 1, 75, 6, v_dim))
+
+  def outputs_and_grads(branches):
+    """One compile for the forward (outputs as aux) and the gradients of a weighted sum."""
+    def loss(*a):
+      o_cmp, o_slc, idx = branches(*a)
+      return jnp.sum(o_cmp * w1) + jnp.sum(o_slc * w2), (o_cmp, o_slc, idx)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(*args)
+
+  g, (o_cmp, o_slc, idx) = outputs_and_grads(
+      lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES, tuning=tuning, return_selection=True))
+  g_ref, (r_cmp, r_slc, r_idx) = outputs_and_grads(_reference_branches)
   sort = lambda i: jnp.sort(jnp.where(i < 0, 99, i), axis=-1)
   np.testing.assert_array_equal(sort(idx), sort(r_idx))
   np.testing.assert_allclose(o_cmp, r_cmp, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(o_slc, r_slc, atol=1e-5, rtol=1e-5)
-
-  w1, w2 = jax.random.normal(jax.random.key(1), (2, *o_cmp.shape))
-  def loss(branches):
-    return lambda *a: jnp.sum(branches(*a)[0] * w1) + jnp.sum(branches(*a)[1] * w2)
-  g = jax.jit(jax.grad(loss(lambda *a: kernels.nsa_cmp_slc(*a, sizes=SIZES, tuning=tuning)),
-                      argnums=(0, 1, 2, 3, 4)))(*args)
-  g_ref = jax.jit(jax.grad(loss(_reference_branches), argnums=(0, 1, 2, 3, 4)))(*args)
   for name, a, b in zip(("q", "k", "v", "kc", "vc"), g, g_ref):
     assert float(jnp.abs(b).max()) > 0, name
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
@@ -70,18 +72,19 @@ def test_importance_topn_selected_forward_other_groupings(heads, kv_heads, lengt
   q, k, v, kc, vc = _inputs(jax.random.key(length), length, heads, kv_heads)
   ns = SIZES.num_select_blocks(length)
   imp = jax.jit(lambda q, kc: kernels.block_importance(q, kc, sizes=SIZES))(q, kc)
-  r_imp = nsa.block_importance_reference(q, kc, sizes=SIZES, num_select=ns)
+  # the references jitted: one compile each, not one per eager op (CPU suite time)
+  r_imp = jax.jit(lambda q, kc: nsa.block_importance_reference(q, kc, sizes=SIZES, num_select=ns))(q, kc)
   visible = jnp.arange(ns)[None, :] <= (jnp.arange(length) // SIZES.select_block)[:, None]
   np.testing.assert_allclose(jnp.where(visible, imp, 0), jnp.where(visible, r_imp, 0), atol=1e-5)
   idx = kernels.select_topn(r_imp, sizes=SIZES)
-  r_idx = nsa.select_blocks(r_imp, sizes=SIZES)
+  r_idx = jax.jit(lambda imp: nsa.select_blocks(imp, sizes=SIZES))(r_imp)
   np.testing.assert_array_equal(idx, r_idx)
   t = np.arange(length)
   assert (np.asarray(idx) == 0).any(-1).all()                                        # initial block
   assert (np.asarray(idx) == (t // SIZES.select_block)[:, None]).any(-1).all()     # own block
   o = jax.jit(lambda *a: kernels.selected_attention(*a, sizes=SIZES))(q, k, v, idx)
-  np.testing.assert_allclose(o, nsa.selected_attention_reference(q, k, v, idx, select_block=16),
-                             atol=1e-5, rtol=1e-5)
+  r_o = jax.jit(lambda *a: nsa.selected_attention_reference(*a, select_block=16))(q, k, v, idx)
+  np.testing.assert_allclose(o, r_o, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
