@@ -2,9 +2,11 @@
 
 import datetime
 import functools
+import glob
 import json
 import pathlib
 import statistics
+import tempfile
 import time
 
 import jax
@@ -119,3 +121,40 @@ def bench_in_loop(fn, first, *rest, inner: int = 64, reps: int = 5) -> float:
   timed = bench(run(fn), firsts, *rest, reps=reps)
   overhead = bench(run(lambda x, *r: x), firsts, *rest, reps=reps)
   return max(timed - overhead, 0.0) / inner
+
+
+def profile_kernels(fn, first, *rest, calls: int = 16) -> dict:
+  """GPU kernel durations of `calls` calls of fn in one jitted lax.map (jax.profiler trace).
+
+  Returns {kernel name: median µs} over the device's stream events, plus "span per call"
+  (µs from the first kernel start to the last kernel end over the whole loop, / calls) and
+  "kernels per call".
+  """
+  firsts = jnp.stack([first + jnp.asarray(i * 1e-3, first.dtype) for i in range(calls)])
+  run = jax.jit(lambda xs, *r: jax.lax.map(lambda x: fn(x, *r), xs))
+  jax.block_until_ready(run(firsts, *rest))
+  jax.block_until_ready(run(firsts, *rest))
+  d = tempfile.mkdtemp()
+  with jax.profiler.trace(d):
+    jax.block_until_ready(run(firsts, *rest))
+  path = glob.glob(d + "/**/*.xplane.pb", recursive=True)[0]
+  events = []
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "stream" not in line.name.lower() or "ops" in line.name.lower():
+        continue
+      events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
+  if not events:
+    return {}
+  by_name = {}
+  for name, _, dur in events:
+    by_name.setdefault(name, []).append(dur / 1e3)
+  out = {name[:60]: statistics.median(ds) for name, ds in by_name.items()}
+  start = min(e[1] for e in events)
+  end = max(e[1] + e[2] for e in events)
+  out["span per call"] = (end - start) / 1e3 / calls
+  out["kernels per call"] = len(events) / calls
+  out["kernel sum per call"] = sum(e[2] for e in events) / 1e3 / calls
+  return out

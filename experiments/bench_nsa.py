@@ -80,8 +80,8 @@ def _kernel_time(label, fn, first, *rest):
   """GPU kernel seconds per call of fn (profiler: the loop's kernels minus an identity loop's),
   i.e. device time without the gaps between launches; None on failure."""
   try:
-    t = (profile_kernels(fn, first, *rest)["kernel sum per call"]
-         - profile_kernels(lambda x, *_: x, first, *rest)["kernel sum per call"]) * 1e-6
+    t = (bench_common.profile_kernels(fn, first, *rest)["kernel sum per call"]
+         - bench_common.profile_kernels(lambda x, *_: x, first, *rest)["kernel sum per call"]) * 1e-6
     print(f"  {label}: {t * 1e6:.1f} us", flush=True)
     return t
   except Exception as e:  # pylint: disable=broad-except
@@ -164,7 +164,7 @@ def case(length, reps, bandwidth):
   if "profile" in parts:   # every GPU kernel of the NSA forward (and cuDNN's), median µs per call
     for name, fn, fargs in (("nsa_fwd_kernels_us", nsa_fwd, args), ("cudnn_fwd_kernels_us", cudnn, (q, k, v))):
       try:
-        r[name] = profile_kernels(fn, *fargs, calls=4)
+        r[name] = bench_common.profile_kernels(fn, *fargs, calls=4)
       except Exception as e:  # pylint: disable=broad-except
         print(f"  {name}: profile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
@@ -448,46 +448,6 @@ def _noop_launches(count):
   return f
 
 
-def profile_kernels(fn, first, *rest, calls: int = 16) -> dict:
-  """GPU kernel durations of `calls` calls of fn in one jitted lax.map (jax.profiler trace).
-
-  Returns {kernel name: median µs} over the device's stream events, plus "span per call"
-  (µs from the first kernel start to the last kernel end over the whole loop, / calls) and
-  "kernels per call".
-  """
-  import glob  # pylint: disable=g-import-not-at-top
-  import statistics  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  firsts = jnp.stack([first + jnp.asarray(i * 1e-3, first.dtype) for i in range(calls)])
-  run = jax.jit(lambda xs, *r: jax.lax.map(lambda x: fn(x, *r), xs))
-  jax.block_until_ready(run(firsts, *rest))
-  jax.block_until_ready(run(firsts, *rest))
-  d = tempfile.mkdtemp()
-  with jax.profiler.trace(d):
-    jax.block_until_ready(run(firsts, *rest))
-  path = glob.glob(d + "/**/*.xplane.pb", recursive=True)[0]
-  events = []
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      if "stream" not in line.name.lower() or "ops" in line.name.lower():
-        continue
-      events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
-  if not events:
-    return {}
-  by_name = {}
-  for name, _, dur in events:
-    by_name.setdefault(name, []).append(dur / 1e3)
-  out = {name[:60]: statistics.median(ds) for name, ds in by_name.items()}
-  start = min(e[1] for e in events)
-  end = max(e[1] + e[2] for e in events)
-  out["span per call"] = (end - start) / 1e3 / calls
-  out["kernels per call"] = len(events) / calls
-  out["kernel sum per call"] = sum(e[2] for e in events) / 1e3 / calls
-  return out
-
-
 def decode_breakdown(length):
   """Where the fused decode's time goes at one L: device time per call (bench_in_loop) and
   GPU kernel durations (profiler) of a trivial launch, launch 1, launches 1+2 (top-n
@@ -548,7 +508,7 @@ def decode_breakdown(length):
   for name, f in variants.items():
     t = _try_loop(name, bench_common.bench_in_loop, f, q1, g1, pos1, cache, inner=_INNER.value)
     try:
-      prof = profile_kernels(f, q1, g1, pos1, cache)
+      prof = bench_common.profile_kernels(f, q1, g1, pos1, cache)
       print(f"    kernels: {json.dumps({k: round(v, 2) for k, v in prof.items()})}", flush=True)
     except Exception as e:  # pylint: disable=broad-except
       prof = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
