@@ -134,6 +134,8 @@ def by_length(interpret):
     modules = {"this": tk, **other_modules()}
     variants = {f"{name} default": (mod, mod.TopKBlocks()) for name, mod in modules.items()}
     variants["this line_slots 2"] = (tk, tk.TopKBlocks(line_slots=2))
+    variants["this 2 warps"] = (tk, tk.TopKBlocks(num_warps=2))     # more programs an SM (session 18)
+    variants["this block 512"] = (tk, tk.TopKBlocks(block=512))
     cases = {}
     for name, (mod, blocks) in variants.items():
       f = top_k_fn(mod, blocks, interpret)

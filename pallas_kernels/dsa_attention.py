@@ -76,7 +76,8 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int =
   backward overflows the shared memory (287 KB at 512 + 64): it runs at 4 warps (session 8);
   and the forward is faster at 32 heads and 4 warps than at 64 and 8 (512 + 64: 32k 87 -> 80 ms,
   128k 353 -> 338 ms; session 9, sweep_sparse_s9e/s9f), and, with the exp2 softmax, at 3 stages
-  than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15); the backward keeps 2 (it is near
+  than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15), as is the split-K decode with
+  the RoPE key (one 128k query: 0.0307 vs 0.0327 ms, session 18); the backward keeps 2 (it is near
   the shared-memory limit at 4 warps with the RoPE tiles).
   """
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
@@ -85,7 +86,7 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int =
   wide_rope_prefill = splits == 1 and dim > 256 and rope_dim > 0
   return SparseBlocks(block_h=block_h, block_k=64 if splits == 1 else 32, num_splits=splits,
                       num_warps=8 if dim > 256 and (splits > 1 or block_h > MAX_BLOCK_H) else 4,
-                      num_stages=3 if wide_rope_prefill else 2, bwd_num_stages=2,
+                      num_stages=3 if wide_rope_prefill or (splits > 1 and rope_dim) else 2, bwd_num_stages=2,
                       bwd_block_k=32, bwd_block_h=min(block_h, MAX_BLOCK_H),
                       bwd_num_warps=4 if rope_dim and dim > 256 else None)
 

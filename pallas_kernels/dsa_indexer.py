@@ -29,11 +29,13 @@ No VJP: the indexer's training loss uses the differentiable XLA scores.
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+import numpy as np
 
 from pallas_kernels import dsa_indexer_mgpu, fp8_dot, pad_axis, resolve_interpret
 
@@ -168,23 +170,67 @@ def indexer_scores_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
   return out[:, :q_len, :kv_len]
 
 
-def _decode_kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, o_ref):
-  """One query: q_ref [Hp, d] (heads as the MMA's rows); k_ref [bk, d]; w_ref [Hp]; o [bk]."""
-  q_pos, k_pos = qpos_ref[...], kpos_ref[...]
-  logits = plgpu.dot(q_ref[...], k_ref[...], trans_b=True)        # [Hp, bk] f32
-  acc = jnp.sum(jnp.maximum(logits, 0.0) * w_ref[...][:, None], axis=0)
-  visible = (k_pos >= 0) & (k_pos <= q_pos)
-  o_ref[...] = jnp.where(visible, acc * kscale_ref[...], -jnp.inf)
+def _quantized_query(q, signs, w):
+  """The FP8 query of `fp8_query_operands`, in a kernel: q [Hp, d] bf16, signs [d, d] bf16 (the
+  Hadamard matrix's +-1), w [Hp] f32 -> (q8 [Hp, d] float8_e4m3fn, w [Hp] with q's scale folded
+  in). The rotation is one bf16 MMA (exact products, fp32 sums), 1/sqrt(d) applied after it."""
+  from lca.attention import dsa  # pylint: disable=g-import-not-at-top
+  rotated = plgpu.dot(q, signs) * (1.0 / math.sqrt(q.shape[-1]))          # [Hp, d] f32
+  scale = jnp.maximum(jnp.max(jnp.abs(rotated), axis=1), 1e-12) / dsa.FP8_MAX
+  return (rotated / scale[:, None]).astype(dsa.FP8), w * scale
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "num_warps", "interpret"))
+def _decode_kernel(q_ref, k_ref, w_ref, qpos_ref, kpos_ref, kscale_ref, *refs, block_k: int,
+                   quantize_query: bool):
+  """One query over tiles of block_k keys: q_ref [Hp, d] (heads as the MMA's rows); k_ref [n bk,
+  d]; w_ref [Hp]; kpos_ref, kscale_ref [n bk]; o [n bk]. quantize_query: q_ref is the raw bf16
+  query, rotated and quantized once here for the program's n tiles (refs = signs_ref, o_ref)."""
+  *signs_ref, o_ref = refs
+  q, w = q_ref[...], w_ref[...]
+  if quantize_query:
+    q, w = _quantized_query(q, signs_ref[0][...], w)
+  q_pos = qpos_ref[...]
+
+  def tile(i, carry):
+    keys = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+    logits = plgpu.dot(q, k_ref[keys, :], trans_b=True)            # [Hp, bk] f32
+    acc = jnp.sum(jnp.maximum(logits, 0.0) * w[:, None], axis=0)
+    k_pos = kpos_ref[keys]
+    visible = (k_pos >= 0) & (k_pos <= q_pos)
+    o_ref[keys] = jnp.where(visible, acc * kscale_ref[keys], -jnp.inf).astype(o_ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, o_ref.shape[0] // block_k, tile, 0)
+
+
+DECODE_PROGRAMS = 256   # decode: tiles are grouped so that a call has about this many programs
+
+
+def decode_tiles_per_program(rows: int, tiles: int, max_tiles: int = 8) -> int:
+  """Key tiles a program of the decode kernel walks: a power of two <= max_tiles, dividing
+  `tiles` (a power of two or not), giving about DECODE_PROGRAMS programs over `rows` queries."""
+  n = 1
+  while n < max_tiles and tiles % (2 * n) == 0 and rows * tiles // (2 * n) >= DECODE_PROGRAMS:
+    n *= 2
+  return n
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "tiles_per_program", "num_warps", "out_dtype",
+                                             "interpret"))
 def indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions, *, block_k: int = 256,
-                                 num_warps: int = 4, interpret: bool = False):
-  """Few queries (decode): one program per (query, key tile), the H_I heads as the rows of
-  one [H_I, d] x [d, block_k] MMA (the tile kernel would pad one query to block_q rows).
-  Same arguments and result as `indexer_scores_kernel`."""
+                                 tiles_per_program: int | None = None, num_warps: int = 4,
+                                 out_dtype=jnp.float32, interpret: bool = False):
+  """Few queries (decode): one program per (query, tiles_per_program key tiles of block_k), the
+  H_I heads as the rows of one [H_I, d] x [d, block_k] MMA a tile (the tile kernel would pad one
+  query to block_q rows). Same arguments and result as `indexer_scores_kernel`; the fp32 sums
+  are written as out_dtype (rounded in the kernel: no separate conversion kernel in the decode
+  step). q bfloat16 with fp8 keys: q is the raw query (not rotated) and w the raw weights; each
+  program rotates and quantizes q once (`fp8_query_operands`' math, without the ~7 small XLA
+  kernels that ran ahead of this one in a decode step). tiles_per_program None:
+  `decode_tiles_per_program` (fewer, longer programs: less of that work repeated)."""
   batch, q_len, num_heads, dim = q.shape
   kv_len = k.shape[1]
+  quantize_query = q.dtype == jnp.bfloat16 and k.dtype == jnp.float8_e4m3fn
   bk = min(block_k, max(16, pl.next_power_of_2(kv_len)))
   hp = max(16, pl.next_power_of_2(num_heads))
   qh = _pad_to(q, 2, hp, 0)                                        # [B, L, Hp, d]
@@ -192,24 +238,30 @@ def indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
   kp = _pad_to(kv_positions.astype(jnp.int32), 1, bk, -1)
   kk = _pad_to(k, 1, bk, 0)
   ks = _pad_to(k_scale.astype(jnp.float32), 1, bk, 0)
-  sp = kp.shape[1]
+  tiles = kp.shape[1] // bk
+  n = tiles_per_program or decode_tiles_per_program(batch * q_len, tiles)
+  if tiles % n:
+    raise ValueError(f"tiles_per_program must divide the {tiles} key tiles, got {n}")
+  span = n * bk                                                    # keys a program
+  from lca.attention import dsa  # pylint: disable=g-import-not-at-top
+  signs = [jnp.asarray(np.sign(dsa.hadamard_matrix(dim)), jnp.bfloat16)] if quantize_query else []
   out = pl.pallas_call(
-      _decode_kernel,
-      grid=(batch, q_len, sp // bk),
+      functools.partial(_decode_kernel, block_k=bk, quantize_query=quantize_query),
+      grid=(batch, q_len, tiles // n),
       in_specs=[
           pl.BlockSpec((None, None, hp, dim), lambda b, t, j: (b, t, 0, 0)),
-          pl.BlockSpec((None, bk, dim), lambda b, t, j: (b, j, 0)),
+          pl.BlockSpec((None, span, dim), lambda b, t, j: (b, j, 0)),
           pl.BlockSpec((None, None, hp), lambda b, t, j: (b, t, 0)),
           pl.BlockSpec((None, None), lambda b, t, j: (b, t)),
-          pl.BlockSpec((None, bk), lambda b, t, j: (b, j)),
-          pl.BlockSpec((None, bk), lambda b, t, j: (b, j)),
-      ],
-      out_specs=pl.BlockSpec((None, None, bk), lambda b, t, j: (b, t, j)),
-      out_shape=jax.ShapeDtypeStruct((batch, q_len, sp), jnp.float32),
+          pl.BlockSpec((None, span), lambda b, t, j: (b, j)),
+          pl.BlockSpec((None, span), lambda b, t, j: (b, j)),
+      ] + [pl.BlockSpec((dim, dim), lambda b, t, j: (0, 0))] * len(signs),
+      out_specs=pl.BlockSpec((None, None, span), lambda b, t, j: (b, t, j)),
+      out_shape=jax.ShapeDtypeStruct((batch, q_len, tiles * bk), jnp.dtype(out_dtype)),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="dsa_indexer_scores_decode",
-  )(qh, kk, wh, q_positions.astype(jnp.int32), kp, ks)
+  )(qh, kk, wh, q_positions.astype(jnp.int32), kp, ks, *signs)
   return out[:, :, :kv_len]
 
 
@@ -264,22 +316,27 @@ def indexer_scores(q_idx, k_idx, weights, q_positions, kv_positions=None, *, fp8
     raise ValueError(f"kernel must be 'auto', 'triton' or 'mosaic', got kernel={kernel!r}")
   from lca.attention import dsa  # pylint: disable=g-import-not-at-top
   dsa.check_indexer(q_idx, k_idx, weights)
+  if q_idx.shape[-1] < 16 or q_idx.shape[-1] & (q_idx.shape[-1] - 1):
+    raise NotImplementedError(f"the indexer kernel needs a power-of-two index_dim >= 16, got {q_idx.shape[-1]}")
+  decode = q_idx.shape[1] <= DECODE_MAX_QUERIES
   if fp8 or isinstance(k_idx, dsa.FP8Keys):
     keys = dsa.quantize_index_keys(k_idx)
     if keys.scale.shape[-1] != 1:
       raise NotImplementedError(f"the FP8 indexer kernel needs index_dim <= 128, got {q_idx.shape[-1]}")
-    (q, w), k, k_scale = fp8_query_operands(q_idx, weights), keys.values, keys.scale[..., 0]
+    k, k_scale = keys.values, keys.scale[..., 0]
+    if decode and q_idx.dtype == jnp.bfloat16:   # the decode kernel quantizes a bf16 query itself
+      q, w = q_idx, weights.astype(jnp.float32)
+    else:
+      q, w = fp8_query_operands(q_idx, weights)
   else:
     q, k, w = q_idx, k_idx.astype(q_idx.dtype), weights
     k_scale = jnp.ones(k_idx.shape[:2], jnp.float32)
-  if q_idx.shape[-1] < 16 or q_idx.shape[-1] & (q_idx.shape[-1] - 1):
-    raise NotImplementedError(f"the indexer kernel needs a power-of-two index_dim >= 16, got {q_idx.shape[-1]}")
   default_kv = kv_positions is None
   if default_kv:
     kv_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
-  if q_idx.shape[1] <= DECODE_MAX_QUERIES:
+  if decode:
     return indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions,
-                                        interpret=resolve_interpret(interpret)).astype(out_dtype)
+                                        out_dtype=jnp.dtype(out_dtype), interpret=resolve_interpret(interpret))
   if kernel != "triton" and blocks is None:
     why_not = dsa_indexer_mgpu.supported(q, k, fill_future=fill_future, default_kv=default_kv,
                                          interpret=resolve_interpret(interpret), out_dtype=out_dtype)

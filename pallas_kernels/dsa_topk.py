@@ -232,9 +232,11 @@ def _masked_keys(ref, length, block, neg_inf_key):
 
 def _select(o_ref, keys, positions, length, *, width, neg_inf_key, k, block, bits, accumulate,
             out_block, trash):
-  """o_ref [trash + 1] int32 <- positions(i) [block] of the k largest of keys(i) [block], i <
-  ceil(length / block) (keys masks the entries >= length), in order, ties to the lower index;
-  then -1. Slot trash takes the scatter's masked lanes."""
+  """o_ref [trash + 1] or [trash] int32 <- positions(i) [block] of the k largest of keys(i)
+  [block], i < ceil(length / block) (keys masks the entries >= length), in order, ties to the
+  lower index; then -1. The scatter's masked lanes address slot trash where o_ref has it
+  (interpret mode, whose masked scatter writes every lane back), else slot 0 (on the GPU a
+  masked lane writes nothing; no trash slot means no copy to slice it off the output)."""
   num_blocks = (length + block - 1) // block
   k_row = jnp.minimum(k, num_blocks * block)          # counts include the masked tail
   # at most k entries: every finite one is taken, no search
@@ -252,7 +254,7 @@ def _select(o_ref, keys, positions, length, *, width, neg_inf_key, k, block, bit
     eq_rank = eq_seen + jnp.cumsum(eq) - eq
     take = (key > thr) | ((eq > 0) & (eq_rank < need))
     t = take.astype(jnp.int32)
-    slot = jnp.where(take, taken + jnp.cumsum(t) - t, trash)
+    slot = jnp.where(take, taken + jnp.cumsum(t) - t, trash if o_ref.shape[0] > trash else 0)
     plgpu.store(o_ref.at[slot], positions(i), mask=take)
     return taken + jnp.sum(t), eq_seen + jnp.sum(eq)
 
@@ -265,7 +267,7 @@ def _select(o_ref, keys, positions, length, *, width, neg_inf_key, k, block, bit
 
 def _kernel(s_ref, len_ref, o_ref, *, block, **kw):
   """The radix search over the whole row. s_ref [Sp] f32 / bf16 / f16; len_ref [] int32 (entries
-  >= length are -inf); o_ref [Kp + 1] int32."""
+  >= length are -inf); o_ref [Kp (+ 1)] int32."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
   length = len_ref[...]
   cols = jnp.arange(block, dtype=jnp.int32)
@@ -388,7 +390,7 @@ def _collect_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct
 def _select_kernel(s_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, o_ref, *, block, **kw):
   """The radix search over a row's collected keys (key_ref [C + 1], cnt_ref [] of them), the taken
   ones written as their positions (pos_ref [C + 1]); or over the whole row (s_ref [Sp], len_ref [])
-  where direct_ref [] is 1; o_ref [Kp + 1] int32."""
+  where direct_ref [] is 1; o_ref [Kp (+ 1)] int32."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
   count = cnt_ref[...]
   cols = jnp.arange(block, dtype=jnp.int32)
@@ -455,7 +457,7 @@ def _segment_select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, o
   in position order; or over the whole row (s_ref [Sp], len_ref []) when it was not sampled (at
   most C entries) or the sample misled (fewer than k collected above a threshold that was not
   the lowest finite key). A list of at most list_block entries is loaded once and searched in
-  registers (list_bits a pass). o_ref [Kp + 1] int32."""
+  registers (list_bits a pass). o_ref [Kp (+ 1)] int32."""
   neg_inf_key = _neg_inf_key(s_ref.dtype)
   width = key_bits(s_ref.dtype)
   length = len_ref[...]
@@ -511,7 +513,7 @@ class _Launch:
   block: int
   out_block: int
   padded: int      # S rounded up to a multiple of block
-  kp: int          # output slots (a multiple of out_block; slot kp: the trash)
+  kp: int          # output slots (a multiple of out_block; in interpret mode slot kp: the trash)
   capacity: int    # C rounded up to a multiple of block
   rank: int        # the sample's threshold rank
   sample: bool     # sample, then collect (rows longer than capacity)
@@ -603,6 +605,13 @@ def collect_candidates(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBloc
   return _collect(*_prepare(scores, lengths, lp), lp, blocks, resolve_interpret(interpret))
 
 
+def _out_width(lp: _Launch, interpret: bool) -> int:
+  """Output slots a row: kp, plus the trash slot in interpret mode (see `_select`). On the GPU
+  [R, kp] with kp = k (k = 2048) is the result itself: slicing a trash slot off cost a copy
+  kernel a call (a decode step's few µs of launch latency; 16 MB a [2048, 2049] prefill chunk)."""
+  return lp.kp + (1 if interpret else 0)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
 def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
                interpret: bool = False):
@@ -614,10 +623,11 @@ def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
   kw = dict(k=lp.k, block=lp.block, bits=lp.bits, accumulate=blocks.accumulate,
             out_block=lp.out_block, trash=lp.kp)
   row_spec = pl.BlockSpec((None, lp.padded), lambda r: (r, 0))
+  out_width = _out_width(lp, interpret)
   call = functools.partial(
       pl.pallas_call, grid=(rows,),
-      out_specs=pl.BlockSpec((None, lp.kp + 1), lambda r: (r, 0)),
-      out_shape=jax.ShapeDtypeStruct((rows, lp.kp + 1), jnp.int32),
+      out_specs=pl.BlockSpec((None, out_width), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, out_width), jnp.int32),
       compiler_params=_compiler_params(blocks), interpret=interpret)
   if not lp.sample:
     out = call(functools.partial(_kernel, **kw), in_specs=[row_spec, _ROW_SCALAR],
@@ -638,7 +648,7 @@ SEGMENT_MAX_ROWS = 64   # fewer rows than this (decode): the collecting pass spl
 def _segmented(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool):
   """Sample, then collect, for few long rows: each row's collecting pass split over
   `blocks.segments` programs (one segment each), then one program a row searches the collected
-  entries of all its segments. Prepared scores [R, Sp], lengths [R] -> [R, Kp + 1] int32."""
+  entries of all its segments. Prepared scores [R, Sp], lengths [R] -> [R, Kp (+ 1)] int32."""
   rows, parts = scores.shape[0], blocks.segments
   segment = -(-lp.padded // (parts * lp.block)) * lp.block
   row_spec = pl.BlockSpec((None, lp.padded), lambda r, p: (r, 0))
@@ -666,8 +676,8 @@ def _segmented(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool
       grid=(rows,),
       in_specs=[pl.BlockSpec((None, lp.padded), lambda r: (r, 0)), _ROW_SCALAR, flat, flat,
                 per_part, per_part],
-      out_specs=pl.BlockSpec((None, lp.kp + 1), lambda r: (r, 0)),
-      out_shape=jax.ShapeDtypeStruct((rows, lp.kp + 1), jnp.int32),
+      out_specs=pl.BlockSpec((None, _out_width(lp, interpret)), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, _out_width(lp, interpret)), jnp.int32),
       compiler_params=_compiler_params(blocks, blocks.segment_warps), interpret=interpret,
       name="dsa_topk_segment_select",
   )(scores, lengths, pos.reshape(rows, -1), val.reshape(rows, -1), cnt, thr)

@@ -1,5 +1,7 @@
 """DSA Pallas kernels against the references (interpret mode on CPU; few, small cases)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -214,10 +216,15 @@ def test_indexer_kernel_on_quantized_and_transposed_keys():
 
 
 def test_sparse_kernel_mqa_split_k_decode_form():
-  q, k, v, idx = _case(30, 45, 4, 1, 16, 16, 40, batch=1)  # MQA: one row serves all 4 heads; 2 steps a split
+  """MQA: one row serves all 4 heads; 2 steps a split. Early queries see fewer keys than a split
+  holds (a split of only -1 slots: lse -inf); outputs and gradients through the merged lse."""
+  q, k, v, idx = _case(30, 45, 4, 1, 16, 16, 40, batch=1)
+  ct = _normal(31, (1, 45, 4, 16))
+  want, want_grads = _out_and_grads(lambda *a: dsa.sparse_attention_reference(*a, idx), ct, q, k, v)
   blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16, num_splits=2)
-  got = dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks)
-  chex.assert_trees_all_close(got, dsa.sparse_attention_reference(q, k, v, idx), atol=1e-5, rtol=1e-5)
+  got, grads = _out_and_grads(lambda *a: dsa_attention.sparse_attention(*a, idx, blocks=blocks), ct, q, k, v)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -283,6 +290,15 @@ def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
       q, kv, kr)
   for a, b in zip(grads(fast), grads(ref)):
     assert rel(a, b) < 2e-2
+  # decode: one query over top-k 2048 of the 300 + 4000 keys, split K (3 stages with RoPE)
+  q1 = _normal(53, (1, 1, 128, 512 + rope_dim), jnp.bfloat16) * 0.1
+  kv1 = _normal(54, (1, 4300, 1, 512), jnp.bfloat16)
+  idx1 = jax.random.permutation(jax.random.key(54), 4300)[:2048].astype(jnp.int32)[None, None]
+  kr1 = _normal(55, (1, 4300, 1, rope_dim), jnp.bfloat16) if rope_dim else None
+  assert dsa_attention.default_blocks(1, 2048, 512, 128, rope_dim).num_stages == (3 if rope_dim else 2)
+  got1 = jax.jit(lambda q, kv, kr: dsa_attention.sparse_attention(q, kv, None, idx1, k_rope=kr))(q1, kv1, kr1)
+  ref1 = dsa.sparse_attention_reference(q1, kv1 if kr1 is None else jnp.concatenate([kv1, kr1], -1), kv1, idx1)
+  assert rel(got1, ref1) < 1e-2
 
 
 @pytest.mark.gpu
@@ -398,6 +414,35 @@ def test_indexer_decode_kernel_matches_reference(fp8):
   got = dsa_indexer.indexer_scores(q, k, w, q_pos, kv_pos, fp8=fp8)
   ref = dsa.indexer_scores_reference(q, k, w, q_positions=q_pos, kv_positions=kv_pos, fp8=fp8)
   _assert_scores_close(got, ref, 1e-4)
+
+
+def test_indexer_decode_kernel_quantizes_a_bf16_query_itself():
+  """FP8 decode with a bf16 query: the kernel rotates and quantizes q per program (5 heads
+  padded to 16, odd cache length); the same q8 and scores as `fp8_query_operands` ahead of the
+  kernel, and as the reference; bf16 scores rounded once."""
+  q = _normal(53, (2, 1, 5, 32), jnp.bfloat16)
+  k, w = _normal(54, (2, 45, 32), jnp.bfloat16), _normal(55, (2, 1, 5))
+  q_pos = jnp.array([[30], [44]], jnp.int32)
+  kv_pos = jnp.broadcast_to(jnp.arange(45, dtype=jnp.int32), (2, 45))
+  keys = dsa.quantize_index_keys(k)
+  got = dsa_indexer.indexer_scores(q, keys, w, q_pos, kv_pos)
+  q8, w8 = dsa_indexer.fp8_query_operands(q, w)
+  ahead = dsa_indexer.indexer_scores_decode_kernel(q8, keys.values, w8, keys.scale[..., 0], q_pos, kv_pos,
+                                                   interpret=True)
+  scale = np.abs(np.asarray(got)[np.isfinite(got)]).max()
+  _assert_scores_close(got / scale, ahead / scale, 1e-6)
+  ref = dsa.indexer_scores_reference(q, k, w, q_positions=q_pos, kv_positions=kv_pos, fp8=True)
+  _assert_scores_close(got / scale, ref / scale, 1e-6)
+  bf16 = dsa_indexer.indexer_scores(q, keys, w, q_pos, kv_pos, out_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(bf16, np.float32), np.asarray(got.astype(jnp.bfloat16), np.float32))
+  # a program walking several key tiles (45 keys -> 3 tiles of 16, 1 or 3 a program)
+  run = functools.partial(dsa_indexer.indexer_scores_decode_kernel, q, keys.values, w, keys.scale[..., 0],
+                          q_pos, kv_pos, block_k=16, interpret=True)
+  for tiles in (1, 3):
+    _assert_scores_close(run(tiles_per_program=tiles) / scale, got / scale, 1e-6)
+  with pytest.raises(ValueError, match="tiles_per_program"):
+    run(tiles_per_program=2)
+  assert [dsa_indexer.decode_tiles_per_program(r, t) for r, t in ((1, 512), (8, 512), (1, 64), (1, 3))] == [2, 8, 1, 1]
 
 
 def test_mosaic_row_gather_probe_lowers_on_cpu():
