@@ -6,7 +6,9 @@ with its median duration (profiler, 16 steps in one jitted loop), the kernels a 
 a step, and the device time a step (`bench_in_loop`). With --ab_prefix (an older commit's
 `pallas_kernels/dsa_{indexer,topk,attention}.py` saved as experiments/_ab_*.py) the step with those
 indexer, top-k and attention modules and with this one are profiled, timed in turn over 3 rounds,
-and their outputs compared. --sparse_sweep: the sparse attention alone with other split-K launches.
+and their outputs compared. --sparse_sweep: the sparse attention alone and the whole step with
+other split-K launches, all timed in turn over 3 rounds (single timings of these ~0.03 ms calls
+moved by 2-5 µs between processes). --indexer_sweep: the decode indexer kernel alone.
 
   python -m experiments.probe_dsa_decode [--lengths=131072] [--batch=1] [--ab_prefix=experiments._ab_]
 """
@@ -41,10 +43,9 @@ _B = dsa_attention.SparseBlocks
 SPARSE_LAUNCHES = {   # the default first (the launch `default_blocks` gives a decode step)
     "default (16 splits, 32 rows, 8 warps, 3 stages)": _B(block_h=32, block_k=32, num_splits=16, num_warps=8,
                                                           num_stages=3),
-    "2 stages (before session 18)": _B(block_h=32, block_k=32, num_splits=16, num_warps=8, num_stages=2),
-    "16 splits, 64 rows": _B(block_h=32, block_k=64, num_splits=16, num_warps=8, num_stages=3),
-    "16 splits, 64 rows, 2 stages": _B(block_h=32, block_k=64, num_splits=16, num_warps=8, num_stages=2),
-    "32 splits, 64 rows": _B(block_h=32, block_k=64, num_splits=32, num_warps=8, num_stages=3),
+    "32 rows, 2 stages (session 17)": _B(block_h=32, block_k=32, num_splits=16, num_warps=8, num_stages=2),
+    "64 rows, 3 stages": _B(block_h=32, block_k=64, num_splits=16, num_warps=8, num_stages=3),
+    "64 rows, 2 stages": _B(block_h=32, block_k=64, num_splits=16, num_warps=8, num_stages=2),
 }
 
 
@@ -61,7 +62,7 @@ def operands(length, batch):
   return qi, q, k8, w, latent, k_rope
 
 
-def step_fn(length, batch, indexer=dsa_indexer, topk=dsa_topk, attention=dsa_attention):
+def step_fn(length, batch, indexer=dsa_indexer, topk=dsa_topk, attention=dsa_attention, blocks=None):
   """One decode step (the indexer query first, so nothing is hoisted out of bench_in_loop): what
   `dsa.top_k_select` and `dsa.sparse_attention` run on the GPU, from the given kernel modules."""
   qpos = jnp.full((batch, 1), length - 1, jnp.int32)
@@ -70,7 +71,7 @@ def step_fn(length, batch, indexer=dsa_indexer, topk=dsa_topk, attention=dsa_att
   def step(qi, q, k8, w, kv, kr):
     scores = indexer.indexer_scores(qi, k8, w, qpos, kvpos, out_dtype=jnp.bfloat16)
     i = topk.top_k(scores, TOP_K)
-    return attention.sparse_attention(q, kv, None, i, k_rope=kr)
+    return attention.sparse_attention(q, kv, None, i, k_rope=kr, blocks=blocks)
   return step
 
 
@@ -84,8 +85,8 @@ def profile(label, step, args):
 
 
 def sparse_sweep(length, args):
-  """The sparse attention alone (device ms, in loop) with each of SPARSE_LAUNCHES, outputs
-  compared with the default launch's."""
+  """The sparse attention alone and the whole step with each of SPARSE_LAUNCHES (device ms, in
+  loop; all timed in turn over 3 rounds), outputs compared with the default launch's."""
   qi, q, k8, w, latent, k_rope = args
   qpos = jnp.full((q.shape[0], 1), length - 1, jnp.int32)
   kvpos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (q.shape[0], length))
@@ -99,9 +100,12 @@ def sparse_sweep(length, args):
     print(f"L={length} sparse attention, {name}: max |out - default| {np.abs(out - want).max():.3g}", flush=True)
     cases[name] = (f"L={length} sparse attention, {name}",
                    functools.partial(bench_common.bench_in_loop, f, inner=_INNER.value), (q, latent, k_rope, idx))
+    cases["step, " + name] = (f"L={length} step, {name}", functools.partial(
+        bench_common.bench_in_loop, step_fn(length, q.shape[0], blocks=blocks), inner=_INNER.value), args)
   times = bench_common.interleaved(cases, rounds=3, reps=5, timer=lambda f, *a, reps: f(*a, reps=reps))
   for name, t in times.items():
-    print(f"L={length} sparse attention, {name}: {1e3 * t:.4f} ms (device, in loop; median of 3 rounds)", flush=True)
+    print(f"L={length} {'' if name.startswith('step') else 'sparse attention, '}{name}: {1e3 * t:.4f} ms "
+          "(device, in loop; median of 3 rounds)", flush=True)
 
 
 def indexer_sweep(length, args):
