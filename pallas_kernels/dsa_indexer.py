@@ -225,7 +225,7 @@ def indexer_scores_decode_kernel(q, k, w, k_scale, q_positions, kv_positions, *,
   query to block_q rows). Same arguments and result as `indexer_scores_kernel`; the fp32 sums
   are written as out_dtype (rounded in the kernel: no separate conversion kernel in the decode
   step). q bfloat16 with fp8 keys: q is the raw query (not rotated) and w the raw weights; each
-  program rotates and quantizes q once (`fp8_query_operands`' math, without the ~7 small XLA
+  program rotates and quantizes q once (`fp8_query_operands`' math, without the 5 small XLA
   kernels that ran ahead of this one in a decode step). tiles_per_program None:
   `decode_tiles_per_program` (fewer, longer programs: less of that work repeated)."""
   batch, q_len, num_heads, dim = q.shape
