@@ -12,7 +12,12 @@ the bytes, made the pass ~2x slower than the pass without its stores):
     that do not come from the prefix sum, dense), "no_store" (the prefix sum kept live, no
     stores), "count" (no prefix sum, no stores).
 
+With --lengths: the last causal chunk at each length, this module against --ab_module's, and its
+collect and select calls alone (`collect_candidates`, `select_candidates`), where a chunk's fixed
+cost goes (0.25 ms a chunk at 8k, session 18).
+
   python -m experiments.probe_topk_collect [--parts] [--ab_module=experiments._ab_dsa_topk]
+  python -m experiments.probe_topk_collect --lengths=8192,16384,131072 [--ab_module=...]
   python -m experiments.probe_topk_collect --small        (CPU, interpret mode: a [8, 16k] check)
 """
 
@@ -127,20 +132,27 @@ def other_modules():
 
 
 def by_length(interpret):
-  """The last causal chunk at each of --lengths, this module's default against --ab_module's,
-  timed in turn with `bench_pipelined` (16 calls a sync: host jitter hidden)."""
+  """The last causal chunk at each of --lengths, this module's default against --ab_module's and
+  its collect and select calls alone, timed in turn with `bench_pipelined` (16 calls a sync: host
+  jitter hidden)."""
   for length in map(int, _LENGTHS.value):
     x, n, ref = last_chunk(length, 8 if interpret else min(2048, length))
     modules = {"this": tk, **other_modules()}
     variants = {f"{name} default": (mod, mod.TopKBlocks()) for name, mod in modules.items()}
     variants["this line_slots 2"] = (tk, tk.TopKBlocks(line_slots=2))
-    variants["this 2 warps"] = (tk, tk.TopKBlocks(num_warps=2))     # more programs an SM (session 18)
-    variants["this block 512"] = (tk, tk.TopKBlocks(block=512))
     cases = {}
     for name, (mod, blocks) in variants.items():
       f = top_k_fn(mod, blocks, interpret)
       assert (np.sort(np.asarray(f(x, n)), -1) == ref).all(), (length, name)
       cases[name] = (f"L={length} {name}", f, (x, n))
+    # this module's two calls one at a time: where a chunk's fixed cost goes (session 18's next step)
+    one = tk.TopKBlocks(segments=1)   # = the default for a chunk's 2048 rows (--small's 8: segmented)
+    collect = jax.jit(lambda s, n: tk.collect_candidates(s, n, k=K, blocks=one, interpret=interpret))
+    collected = collect(x, n)
+    select = jax.jit(lambda s, n, c: tk.select_candidates(s, n, c, k=K, blocks=one, interpret=interpret))
+    assert (np.sort(np.asarray(select(x, n, collected)), -1) == ref).all(), (length, "select alone")
+    cases["this collect call alone"] = (f"L={length} collect call alone", collect, (x, n))
+    cases["this select call alone"] = (f"L={length} select call alone", select, (x, n, collected))
     times = bench_common.interleaved(cases, rounds=3, reps=5, timer=bench_common.bench_pipelined)
     for name, t in times.items():
       print(f"L={length} top_k {name}: {1e3 * t:.3f} ms (median of rounds, exact)", flush=True)

@@ -612,14 +612,17 @@ def _out_width(lp: _Launch, interpret: bool) -> int:
   return lp.kp + (1 if interpret else 0)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
-def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
-               interpret: bool = False):
-  """scores [R, S] f32 / bf16 / f16, lengths [R] int32 -> [R, min(k, S)] int32 (position order,
-  -1 = none)."""
-  rows, width = scores.shape
-  lp = _launch(width, scores.dtype, k, blocks)
-  scores, lengths = _prepare(scores, lengths, lp)
+def _collects(rows: int, lp: _Launch, blocks: TopKBlocks) -> bool:
+  """Whether `rows` rows take the two calls, collect then select (sampled, too many rows for the
+  segmented calls)."""
+  return lp.sample and not (rows < SEGMENT_MAX_ROWS and blocks.segments > 1)
+
+
+def _search_rows(scores, lengths, collected, lp: _Launch, blocks: TopKBlocks, interpret: bool):
+  """Prepared scores [R, Sp], lengths [R] -> [R, k]: the radix search over whole rows (rows not
+  sampled), the segmented calls (few sampled rows), or the select call over `collected`
+  (`_collect`'s outputs: many sampled rows)."""
+  rows = scores.shape[0]
   kw = dict(k=lp.k, block=lp.block, bits=lp.bits, accumulate=blocks.accumulate,
             out_block=lp.out_block, trash=lp.kp)
   row_spec = pl.BlockSpec((None, lp.padded), lambda r: (r, 0))
@@ -632,14 +635,38 @@ def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
   if not lp.sample:
     out = call(functools.partial(_kernel, **kw), in_specs=[row_spec, _ROW_SCALAR],
                name="dsa_topk")(scores, lengths)
-  elif rows < SEGMENT_MAX_ROWS and blocks.segments > 1:
+  elif collected is None:
     out = _segmented(scores, lengths, lp, blocks, interpret)
   else:
     scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
     out = call(functools.partial(_select_kernel, **kw),
                in_specs=[row_spec, _ROW_SCALAR, scratch, scratch, _ROW_SCALAR, _ROW_SCALAR],
-               name="dsa_topk_select")(scores, lengths, *_collect(scores, lengths, lp, blocks, interpret))
+               name="dsa_topk_select")(scores, lengths, *collected)
   return out[:, :lp.k]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
+def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
+               interpret: bool = False):
+  """scores [R, S] f32 / bf16 / f16, lengths [R] int32 -> [R, min(k, S)] int32 (position order,
+  -1 = none)."""
+  lp = _launch(scores.shape[1], scores.dtype, k, blocks)
+  scores, lengths = _prepare(scores, lengths, lp)
+  collected = _collect(scores, lengths, lp, blocks, interpret) if _collects(scores.shape[0], lp, blocks) else None
+  return _search_rows(scores, lengths, collected, lp, blocks, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blocks", "interpret"))
+def select_candidates(scores, lengths, collected, *, k: int, blocks: TopKBlocks = TopKBlocks(),
+                      interpret: bool | None = None):
+  """The second call of sample-then-collect alone, as `top_k_rows` runs it (for measurements):
+  scores [R, S], lengths [R] and `collect_candidates`' outputs for them -> [R, min(k, S)] int32."""
+  lp = _launch(scores.shape[1], scores.dtype, k, blocks)
+  if not _collects(scores.shape[0], lp, blocks):
+    raise ValueError(f"{scores.shape[0]} rows of S = {scores.shape[1]}, k = {k} with {blocks} do not "
+                     "take the collect, then select calls")
+  scores, lengths = _prepare(scores, lengths, lp)
+  return _search_rows(scores, lengths, collected, lp, blocks, resolve_interpret(interpret))
 
 
 SEGMENT_MAX_ROWS = 64   # fewer rows than this (decode): the collecting pass split over segments

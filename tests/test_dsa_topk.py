@@ -246,6 +246,12 @@ def test_sampled_top_k_falls_back_when_the_sample_misleads():
   assert count[0] > 2048 and count[1] < k and count[2] > 2048, count
   for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1), *_LIST_VARIANTS):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
+  # the two calls one at a time (as a probe times them), failed rows included
+  one = dataclasses.replace(_SAMPLED, segments=1)
+  collected = dsa_topk.collect_candidates(x, lengths, k=k, blocks=one)
+  _assert_exact_in_order(dsa_topk.select_candidates(x, lengths, collected, k=k, blocks=one), x, k, lengths)
+  with pytest.raises(ValueError, match="do not take the collect"):   # 4 rows: the segmented calls
+    dsa_topk.select_candidates(x, lengths, collected, k=k, blocks=_SAMPLED)
 
 
 def test_segmented_top_k_with_the_top_in_one_segment():
