@@ -33,8 +33,8 @@ _AB = flags.DEFINE_string("ab_prefix", "", "Import prefix of another copy of the
                           "(e.g. experiments._ab_ for experiments/_ab_dsa_indexer.py, _ab_dsa_topk.py, "
                           "_ab_dsa_attention.py): that step is profiled and timed against this one.")
 _INNER = flags.DEFINE_integer("inner", 64, "Steps in one jitted loop (bench_in_loop).")
-_SPARSE_SWEEP = flags.DEFINE_bool("sparse_sweep", False, "Also time the sparse attention alone with "
-                                  "other split-K launches (SPARSE_LAUNCHES).")
+_SPARSE_SWEEP = flags.DEFINE_bool("sparse_sweep", False, "Also time the sparse attention alone and the whole "
+                                  "step with other split-K launches (SPARSE_LAUNCHES), in turn.")
 _INDEXER_SWEEP = flags.DEFINE_bool("indexer_sweep", False, "Also time the decode indexer kernel alone: the "
                                    "query quantized ahead by XLA or in the kernel, by tiles a program.")
 
@@ -62,11 +62,21 @@ def operands(length, batch):
   return qi, q, k8, w, latent, k_rope
 
 
+def positions(length, batch):
+  """The new token's position [B, 1] and the cache's key positions [B, L]."""
+  return (jnp.full((batch, 1), length - 1, jnp.int32),
+          jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
+
+
+def _in_loop(f, *args, reps):
+  """`bench_common.interleaved`'s timer for cases whose fn is a partial of `bench_in_loop`."""
+  return f(*args, reps=reps)
+
+
 def step_fn(length, batch, indexer=dsa_indexer, topk=dsa_topk, attention=dsa_attention, blocks=None):
   """One decode step (the indexer query first, so nothing is hoisted out of bench_in_loop): what
   `dsa.top_k_select` and `dsa.sparse_attention` run on the GPU, from the given kernel modules."""
-  qpos = jnp.full((batch, 1), length - 1, jnp.int32)
-  kvpos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  qpos, kvpos = positions(length, batch)
 
   def step(qi, q, k8, w, kv, kr):
     scores = indexer.indexer_scores(qi, k8, w, qpos, kvpos, out_dtype=jnp.bfloat16)
@@ -88,8 +98,7 @@ def sparse_sweep(length, args):
   """The sparse attention alone and the whole step with each of SPARSE_LAUNCHES (device ms, in
   loop; all timed in turn over 3 rounds), outputs compared with the default launch's."""
   qi, q, k8, w, latent, k_rope = args
-  qpos = jnp.full((q.shape[0], 1), length - 1, jnp.int32)
-  kvpos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (q.shape[0], length))
+  qpos, kvpos = positions(length, q.shape[0])
   idx = dsa.top_k_select(dsa_indexer.indexer_scores(qi, k8, w, qpos, kvpos, out_dtype=jnp.bfloat16), TOP_K)
   want = None
   cases = {}
@@ -102,7 +111,7 @@ def sparse_sweep(length, args):
                    functools.partial(bench_common.bench_in_loop, f, inner=_INNER.value), (q, latent, k_rope, idx))
     cases["step, " + name] = (f"L={length} step, {name}", functools.partial(
         bench_common.bench_in_loop, step_fn(length, q.shape[0], blocks=blocks), inner=_INNER.value), args)
-  times = bench_common.interleaved(cases, rounds=3, reps=5, timer=lambda f, *a, reps: f(*a, reps=reps))
+  times = bench_common.interleaved(cases, rounds=3, reps=5, timer=_in_loop)
   for name, t in times.items():
     print(f"L={length} {'' if name.startswith('step') else 'sparse attention, '}{name}: {1e3 * t:.4f} ms "
           "(device, in loop; median of 3 rounds)", flush=True)
@@ -113,8 +122,7 @@ def indexer_sweep(length, args):
   kernel (as before session 18), or the bf16 query quantized in each program, by tiles a program."""
   qi, _, k8, w, _, _ = args
   b = qi.shape[0]
-  qpos = jnp.full((b, 1), length - 1, jnp.int32)
-  kvpos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+  qpos, kvpos = positions(length, b)
   kernel = functools.partial(dsa_indexer.indexer_scores_decode_kernel, out_dtype=jnp.bfloat16,
                              interpret=jax.default_backend() == "cpu")
 
@@ -157,8 +165,7 @@ def main(argv):
       profile(f"L={length} batch={_BATCH.value} {name} (max |out - this| {np.abs(got - want).max():.3g})", step, args)
       cases[name] = (f"L={length} {name}", functools.partial(bench_common.bench_in_loop, step, inner=_INNER.value),
                      args)
-    times = bench_common.interleaved(cases, rounds=3 if _AB.value else 1, reps=5,
-                                     timer=lambda f, *a, reps: f(*a, reps=reps))
+    times = bench_common.interleaved(cases, rounds=3 if _AB.value else 1, reps=5, timer=_in_loop)
     for name, t in times.items():
       print(f"L={length} step {name}: {1e3 * t:.4f} ms (device, in loop; median of rounds)", flush=True)
     if _SPARSE_SWEEP.value:
