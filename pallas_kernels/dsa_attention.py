@@ -56,6 +56,9 @@ class SparseBlocks:
   bwd_block_h: int | None = None     # backward heads per program; None: block_h (64 heads at a
                                      # 512-dim latent overflow the shared memory in the backward)
   bwd_num_stages: int | None = None  # backward; None: num_stages
+  dv_splits: int = 1       # forward: programs a (query, head block)'s value dims are split over,
+                           # each computing the logits itself and gathering its value columns
+                           # (64 heads then fit the 4-warp accumulator: an M = 64 MMA; to measure)
 
 
 LOG2E = math.log2(math.e)
@@ -200,26 +203,34 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   num_kv_heads, kv_len = k.shape[2], k.shape[1]
   dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
+  dvs = blocks.dv_splits
+  if dvs > 1 and shared:   # the value columns come from the same latent: one buffer, gathered twice
+    v, shared = k, False
   q_parts, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
   gp, ksel = q_parts[0][0].shape[3], idx.shape[-1]
   dvp = (kp if shared else vp).shape[-1]
+  if dvs < 1 or dvp % dvs or dvp // dvs < 16:
+    raise ValueError(f"SparseBlocks.dv_splits must split the value dims ({dvp}, padded) into parts of "
+                     f">= 16, got dv_splits={dvs}")
+  dvb = dvp // dvs
   bh, splits = blocks.block_h, blocks.num_splits
   per_split = ksel // splits
-  grid = (batch, q_len, num_kv_heads * (gp // bh), splits)
+  grid = (batch, q_len, num_kv_heads * (gp // bh), splits, dvs)
   nhb = gp // bh
   head_spec = lambda width, j: pl.BlockSpec((None, None, None, bh, width),
-                                            lambda b, t, h, s: (b, t, h // nhb, h % nhb, j))
-  rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h, s: (b, 0, h // nhb, 0))
-  operands = [x for x, _, _ in q_parts] + _present(kp, vp, krp)
+                                            lambda b, t, h, s, d: (b, t, h // nhb, h % nhb, j))
+  whole_rows = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h, s, d: (b, 0, h // nhb, 0))
+  value_cols = pl.BlockSpec((None, kv_len, None, dvb), lambda b, t, h, s, d: (b, 0, h // nhb, d))
+  rows = [(kp, whole_rows(kp))] + ([] if shared else [(vp, value_cols)]) + ([(krp, whole_rows(krp))] if rope else [])
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
                         steps=per_split // blocks.block_k, shared=shared, rope=rope),
       grid=grid,
-      in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[rows_spec(x) for x in _present(kp, vp, krp)],
-                pl.BlockSpec((None, None, per_split), lambda b, t, h, s: (b, t, s))],
-      out_specs=[
-          pl.BlockSpec((None, None, None, None, bh, dvp), lambda b, t, h, s: (b, t, s, h // nhb, h % nhb, 0)),
-          pl.BlockSpec((None, None, None, None, bh), lambda b, t, h, s: (b, t, s, h // nhb, h % nhb)),
+      in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[spec for _, spec in rows],
+                pl.BlockSpec((None, None, per_split), lambda b, t, h, s, d: (b, t, s))],
+      out_specs=[   # every value-dim part writes the same lse
+          pl.BlockSpec((None, None, None, None, bh, dvb), lambda b, t, h, s, d: (b, t, s, h // nhb, h % nhb, d)),
+          pl.BlockSpec((None, None, None, None, bh), lambda b, t, h, s, d: (b, t, s, h // nhb, h % nhb)),
       ],
       out_shape=[jax.ShapeDtypeStruct((batch, q_len, splits, num_kv_heads, gp, dvp),
                                       q.dtype if splits == 1 else jnp.float32),
@@ -227,7 +238,7 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="dsa_sparse_attention_fwd",
-  )(*operands, idx)
+  )(*[x for x, _, _ in q_parts], *[x for x, _ in rows], idx)
   if splits > 1:   # merge the partial softmaxes
     lse_all = jax.scipy.special.logsumexp(lse, axis=2, keepdims=True)
     lse_all_safe = jnp.where(jnp.isfinite(lse_all), lse_all, 0.0)

@@ -174,7 +174,8 @@ def test_sparse_kernel_mla_split_key_forward_gradients_and_decode():
   args = (q, kv[..., :latent], k_rope)
   want, want_grads = _out_and_grads(ref, ct, *args)
   for blocks in (dsa_attention.SparseBlocks(block_h=16, block_k=16),
-                 dsa_attention.SparseBlocks(block_h=32, block_k=16, bwd_block_h=16)):
+                 dsa_attention.SparseBlocks(block_h=32, block_k=16, bwd_block_h=16),
+                 dsa_attention.SparseBlocks(block_h=32, block_k=16, dv_splits=2)):   # 2 x 16 value dims
     fast = lambda q, kv, kr, blocks=blocks: dsa_attention.sparse_attention(
         q, kv, None, idx, k_rope=kr, scale=scale, blocks=blocks)
     got, grads = _out_and_grads(fast, ct, *args)
@@ -198,6 +199,9 @@ def test_sparse_kernel_mla_split_key_forward_gradients_and_decode():
   chex.assert_trees_all_close(grads2, want_grads2, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="q's head dim"):
     dsa_attention.sparse_attention(q[..., :28], kv[..., :latent], None, idx, k_rope=k_rope)
+  with pytest.raises(ValueError, match="dv_splits"):   # 32 padded value dims: parts of 16 at most
+    dsa_attention.sparse_attention(q, kv[..., :latent], None, idx, k_rope=k_rope,
+                                   blocks=dsa_attention.SparseBlocks(16, 16, dv_splits=4))
   with pytest.raises(ValueError, match="shared form"):
     dsa_attention.sparse_attention(q, kv[..., :latent], kv[..., :latent] + 1, idx, k_rope=k_rope)
 
