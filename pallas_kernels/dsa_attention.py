@@ -215,22 +215,24 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   dvb = dvp // dvs
   bh, splits = blocks.block_h, blocks.num_splits
   per_split = ksel // splits
-  grid = (batch, q_len, num_kv_heads * (gp // bh), splits, dvs)
+  # the value-dim parts first: Pallas-Triton folds the leading grid axes into CUDA's x, fastest
+  # first, so a query's parts run side by side and its q tile is read from L2 by the second
+  grid = (dvs, batch, q_len, num_kv_heads * (gp // bh), splits)
   nhb = gp // bh
   head_spec = lambda width, j: pl.BlockSpec((None, None, None, bh, width),
-                                            lambda b, t, h, s, d: (b, t, h // nhb, h % nhb, j))
-  whole_rows = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h, s, d: (b, 0, h // nhb, 0))
-  value_cols = pl.BlockSpec((None, kv_len, None, dvb), lambda b, t, h, s, d: (b, 0, h // nhb, d))
+                                            lambda d, b, t, h, s: (b, t, h // nhb, h % nhb, j))
+  whole_rows = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda d, b, t, h, s: (b, 0, h // nhb, 0))
+  value_cols = pl.BlockSpec((None, kv_len, None, dvb), lambda d, b, t, h, s: (b, 0, h // nhb, d))
   rows = [(kp, whole_rows(kp))] + ([] if shared else [(vp, value_cols)]) + ([(krp, whole_rows(krp))] if rope else [])
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
                         steps=per_split // blocks.block_k, shared=shared, rope=rope),
       grid=grid,
       in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[spec for _, spec in rows],
-                pl.BlockSpec((None, None, per_split), lambda b, t, h, s, d: (b, t, s))],
+                pl.BlockSpec((None, None, per_split), lambda d, b, t, h, s: (b, t, s))],
       out_specs=[   # every value-dim part writes the same lse
-          pl.BlockSpec((None, None, None, None, bh, dvb), lambda b, t, h, s, d: (b, t, s, h // nhb, h % nhb, d)),
-          pl.BlockSpec((None, None, None, None, bh), lambda b, t, h, s, d: (b, t, s, h // nhb, h % nhb)),
+          pl.BlockSpec((None, None, None, None, bh, dvb), lambda d, b, t, h, s: (b, t, s, h // nhb, h % nhb, d)),
+          pl.BlockSpec((None, None, None, None, bh), lambda d, b, t, h, s: (b, t, s, h // nhb, h % nhb)),
       ],
       out_shape=[jax.ShapeDtypeStruct((batch, q_len, splits, num_kv_heads, gp, dvp),
                                       q.dtype if splits == 1 else jnp.float32),
