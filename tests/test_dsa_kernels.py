@@ -288,6 +288,10 @@ def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
       q, kv if kr is None else jnp.concatenate([kv, kr], -1), kv, idx)
   rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
   assert rel(jax.jit(fast)(q, kv, kr), ref(q, kv, kr)) < 1e-2
+  # the value dims split over 2 programs of 64 heads at 4 warps (an M = 64 MMA; session 18, to time)
+  split_dv = dsa_attention.SparseBlocks(block_h=64, block_k=32, num_warps=4, num_stages=2, dv_splits=2)
+  got_dv = jax.jit(lambda q, kv, kr: dsa_attention.sparse_attention(q, kv, None, idx, k_rope=kr, blocks=split_dv))
+  assert rel(got_dv(q, kv, kr), ref(q, kv, kr)) < 1e-2
   ct = _normal(51, (*q.shape[:3], 512), jnp.bfloat16)
   argnums = (0, 1, 2) if rope_dim else (0, 1)
   grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum((f(*a) * ct).astype(jnp.float32)), argnums=argnums))(
