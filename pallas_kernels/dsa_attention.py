@@ -79,8 +79,9 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int =
   backward overflows the shared memory (287 KB at 512 + 64): it runs at 4 warps (session 8);
   and the forward is faster at 32 heads and 4 warps than at 64 and 8 (512 + 64: 32k 87 -> 80 ms,
   128k 353 -> 338 ms; session 9, sweep_sparse_s9e/s9f), and, with the exp2 softmax, at 3 stages
-  than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15), as is the split-K decode with
-  the RoPE key (one 128k query: 0.0307 vs 0.0327 ms, session 18); the backward keeps 2 (it is near
+  than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15), and so runs the split-K decode
+  with the RoPE key (one 128k query: 0.0307 vs 0.0327 ms in one process, 0.0260 vs 0.0246 in
+  another: within the spread of single timings; session 18); the backward keeps 2 (it is near
   the shared-memory limit at 4 warps with the RoPE tiles).
   """
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
