@@ -417,10 +417,16 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
     "sh_h128_k16_w16_s2": (True, SB(block_h=128, block_k=16, num_warps=16, num_stages=2)),
     # session 5: around the 4-warp default
     "sh_h32_k64_w4_s2": (True, SB(block_h=32, block_k=64, num_warps=4, num_stages=2)),
-    # session 18 (not yet run): 64 heads at 4 warps (an M = 64 MMA), the value dims split over 2 programs
+    # session 19: 64 heads at 4 warps (an M = 64 MMA), the value dims split over 2 programs (each
+    # gathers the latent as 2 column blocks, its value block first); a query's head blocks side by
+    # side (ht: its gathered rows read from L2 by all but the first)
     "sh_h64_k32_w4_s2_dv2": (True, SB(block_h=64, block_k=32, num_warps=4, num_stages=2, dv_splits=2)),
     "sh_h64_k32_w4_s3_dv2": (True, SB(block_h=64, block_k=32, num_warps=4, num_stages=3, dv_splits=2)),
     "sh_h64_k64_w4_s2_dv2": (True, SB(block_h=64, block_k=64, num_warps=4, num_stages=2, dv_splits=2)),
+    "sh_h64_k32_w4_s3_dv2_ht": (True, SB(block_h=64, block_k=32, num_warps=4, num_stages=3, dv_splits=2,
+                                         heads_together=True)),
+    "sh_h32_k64_w4_s3_ht": (True, SB(block_h=32, block_k=64, num_warps=4, num_stages=3, heads_together=True)),
+    "sh_h64_k64_w8_s2_ht": (True, SB(block_h=64, block_k=64, num_warps=8, num_stages=2, heads_together=True)),
     "sh_h32_k16_w4_s2": (True, SB(block_h=32, block_k=16, num_warps=4, num_stages=2)),
     "sh_h32_k32_w4_s3": (True, SB(block_h=32, block_k=32, num_warps=4, num_stages=3)),
     "sh_h16_k32_w4_s2": (True, SB(block_h=16, block_k=32, num_warps=4, num_stages=2)),

@@ -8,6 +8,10 @@ walks the query's K indices block_k at a time: gathers those K/V rows by index
 (one row serves every head of the block), one MMA for the logits, the online
 softmax, one MMA into the accumulator. Decode (few queries) splits the K indices
 over `num_splits` programs and merges their partial softmaxes (flash-decoding).
+`dv_splits` splits the value dims over programs instead (each computes the logits
+itself; with k = v it reads the latent as column blocks, its own value block first,
+and uses that block as its value tile), and `heads_together` orders the grid so that a
+query's head blocks run side by side.
 
 Backward (custom_vjp, two Pallas kernels): the same walk recomputes p from the saved
 log-sum-exp and accumulates dq in registers (one program per query and head block); a
@@ -57,8 +61,11 @@ class SparseBlocks:
                                      # 512-dim latent overflow the shared memory in the backward)
   bwd_num_stages: int | None = None  # backward; None: num_stages
   dv_splits: int = 1       # forward: programs a (query, head block)'s value dims are split over,
-                           # each computing the logits itself and gathering its value columns
-                           # (64 heads then fit the 4-warp accumulator: an M = 64 MMA; to measure)
+                           # each computing the logits itself (64 heads then fit the 4-warp
+                           # accumulator: an M = 64 MMA; to measure)
+  heads_together: bool = False   # forward: a query's head blocks run side by side (the later
+                                 # ones read its gathered rows from L2), not one head block
+                                 # over consecutive queries
 
 
 LOG2E = math.log2(math.e)
@@ -114,25 +121,34 @@ def _logits(q, qr, kg, krg, scale):
   return s * scale
 
 
-def _fwd_kernel(*refs, scale, block_k, steps, shared, rope):
-  """q [bh, D]; (q_rope [bh, R]); k [S, D]; v [S, Dv] (absent when shared: v = k); (k_rope [S, R]);
-  idx [K/splits]; o [bh, Dv]; lse [bh]."""
-  q_ref, qr_ref, k_ref, v_ref, kr_ref, (idx_ref, o_ref, lse_ref) = _unpack(refs, shared, rope)
-  q = q_ref[...]
+def _fwd_kernel(*refs, scale, block_k, steps, parts, shared, rope):
+  """q [bh, D] as `parts` column blocks; (q_rope [bh, R]); k [S, D] as the same column blocks;
+  v [S, Dv] (absent when shared: v = k's first block); (k_rope [S, R]); idx [K/splits];
+  o [bh, Dv]; lse [bh]."""
+  refs = list(refs)
+  q_refs = [refs.pop(0) for _ in range(parts)]
+  qr_ref = refs.pop(0) if rope else None
+  k_refs = [refs.pop(0) for _ in range(parts)]
+  v_ref = None if shared else refs.pop(0)
+  kr_ref = refs.pop(0) if rope else None
+  idx_ref, o_ref, lse_ref = refs
+  qs = [r[...] for r in q_refs]
   qr = qr_ref[...] if rope else None
-  bh = q.shape[0]
+  bh = qs[0].shape[0]
 
   def body(i, carry):
     acc, m, l = carry
     ids = idx_ref[pl.ds(i * block_k, block_k)]
     valid = ids >= 0
     rows = jnp.where(valid, ids, 0)
-    kg = k_ref[rows, :]                                            # gather [bk, D]
-    vg = kg if shared else v_ref[rows, :]
+    kgs = [r[rows, :] for r in k_refs]                             # gather [bk, D / parts] each
+    vg = kgs[0] if shared else v_ref[rows, :]
     # log2 domain: exp2 is one MUFU instruction, jnp.exp lowers to libdevice's accurate expf
     # (128k: 330 vs 340 ms; the backward kept jnp.exp: 5% slower with exp2 there, session 15)
-    s = _logits(q, qr, kg, kr_ref[rows, :] if rope else None, scale * LOG2E)   # [bh, bk]
-    s = jnp.where(valid[None, :], s, -jnp.inf)
+    s = sum(plgpu.dot(q, kg, trans_b=True) for q, kg in zip(qs, kgs))
+    if rope:
+      s += plgpu.dot(qr, kr_ref[rows, :], trans_b=True)
+    s = jnp.where(valid[None, :], s * (scale * LOG2E), -jnp.inf)   # [bh, bk]
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp2(s - m_safe[:, None])
@@ -205,8 +221,6 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   dv = (k if shared else v).shape[-1]
   group = num_heads // num_kv_heads
   dvs = blocks.dv_splits
-  if dvs > 1 and shared:   # the value columns come from the same latent: one buffer, gathered twice
-    v, shared = k, False
   q_parts, kp, vp, krp, idx = _layout(q, k, v, k_rope, indices, blocks)
   gp, ksel = q_parts[0][0].shape[3], idx.shape[-1]
   dvp = (kp if shared else vp).shape[-1]
@@ -216,24 +230,42 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   dvb = dvp // dvs
   bh, splits = blocks.block_h, blocks.num_splits
   per_split = ksel // splits
-  # the value-dim parts first: Pallas-Triton folds the leading grid axes into CUDA's x, fastest
-  # first, so a query's parts run side by side and its q tile is read from L2 by the second
-  grid = (dvs, batch, q_len, num_kv_heads * (gp // bh), splits)
   nhb = gp // bh
-  head_spec = lambda width, j: pl.BlockSpec((None, None, None, bh, width),
-                                            lambda d, b, t, h, s: (b, t, h // nhb, h % nhb, j))
-  whole_rows = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda d, b, t, h, s: (b, 0, h // nhb, 0))
-  value_cols = pl.BlockSpec((None, kv_len, None, dvb), lambda d, b, t, h, s: (b, 0, h // nhb, d))
-  rows = [(kp, whole_rows(kp))] + ([] if shared else [(vp, value_cols)]) + ([(krp, whole_rows(krp))] if rope else [])
+  # Grid axes: d value-dim part, b batch, t query, h (KV head, head block), s K split.
+  # Pallas-Triton folds the leading axes into CUDA's x, the first fastest, and CUDA starts x
+  # before y: the value-dim parts of one (query, head block) run side by side, and with
+  # `heads_together` also the head blocks of one query (their gathered rows then come from L2).
+  order = "dhbts" if blocks.heads_together else "dbths"
+  sizes = dict(d=dvs, b=batch, t=q_len, h=num_kv_heads * nhb, s=splits)
+  imap = lambda f: lambda *ids: f(**dict(zip(order, ids)))
+  # With the value dims split and k = v, each program reads the latent in dvs column blocks, its
+  # own value block first, and uses that block as its value tile: one gather per row (the
+  # logits are the sum of the blocks' products).
+  parts = dvs if shared else 1
+  own = lambda d, j: (d + j) % dvs if shared else 0
+  col = dvb if shared else kp.shape[-1]
+  (q_lat, _, _), q_rope = q_parts[0], q_parts[1:]
+  q_specs = [(q_lat, pl.BlockSpec((None, None, None, bh, col), imap(
+      lambda d, b, t, h, s, j=j: (b, t, h // nhb, h % nhb, own(d, j))))) for j in range(parts)]
+  q_specs += [(x, pl.BlockSpec((None, None, None, bh, w), imap(
+      lambda d, b, t, h, s, j=j: (b, t, h // nhb, h % nhb, j)))) for x, w, j in q_rope]
+  k_specs = [(kp, pl.BlockSpec((None, kv_len, None, col), imap(
+      lambda d, b, t, h, s, j=j: (b, 0, h // nhb, own(d, j))))) for j in range(parts)]
+  if not shared:
+    k_specs.append((vp, pl.BlockSpec((None, kv_len, None, dvb), imap(lambda d, b, t, h, s: (b, 0, h // nhb, d)))))
+  if rope:
+    k_specs.append((krp, pl.BlockSpec((None, kv_len, None, krp.shape[-1]), imap(
+        lambda d, b, t, h, s: (b, 0, h // nhb, 0)))))
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
-                        steps=per_split // blocks.block_k, shared=shared, rope=rope),
-      grid=grid,
-      in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[spec for _, spec in rows],
-                pl.BlockSpec((None, None, per_split), lambda d, b, t, h, s: (b, t, s))],
+      functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k, steps=per_split // blocks.block_k,
+                        parts=parts, shared=shared, rope=rope),
+      grid=tuple(sizes[a] for a in order),
+      in_specs=[spec for _, spec in q_specs + k_specs]
+      + [pl.BlockSpec((None, None, per_split), imap(lambda d, b, t, h, s: (b, t, s)))],
       out_specs=[   # every value-dim part writes the same lse
-          pl.BlockSpec((None, None, None, None, bh, dvb), lambda d, b, t, h, s: (b, t, s, h // nhb, h % nhb, d)),
-          pl.BlockSpec((None, None, None, None, bh), lambda d, b, t, h, s: (b, t, s, h // nhb, h % nhb)),
+          pl.BlockSpec((None, None, None, None, bh, dvb),
+                       imap(lambda d, b, t, h, s: (b, t, s, h // nhb, h % nhb, d))),
+          pl.BlockSpec((None, None, None, None, bh), imap(lambda d, b, t, h, s: (b, t, s, h // nhb, h % nhb))),
       ],
       out_shape=[jax.ShapeDtypeStruct((batch, q_len, splits, num_kv_heads, gp, dvp),
                                       q.dtype if splits == 1 else jnp.float32),
@@ -241,7 +273,7 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="dsa_sparse_attention_fwd",
-  )(*[x for x, _, _ in q_parts], *[x for x, _ in rows], idx)
+  )(*[x for x, _ in q_specs + k_specs], idx)
   if splits > 1:   # merge the partial softmaxes
     lse_all = jax.scipy.special.logsumexp(lse, axis=2, keepdims=True)
     lse_all_safe = jnp.where(jnp.isfinite(lse_all), lse_all, 0.0)

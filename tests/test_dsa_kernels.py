@@ -118,14 +118,16 @@ def _case(seed, length, heads, kv_heads, dim, dv, top_k, batch=2):
 
 
 def test_sparse_kernel_forward_and_gradients_gqa_odd_length():
-  q, k, v, idx = _case(10, 7, 4, 2, 8, 12, 5, batch=1)  # dims 8, 12 -> 16; K 5 -> 16; 14 programs
-  blocks = dsa_attention.SparseBlocks(block_h=16, block_k=16)
-  fast = lambda q, k, v: dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks)
+  q, k, v, idx = _case(10, 7, 4, 2, 8, 12, 5, batch=2)  # dims 8, 12 -> 16; K 5 -> 16; 28 programs
   ref = lambda q, k, v: dsa.sparse_attention_reference(q, k, v, idx)
-  ct = _normal(20, (1, 7, 4, 12))
-  (got, grads), (want, want_grads) = (_out_and_grads(f, ct, q, k, v) for f in (fast, ref))
-  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
+  ct = _normal(20, (2, 7, 4, 12))
+  want, want_grads = _out_and_grads(ref, ct, q, k, v)
+  for blocks in (dsa_attention.SparseBlocks(block_h=16, block_k=16),
+                 dsa_attention.SparseBlocks(block_h=16, block_k=16, heads_together=True)):
+    fast = lambda q, k, v, blocks=blocks: dsa_attention.sparse_attention(q, k, v, idx, blocks=blocks)
+    got, grads = _out_and_grads(fast, ct, q, k, v)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(grads, want_grads, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_kernel_forward_over_many_steps():
@@ -152,7 +154,10 @@ def test_sparse_kernel_shared_kv_forward_and_gradient():
   # other head blocks in the backward: 20 heads padded to 64 forward and to 32 backward, or back
   for blocks in (dsa_attention.SparseBlocks(block_h=16, block_k=16),
                  dsa_attention.SparseBlocks(block_h=64, block_k=16, bwd_block_h=16),
-                 dsa_attention.SparseBlocks(block_h=16, block_k=16, bwd_block_h=64)):
+                 dsa_attention.SparseBlocks(block_h=16, block_k=16, bwd_block_h=64),
+                 # the value dims over 2 programs, each gathering the latent as 2 column blocks
+                 # (its own first, the value tile), a query's 2 head blocks side by side
+                 dsa_attention.SparseBlocks(block_h=16, block_k=16, dv_splits=2, heads_together=True)):
     fast = lambda q, kv, blocks=blocks: dsa_attention.sparse_attention(q, kv, kv, idx, blocks=blocks)
     got, grads = _out_and_grads(fast, ct, q, kv)
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
@@ -288,10 +293,12 @@ def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
       q, kv if kr is None else jnp.concatenate([kv, kr], -1), kv, idx)
   rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
   assert rel(jax.jit(fast)(q, kv, kr), ref(q, kv, kr)) < 1e-2
-  # the value dims split over 2 programs of 64 heads at 4 warps (an M = 64 MMA; session 18, to time)
-  split_dv = dsa_attention.SparseBlocks(block_h=64, block_k=32, num_warps=4, num_stages=2, dv_splits=2)
-  got_dv = jax.jit(lambda q, kv, kr: dsa_attention.sparse_attention(q, kv, None, idx, k_rope=kr, blocks=split_dv))
-  assert rel(got_dv(q, kv, kr), ref(q, kv, kr)) < 1e-2
+  # the value dims split over 2 programs of 64 heads at 4 warps (an M = 64 MMA), and a query's
+  # head blocks side by side
+  for variant in (dsa_attention.SparseBlocks(block_h=64, block_k=32, num_warps=4, num_stages=2, dv_splits=2),
+                  dsa_attention.SparseBlocks(block_h=32, block_k=64, num_warps=4, heads_together=True)):
+    got_v = jax.jit(lambda q, kv, kr, b=variant: dsa_attention.sparse_attention(q, kv, None, idx, k_rope=kr, blocks=b))
+    assert rel(got_v(q, kv, kr), ref(q, kv, kr)) < 1e-2, variant
   ct = _normal(51, (*q.shape[:3], 512), jnp.bfloat16)
   argnums = (0, 1, 2) if rope_dim else (0, 1)
   grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum((f(*a) * ct).astype(jnp.float32)), argnums=argnums))(
@@ -468,3 +475,20 @@ def test_mosaic_row_gather_probe_layout_on_gpu():
   kv = jax.random.normal(jax.random.key(0), (3000, probe.D), jnp.bfloat16)
   idx = jax.random.permutation(jax.random.key(1), 3000)[:probe.R].astype(jnp.int32)
   np.testing.assert_array_equal(np.asarray(probe.layout_kernel()(kv, idx)), np.asarray(kv[idx]))
+
+
+def test_sparse_kernel_variants_lower_for_the_gpu(monkeypatch):
+  """The forward's launch variants lower to Triton for an H100 on this machine (no GPU needed):
+  the value dims split over 2 programs with the latent read as column blocks chosen by the
+  program's part, and a query's head blocks side by side (a 5-axis grid folded into CUDA's x)."""
+  from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpu_info, "get_gpu_info",
+                      lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+  sds = jax.ShapeDtypeStruct
+  args = (sds((1, 70000, 128, 576), jnp.bfloat16), sds((1, 70000, 1, 512), jnp.bfloat16),
+          sds((1, 70000, 1, 64), jnp.bfloat16), sds((1, 70000, 2048), jnp.int32))
+  for blocks in (dsa_attention.SparseBlocks(block_h=64, block_k=32, dv_splits=2),
+                 dsa_attention.SparseBlocks(block_h=32, block_k=64, num_stages=3, heads_together=True)):
+    f = lambda q, kv, kr, idx, blocks=blocks: dsa_attention.sparse_attention(
+        q, kv, None, idx, k_rope=kr, blocks=blocks, interpret=False)
+    assert "dsa_sparse_attention_fwd" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
