@@ -41,11 +41,11 @@ _INDEXER_SWEEP = flags.DEFINE_bool("indexer_sweep", False, "Also time the decode
 HEADS, LATENT, ROPE, INDEX_HEADS, INDEX_DIM, TOP_K = 128, 512, 64, 64, 128, 2048
 _B = dsa_attention.SparseBlocks
 SPARSE_LAUNCHES = {   # the default first (the launch `default_blocks` gives a decode step)
-    "default (16 splits, 32 rows, 8 warps, 3 stages)": _B(block_h=32, block_k=32, num_splits=16, num_warps=8,
-                                                          num_stages=3),
-    "32 rows, 2 stages (session 17)": _B(block_h=32, block_k=32, num_splits=16, num_warps=8, num_stages=2),
+    "default (16 splits, 64 rows, 8 warps, 2 stages)": _B(block_h=32, block_k=64, num_splits=16, num_warps=8,
+                                                          num_stages=2),
+    "32 rows, 3 stages (session 18)": _B(block_h=32, block_k=32, num_splits=16, num_warps=8, num_stages=3),
     "64 rows, 3 stages": _B(block_h=32, block_k=64, num_splits=16, num_warps=8, num_stages=3),
-    "64 rows, 2 stages": _B(block_h=32, block_k=64, num_splits=16, num_warps=8, num_stages=2),
+    "8 splits, 64 rows, 2 stages": _B(block_h=32, block_k=64, num_splits=8, num_warps=8, num_stages=2),
 }
 
 

@@ -65,7 +65,7 @@ class SparseBlocks:
                            # accumulator: an M = 64 MMA; to measure)
   heads_together: bool = False   # forward: a query's head blocks run side by side (the later
                                  # ones read its gathered rows from L2), not one head block
-                                 # over consecutive queries
+                                 # over consecutive queries (default_blocks: at prefill)
 
 
 LOG2E = math.log2(math.e)
@@ -86,18 +86,22 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int =
   backward overflows the shared memory (287 KB at 512 + 64): it runs at 4 warps (session 8);
   and the forward is faster at 32 heads and 4 warps than at 64 and 8 (512 + 64: 32k 87 -> 80 ms,
   128k 353 -> 338 ms; session 9, sweep_sparse_s9e/s9f), and, with the exp2 softmax, at 3 stages
-  than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15), and so runs the split-K decode
-  with the RoPE key (one 128k query: 0.0307 vs 0.0327 ms in one process, 0.0260 vs 0.0246 in
-  another: within the spread of single timings; session 18); the backward keeps 2 (it is near
-  the shared-memory limit at 4 warps with the RoPE tiles).
+  than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15); the backward keeps 2 (it is
+  near the shared-memory limit at 4 warps with the RoPE tiles). The prefill forward runs a
+  query's head blocks side by side (`heads_together`: its gathered rows come from L2 for all but
+  the first; H200, 512 + 64: 128k 318 -> 293 ms, 32k 74.0 -> 72.6; session 19). The split-K
+  decode with the RoPE key gathers 64 rows a step at 2 stages (one 128k query, 3 rounds in
+  turn: 0.0198 vs 0.0267 ms for 32 rows at 3 stages, the step 0.0575 vs 0.0639; session 19).
   """
   splits = 1 if q_len > 64 else max(1, min(32, top_k // 128))
   wide_prefill = splits == 1 and dim > 256 and not rope_dim
   block_h = min(2 * MAX_BLOCK_H if wide_prefill else MAX_BLOCK_H, max(16, pl.next_power_of_2(group)))
   wide_rope_prefill = splits == 1 and dim > 256 and rope_dim > 0
-  return SparseBlocks(block_h=block_h, block_k=64 if splits == 1 else 32, num_splits=splits,
+  wide_rope_decode = splits > 1 and dim > 256 and rope_dim > 0
+  return SparseBlocks(block_h=block_h, block_k=64 if splits == 1 or wide_rope_decode else 32, num_splits=splits,
                       num_warps=8 if dim > 256 and (splits > 1 or block_h > MAX_BLOCK_H) else 4,
-                      num_stages=3 if wide_rope_prefill or (splits > 1 and rope_dim) else 2, bwd_num_stages=2,
+                      num_stages=3 if wide_rope_prefill or (splits > 1 and rope_dim and not wide_rope_decode) else 2,
+                      heads_together=splits == 1, bwd_num_stages=2,
                       bwd_block_k=32, bwd_block_h=min(block_h, MAX_BLOCK_H),
                       bwd_num_warps=4 if rope_dim and dim > 256 else None)
 

@@ -305,12 +305,13 @@ def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
       q, kv, kr)
   for a, b in zip(grads(fast), grads(ref)):
     assert rel(a, b) < 2e-2
-  # decode: one query over top-k 2048 of the 300 + 4000 keys, split K (3 stages with RoPE)
+  # decode: one query over top-k 2048 of the 300 + 4000 keys, split K (64 rows a step with RoPE)
   q1 = _normal(53, (1, 1, 128, 512 + rope_dim), jnp.bfloat16) * 0.1
   kv1 = _normal(54, (1, 4300, 1, 512), jnp.bfloat16)
   idx1 = jax.random.permutation(jax.random.key(54), 4300)[:2048].astype(jnp.int32)[None, None]
   kr1 = _normal(55, (1, 4300, 1, rope_dim), jnp.bfloat16) if rope_dim else None
-  assert dsa_attention.default_blocks(1, 2048, 512, 128, rope_dim).num_stages == (3 if rope_dim else 2)
+  decode_blocks = dsa_attention.default_blocks(1, 2048, 512, 128, rope_dim)
+  assert (decode_blocks.block_k, decode_blocks.num_stages) == ((64, 2) if rope_dim else (32, 2))
   got1 = jax.jit(lambda q, kv, kr: dsa_attention.sparse_attention(q, kv, None, idx1, k_rope=kr))(q1, kv1, kr1)
   ref1 = dsa.sparse_attention_reference(q1, kv1 if kr1 is None else jnp.concatenate([kv1, kr1], -1), kv1, idx1)
   assert rel(got1, ref1) < 1e-2
@@ -492,3 +493,13 @@ def test_sparse_kernel_variants_lower_for_the_gpu(monkeypatch):
     f = lambda q, kv, kr, idx, blocks=blocks: dsa_attention.sparse_attention(
         q, kv, None, idx, k_rope=kr, blocks=blocks, interpret=False)
     assert "dsa_sparse_attention_fwd" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_decode_probe_times_the_default_launch_first():
+  """experiments/probe_dsa_decode.py labels its first split-K launch 'default': it must be the one
+  default_blocks gives a V3.2 decode step (128 heads, 512 + 64 key dims, top-k 2048)."""
+  from experiments import probe_dsa_decode   # pylint: disable=g-import-not-at-top
+  name, first = next(iter(probe_dsa_decode.SPARSE_LAUNCHES.items()))
+  assert name.startswith("default")
+  forward = lambda b: (b.block_h, b.block_k, b.num_splits, b.num_warps, b.num_stages, b.dv_splits)
+  assert forward(first) == forward(dsa_attention.default_blocks(1, 2048, 512, 128, 64)), first
