@@ -34,6 +34,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from experiments import bench_common
 from pallas_kernels import flash, flash_decode
 
 FLAGS = flags.FLAGS
@@ -54,7 +55,7 @@ flags.DEFINE_string("device", None, "device name for a rebuilt report")
 flags.DEFINE_string("keep_from", None, "JSON-lines results of an earlier run (same device): "
                     "its records that this run does not remeasure are kept in the report")
 
-DATE = datetime.date.today().isoformat()
+DATE = bench_common.today()
 
 
 def bench(fn, *args, budget_ms=None):

@@ -656,7 +656,7 @@ SWEEP_PARTS = ("sparse", "indexer")
 def write_sweep(results, out: pathlib.Path, quiet: bool = False):
   """The kernel-variant sweeps -> sweep_<part>.json, sweep_<part>.md (printed unless quiet)."""
   out.mkdir(parents=True, exist_ok=True)
-  meta = dict(device=str(jax.devices()[0].device_kind), date="2026-11-23", jax=jax.__version__,
+  meta = dict(device=str(jax.devices()[0].device_kind), date=bench_common.today(), jax=jax.__version__,
               run=_RUN.value, timing="bench (median wall time of one call)", index_heads=_INDEX_HEADS.value,
               index_dim=_INDEX_DIM.value, chunk=_CHUNK.value)
   f = lambda x: "-" if x is None else (str(x) if isinstance(x, (bool, int, str)) else f"{x:.3g}")

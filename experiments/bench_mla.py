@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import bench_common
 from lca.attention import full, mla
 from lca.layers import mlp, moe
 
@@ -48,7 +49,6 @@ flags.DEFINE_list("moe_layers", [], "MoE: only layers whose name contains one of
 flags.DEFINE_string("merge_from", None, "results.json of an earlier run: its rows not re-run are kept")
 flags.DEFINE_bool("kernel_only_peers", False, "also time flash_decode alone on raw MHA/GQA caches")
 
-DATE = "2026-11-23"
 D_MODEL, HEADS, HEAD_DIM = 2048, 16, 128
 KV_RANK, ROPE_DIM, Q_RANK = 512, 64, 1536
 
@@ -246,7 +246,7 @@ def write_report(rows, meta):
 
 def main(argv):
   del argv
-  meta = {"device": jax.devices()[0].device_kind, "date": DATE, "jax": jax.__version__,
+  meta = {"device": jax.devices()[0].device_kind, "date": bench_common.today(), "jax": jax.__version__,
           "run_at": datetime.datetime.now().isoformat(timespec="seconds")}
   rows = []
   if FLAGS.part in ("all", "decode"):

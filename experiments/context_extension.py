@@ -19,7 +19,6 @@ results.jsonl, results.md and context_extension.png under the config's out_dir.
 """
 
 import copy
-import datetime
 import json
 import math
 import os
@@ -32,13 +31,13 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
+from experiments import bench_common
 from lca import data as data_lib
 from lca import model as model_lib
 from lca import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/context_extension.py", "Config file.")
 
-DATE = "2026-11-23"
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -231,7 +230,7 @@ def main(argv):
   config = _CONFIG.value
   t0 = time.perf_counter()
   rows = run(config)
-  meta = {"device": jax.devices()[0].device_kind, "date": DATE, "jax": jax.__version__,
+  meta = {"device": jax.devices()[0].device_kind, "date": bench_common.today(), "jax": jax.__version__,
           "size": config.size, "seconds": round(time.perf_counter() - t0, 1),
           "train_len": config.data.seq_len, "factor": config.extend.factor}
   write_report(rows, meta, config.out_dir, config.data.seq_len, config.extend.factor)
