@@ -63,9 +63,10 @@ class SparseBlocks:
   dv_splits: int = 1       # forward: programs a (query, head block)'s value dims are split over,
                            # each computing the logits itself (64 heads then fit the 4-warp
                            # accumulator: an M = 64 MMA; to measure)
-  heads_together: bool = False   # forward: a query's head blocks run side by side (the later
-                                 # ones read its gathered rows from L2), not one head block
-                                 # over consecutive queries (default_blocks: at prefill)
+  heads_together: bool = False   # a query's programs run side by side: its head blocks (the
+                                 # later ones read its gathered rows from L2; forward and dq), its
+                                 # row blocks in the dk/dv kernel (its q and dO from L2), not one
+                                 # block over consecutive queries (default_blocks: at prefill)
 
 
 LOG2E = math.log2(math.e)
@@ -89,7 +90,9 @@ def default_blocks(q_len: int, top_k: int, dim: int, group: int, rope_dim: int =
   than 2 (H200: 128k 334 -> 323 ms, 32k 79.8 -> 77.5; session 15); the backward keeps 2 (it is
   near the shared-memory limit at 4 warps with the RoPE tiles). The prefill forward runs a
   query's head blocks side by side (`heads_together`: its gathered rows come from L2 for all but
-  the first; H200, 512 + 64: 128k 318 -> 293 ms, 32k 74.0 -> 72.6; session 19). The split-K
+  the first; H200, 512 + 64: 128k 318 -> 293 ms, 32k 74.0 -> 72.6; session 19), and so do the
+  backward's kernels (dq: its head blocks; dk/dv: its row blocks, which read its q and dO from
+  L2; forward + backward at 64k 2003 -> 1644 ms, session 19). The split-K
   decode with the RoPE key gathers 64 rows a step at 2 stages (one 128k query, 3 rounds in
   turn: 0.0198 vs 0.0267 ms for 32 rows at 3 stages, the step 0.0575 vs 0.0639; session 19).
   """
@@ -390,16 +393,20 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   bufs = [jnp.zeros((batch, kv_len + 1, num_kv_heads, x.shape[-1]), jnp.float32)
           for x in _present(kp, None if shared else vp, krp)]
   params = plgpu.CompilerParams(num_warps=warps, num_stages=blocks.bwd_num_stages or blocks.num_stages)
-  # dq: one program per (query, head block), as the forward
-  head = lambda b, t, h: (b, t, h // nhb, h % nhb)
-  head_spec = lambda width, j=0: pl.BlockSpec((None, None, None, bh, width), lambda b, t, h: (*head(b, t, h), j))
-  rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), lambda b, t, h: (b, 0, h // nhb, 0))
+  # dq: one program per (query, head block), as the forward; with heads_together a query's head
+  # blocks first (CUDA's x, the fastest), so all but one read its gathered rows from L2
+  together = blocks.heads_together
+  order = "hbt" if together else "bth"
+  imap = lambda f: lambda *ids: f(**dict(zip(order, ids)))
+  head = imap(lambda b, t, h: (b, t, h // nhb, h % nhb))
+  head_spec = lambda width, j=0: pl.BlockSpec((None, None, None, bh, width), lambda *ids: (*head(*ids), j))
+  rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), imap(lambda b, t, h: (b, 0, h // nhb, 0)))
   dqs = pl.pallas_call(
       functools.partial(_bwd_dq_kernel, scale=scale, block_k=block_k, steps=ksel // block_k,
                         shared=shared, rope=rope),
-      grid=(batch, q_len, num_kv_heads * nhb),
+      grid=tuple(dict(b=batch, t=q_len, h=num_kv_heads * nhb)[a] for a in order),
       in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[rows_spec(x) for x in rows_in],
-                pl.BlockSpec((None, None, ksel), lambda b, t, h: (b, t, 0)),
+                pl.BlockSpec((None, None, ksel), imap(lambda b, t, h: (b, t, 0))),
                 head_spec(dvp), pl.BlockSpec((None, None, None, bh), head),
                 pl.BlockSpec((None, None, None, bh), head)],
       out_specs=[head_spec(w) for w in q_widths],
@@ -407,17 +414,21 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
       compiler_params=params, interpret=interpret, name="dsa_sparse_attention_bwd_dq",
   )(*q_arrays, *rows_in, idx, do5, lse, delta)
   # dk, dv: one program per (query, KV head, block_k gathered rows), summed over all the group's
-  # head blocks before one atomic add per row (atomics per head block instead: 1.5x slower)
-  group_spec = lambda *d, j=0: pl.BlockSpec((None, None, None, gp, *d), lambda b, t, g, i: (b, t, g, 0, *[j] * len(d)))
-  kv_spec = lambda d, n: pl.BlockSpec((None, n, None, d), lambda b, t, g, i: (b, 0, g, 0))
+  # head blocks before one atomic add per row (atomics per head block instead: 1.5x slower);
+  # with heads_together a query's row blocks first, so all but one read its q and dO from L2
+  order = "ibtg" if together else "btgi"
+  imap = lambda f: lambda *ids: f(**dict(zip(order, ids)))
+  group_spec = lambda *d, j=0: pl.BlockSpec((None, None, None, gp, *d),
+                                            imap(lambda b, t, g, i: (b, t, g, 0, *[j] * len(d))))
+  kv_spec = lambda d, n: pl.BlockSpec((None, n, None, d), imap(lambda b, t, g, i: (b, 0, g, 0)))
   n_in = len(q_arrays) + len(rows_in) + 4   # ..., idx, do, lse, delta
   bufs = pl.pallas_call(
       functools.partial(_bwd_dkv_kernel, scale=scale, block_h=bh, trash_row=kv_len, shared=shared,
                         rope=rope),
-      grid=(batch, q_len, num_kv_heads, ksel // block_k),
+      grid=tuple(dict(b=batch, t=q_len, g=num_kv_heads, i=ksel // block_k)[a] for a in order),
       in_specs=[*[group_spec(w, j=j) for _, w, j in q_parts],
                 *[kv_spec(x.shape[-1], kv_len) for x in rows_in],
-                pl.BlockSpec((None, None, block_k), lambda b, t, g, i: (b, t, i)),
+                pl.BlockSpec((None, None, block_k), imap(lambda b, t, g, i: (b, t, i))),
                 group_spec(dvp), group_spec(), group_spec(),
                 *[kv_spec(b.shape[-1], kv_len + 1) for b in bufs]],
       out_specs=[kv_spec(b.shape[-1], kv_len + 1) for b in bufs],

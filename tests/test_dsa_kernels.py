@@ -481,7 +481,8 @@ def test_mosaic_row_gather_probe_layout_on_gpu():
 def test_sparse_kernel_variants_lower_for_the_gpu(monkeypatch):
   """The forward's launch variants lower to Triton for an H100 on this machine (no GPU needed):
   the value dims split over 2 programs with the latent read as column blocks chosen by the
-  program's part, and a query's head blocks side by side (a 5-axis grid folded into CUDA's x)."""
+  program's part, and a query's head blocks side by side (a 5-axis grid folded into CUDA's x);
+  with the latter, the backward's kernels too."""
   from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gpu_info, "get_gpu_info",
                       lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
@@ -493,6 +494,11 @@ def test_sparse_kernel_variants_lower_for_the_gpu(monkeypatch):
     f = lambda q, kv, kr, idx, blocks=blocks: dsa_attention.sparse_attention(
         q, kv, None, idx, k_rope=kr, blocks=blocks, interpret=False)
     assert "dsa_sparse_attention_fwd" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  # the backward's two kernels in the heads_together order (5 axes of the forward's grid, 3 and 4 here)
+  loss = lambda q, kv, kr, idx: jnp.sum(dsa_attention.sparse_attention(
+      q, kv, None, idx, k_rope=kr, blocks=blocks, interpret=False).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "dsa_sparse_attention_bwd_dq" in text and "dsa_sparse_attention_bwd_dkv" in text
 
 
 def test_decode_probe_times_the_default_launch_first():
