@@ -220,6 +220,12 @@ def _present(*xs):
   return [x for x in xs if x is not None]
 
 
+def _named_ids(order, index_map):
+  """An index map over grid axes named by `order`'s letters, as a BlockSpec takes it (ids in
+  grid order): lets one index map serve either grid order."""
+  return lambda *ids: index_map(**dict(zip(order, ids)))
+
+
 def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   """v None: shared (v = k). -> out [B, L, H, Dv] (q.dtype), lse [B, L, H_kv, Gp] f32."""
   shared, rope = v is None, k_rope is not None
@@ -244,7 +250,7 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   # `heads_together` also the head blocks of one query (their gathered rows then come from L2).
   order = "dhbts" if blocks.heads_together else "dbths"
   sizes = dict(d=dvs, b=batch, t=q_len, h=num_kv_heads * nhb, s=splits)
-  imap = lambda f: lambda *ids: f(**dict(zip(order, ids)))
+  imap = functools.partial(_named_ids, order)
   # With the value dims split and k = v, each program reads the latent in dvs column blocks, its
   # own value block first, and uses that block as its value tile: one gather per row (the
   # logits are the sum of the blocks' products).
@@ -397,7 +403,7 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   # blocks first (CUDA's x, the fastest), so all but one read its gathered rows from L2
   together = blocks.heads_together
   order = "hbt" if together else "bth"
-  imap = lambda f: lambda *ids: f(**dict(zip(order, ids)))
+  imap = functools.partial(_named_ids, order)
   head = imap(lambda b, t, h: (b, t, h // nhb, h % nhb))
   head_spec = lambda width, j=0: pl.BlockSpec((None, None, None, bh, width), lambda *ids: (*head(*ids), j))
   rows_spec = lambda x: pl.BlockSpec((None, kv_len, None, x.shape[-1]), imap(lambda b, t, h: (b, 0, h // nhb, 0)))
@@ -417,7 +423,7 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   # head blocks before one atomic add per row (atomics per head block instead: 1.5x slower);
   # with heads_together a query's row blocks first, so all but one read its q and dO from L2
   order = "ibtg" if together else "btgi"
-  imap = lambda f: lambda *ids: f(**dict(zip(order, ids)))
+  imap = functools.partial(_named_ids, order)
   group_spec = lambda *d, j=0: pl.BlockSpec((None, None, None, gp, *d),
                                             imap(lambda b, t, g, i: (b, t, g, 0, *[j] * len(d))))
   kv_spec = lambda d, n: pl.BlockSpec((None, n, None, d), imap(lambda b, t, g, i: (b, 0, g, 0)))
