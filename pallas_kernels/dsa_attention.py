@@ -10,8 +10,8 @@ softmax, one MMA into the accumulator. Decode (few queries) splits the K indices
 over `num_splits` programs and merges their partial softmaxes (flash-decoding).
 `dv_splits` splits the value dims over programs instead (each computes the logits
 itself; with k = v it reads the latent as column blocks, its own value block first,
-and uses that block as its value tile), and `heads_together` orders the grid so that a
-query's head blocks run side by side.
+and uses that block as its value tile), and `heads_together` orders the grids so that a
+query's programs run side by side (forward and backward).
 
 Backward (custom_vjp, two Pallas kernels): the same walk recomputes p from the saved
 log-sum-exp and accumulates dq in registers (one program per query and head block); a
@@ -62,7 +62,7 @@ class SparseBlocks:
   bwd_num_stages: int | None = None  # backward; None: num_stages
   dv_splits: int = 1       # forward: programs a (query, head block)'s value dims are split over,
                            # each computing the logits itself (64 heads then fit the 4-warp
-                           # accumulator: an M = 64 MMA; to measure)
+                           # accumulator: an M = 64 MMA; 1.5x slower at 128k, session 19)
   heads_together: bool = False   # a query's programs run side by side: its head blocks (the
                                  # later ones read its gathered rows from L2; forward and dq), its
                                  # row blocks in the dk/dv kernel (its q and dO from L2), not one
@@ -226,6 +226,11 @@ def _named_ids(order, index_map):
   return lambda *ids: index_map(**dict(zip(order, ids)))
 
 
+def _grid(order, **sizes):
+  """The grid of the axes named by `order`'s letters, in that order."""
+  return tuple(sizes[a] for a in order)
+
+
 def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   """v None: shared (v = k). -> out [B, L, H, Dv] (q.dtype), lse [B, L, H_kv, Gp] f32."""
   shared, rope = v is None, k_rope is not None
@@ -249,7 +254,6 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   # before y: the value-dim parts of one (query, head block) run side by side, and with
   # `heads_together` also the head blocks of one query (their gathered rows then come from L2).
   order = "dhbts" if blocks.heads_together else "dbths"
-  sizes = dict(d=dvs, b=batch, t=q_len, h=num_kv_heads * nhb, s=splits)
   imap = functools.partial(_named_ids, order)
   # With the value dims split and k = v, each program reads the latent in dvs column blocks, its
   # own value block first, and uses that block as its value tile: one gather per row (the
@@ -272,7 +276,7 @@ def _forward(q, k, v, k_rope, indices, scale, blocks, interpret):
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k, steps=per_split // blocks.block_k,
                         parts=parts, shared=shared, rope=rope),
-      grid=tuple(sizes[a] for a in order),
+      grid=_grid(order, d=dvs, b=batch, t=q_len, h=num_kv_heads * nhb, s=splits),
       in_specs=[spec for _, spec in q_specs + k_specs]
       + [pl.BlockSpec((None, None, per_split), imap(lambda d, b, t, h, s: (b, t, s)))],
       out_specs=[   # every value-dim part writes the same lse
@@ -410,7 +414,7 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   dqs = pl.pallas_call(
       functools.partial(_bwd_dq_kernel, scale=scale, block_k=block_k, steps=ksel // block_k,
                         shared=shared, rope=rope),
-      grid=tuple(dict(b=batch, t=q_len, h=num_kv_heads * nhb)[a] for a in order),
+      grid=_grid(order, b=batch, t=q_len, h=num_kv_heads * nhb),
       in_specs=[*[head_spec(w, j) for _, w, j in q_parts], *[rows_spec(x) for x in rows_in],
                 pl.BlockSpec((None, None, ksel), imap(lambda b, t, h: (b, t, 0))),
                 head_spec(dvp), pl.BlockSpec((None, None, None, bh), head),
@@ -431,7 +435,7 @@ def _backward(q, k, v, k_rope, indices, out, lse, dout, scale, blocks, interpret
   bufs = pl.pallas_call(
       functools.partial(_bwd_dkv_kernel, scale=scale, block_h=bh, trash_row=kv_len, shared=shared,
                         rope=rope),
-      grid=tuple(dict(b=batch, t=q_len, g=num_kv_heads, i=ksel // block_k)[a] for a in order),
+      grid=_grid(order, b=batch, t=q_len, g=num_kv_heads, i=ksel // block_k),
       in_specs=[*[group_spec(w, j=j) for _, w, j in q_parts],
                 *[kv_spec(x.shape[-1], kv_len) for x in rows_in],
                 pl.BlockSpec((None, None, block_k), imap(lambda b, t, g, i: (b, t, i))),

@@ -489,14 +489,14 @@ def test_sparse_kernel_variants_lower_for_the_gpu(monkeypatch):
   sds = jax.ShapeDtypeStruct
   args = (sds((1, 70000, 128, 576), jnp.bfloat16), sds((1, 70000, 1, 512), jnp.bfloat16),
           sds((1, 70000, 1, 64), jnp.bfloat16), sds((1, 70000, 2048), jnp.int32))
-  for blocks in (dsa_attention.SparseBlocks(block_h=64, block_k=32, dv_splits=2),
-                 dsa_attention.SparseBlocks(block_h=32, block_k=64, num_stages=3, heads_together=True)):
+  together = dsa_attention.SparseBlocks(block_h=32, block_k=64, num_stages=3, heads_together=True)
+  for blocks in (dsa_attention.SparseBlocks(block_h=64, block_k=32, dv_splits=2), together):
     f = lambda q, kv, kr, idx, blocks=blocks: dsa_attention.sparse_attention(
         q, kv, None, idx, k_rope=kr, blocks=blocks, interpret=False)
     assert "dsa_sparse_attention_fwd" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   # the backward's two kernels in the heads_together order (5 axes of the forward's grid, 3 and 4 here)
   loss = lambda q, kv, kr, idx: jnp.sum(dsa_attention.sparse_attention(
-      q, kv, None, idx, k_rope=kr, blocks=blocks, interpret=False).astype(jnp.float32))
+      q, kv, None, idx, k_rope=kr, blocks=together, interpret=False).astype(jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "dsa_sparse_attention_bwd_dq" in text and "dsa_sparse_attention_bwd_dkv" in text
 
