@@ -74,6 +74,9 @@ _SPARSE_BWD = flags.DEFINE_bool("sparse_bwd", False, "Sparse sweep: also time ea
                                  "(row <variant>_bwd).")
 _PREFILL_EXTRAS = flags.DEFINE_bool("prefill_extras", True, "Prefill: also time the fp8 quantization and "
                                     "the fp8 scoring-kernel variants alone (false: only the parts and the total).")
+_PREFILL_ROUNDS = flags.DEFINE_integer("prefill_rounds", 3, "Prefill: the DSA total and the cuDNN baselines "
+                                      "timed in turn over this many rounds, the median of the rounds' medians "
+                                      "(1: each once, one after another, as before run s20).")
 _SWEEP_TOP = flags.DEFINE_integer("sweep_top", 4, "Sparse sweep: variants rerun at the longer lengths.")
 
 
@@ -175,22 +178,25 @@ def prefill_case(length, reps):
   keys = jax.random.split(jax.random.key(length), 8)
   bf = jnp.bfloat16
   res = {"length": length}
-  # dense baselines: MHA 128 x 128 causal
-  q = jax.random.normal(keys[0], (1, length, h, 128), bf)
-  kd = jax.random.normal(keys[1], (1, length, h, 128), bf)
-  vd = jax.random.normal(keys[2], (1, length, h, 128), bf)
-  for impl in _DENSE.value:
-    f = jax.jit(lambda q, k, v, impl=impl: full.attention(q, k, v, causal=True, implementation=impl))
-    res[f"dense_{impl}_ms"] = _ms(_try(f"dense {impl}", f, q, kd, vd, reps=reps))
-  del q, kd, vd
-  # MLA's dense prefill (V3.1): MHA q.k 192 / v 128, v zero-padded to 192 for jax's cuDNN call
-  q = jax.random.normal(keys[0], (1, length, h, 192), bf)
-  kd = jax.random.normal(keys[1], (1, length, h, 192), bf)
-  vd = jax.random.normal(keys[2], (1, length, h, 128), bf)
-  f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, 64)]), is_causal=True, implementation="cudnn")[..., :128])
-  res["dense_mla_cudnn_ms"] = _ms(_try("dense MLA 192/128 cuDNN (v padded to 192)", f, q, kd, vd, reps=reps))
-  del q, kd, vd
+  # dense baselines: MHA 128 x 128 causal, and MLA's dense prefill (V3.1): MHA q.k 192 / v 128, v
+  # zero-padded to 192 for jax's cuDNN call. With --prefill_rounds > 1 the cuDNN ones are timed
+  # with the DSA total at the end, in turn (their inputs kept alive until then)
+  rounds = _PREFILL_ROUNDS.value
+  mha = tuple(jax.random.normal(keys[i], (1, length, h, 128), bf) for i in range(3))
+  mla = (jax.random.normal(keys[0], (1, length, h, 192), bf), jax.random.normal(keys[1], (1, length, h, 192), bf),
+         jax.random.normal(keys[2], (1, length, h, 128), bf))
+  dense = {f"dense_{impl}": (f"dense {impl}", jax.jit(
+      lambda q, k, v, impl=impl: full.attention(q, k, v, causal=True, implementation=impl)), mha)
+      for impl in _DENSE.value}
+  dense["dense_mla_cudnn"] = ("dense MLA 192/128 cuDNN (v padded to 192)", jax.jit(
+      lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, 64)]), is_causal=True, implementation="cudnn")[..., :128]), mla)
+  for name in list(dense):
+    if rounds <= 1 or "cudnn" not in name:
+      label, f, args = dense.pop(name)
+      res[f"{name}_ms"] = _ms(_try(label, f, *args, reps=reps))
+  if not dense:
+    del mha, mla
   # DSA pieces
   qi = jax.random.normal(keys[3], (1, length, hi, di), bf)
   ki = jax.random.normal(keys[4], (1, length, di), bf)
@@ -261,8 +267,12 @@ def prefill_case(length, reps):
 
   def prefill(q, kv, kr, qi, ki, w):
     return _sparse(q, kv, kr, index_top_k(qi, ki, w), blocks)
-  res["dsa_total_ms"] = _ms(_try("DSA prefill (end to end)", jax.jit(prefill), qs, latent, k_rope, qi, ki, w,
-                                 reps=reps))
+  total = ("DSA prefill (end to end)", jax.jit(prefill), (qs, latent, k_rope, qi, ki, w))
+  if rounds <= 1:
+    res["dsa_total_ms"] = _ms(_try(total[0], total[1], *total[2], reps=reps))
+  else:   # the DSA total and the cuDNN baselines in turn: a drift of the GPU reaches all alike
+    times = bench_common.interleaved({"dsa_total": total, **dense}, rounds=rounds, reps=reps)
+    res.update({f"{name}_ms": _ms(t) for name, t in times.items()}, prefill_rounds=rounds)
   return res
 
 
@@ -730,7 +740,8 @@ def write(results, out: pathlib.Path, **meta_extra):
               heads=_HEADS.value, latent=_LATENT.value, rope_dim=_ROPE.value, index_heads=_INDEX_HEADS.value,
               index_dim=_INDEX_DIM.value, top_k=_TOP_K.value, chunk=_CHUNK.value,
               decode_timing=f"device time per call, bench_in_loop(inner={_INNER.value})",
-              prefill_timing="bench (median wall time of one call)")
+              prefill_timing="bench (median wall time of one call); from run s20 the DSA total and the "
+                             "cuDNN baselines in turn over prefill_rounds rounds (median of rounds)")
   meta.update(meta_extra)
   (out / "results.json").write_text(json.dumps(dict(meta=meta, **results), indent=1))
   g = lambda key: lambda r: r.get(key)

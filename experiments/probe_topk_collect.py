@@ -17,10 +17,11 @@ collect and select calls alone (`collect_candidates`, `select_candidates`), wher
 cost goes (0.25 ms a chunk at 8k, session 18).
 
   python -m experiments.probe_topk_collect [--parts] [--ab_module=experiments._ab_dsa_topk]
-  python -m experiments.probe_topk_collect --lengths=8192,16384,131072 [--ab_module=...]
+  python -m experiments.probe_topk_collect --lengths=8192,16384,131072 [--ab_module=...] [--variant=block=2048]
   python -m experiments.probe_topk_collect --small        (CPU, interpret mode: a [8, 16k] check)
 """
 
+import dataclasses
 import functools
 import importlib
 
@@ -127,19 +128,33 @@ def top_k_fn(mod, blocks, interpret):
   return jax.jit(lambda s, n: mod.top_k(s, K, lengths=n, split=1, blocks=blocks, interpret=interpret))
 
 
+def parse_blocks(text: str) -> "tk.TopKBlocks":
+  """"field=value,field=value" -> TopKBlocks with those fields (ints or true/false) replaced."""
+  fields = {f.name: f.type for f in dataclasses.fields(tk.TopKBlocks)}
+  kw = {}
+  for item in text.split(","):
+    name, _, value = item.partition("=")
+    if name not in fields:
+      raise ValueError(f"--variant: TopKBlocks has no field {name!r} (fields: {sorted(fields)})")
+    kw[name] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
+  return dataclasses.replace(tk.TopKBlocks(), **kw)
+
+
 def other_modules():
   return {path.rsplit(".", 1)[-1]: importlib.import_module(path) for path in _AB.value}
 
 
 def by_length(interpret):
-  """The last causal chunk at each of --lengths, this module's default against --ab_module's and
-  its collect and select calls alone, timed in turn with `bench_pipelined` (16 calls a sync: host
+  """The last causal chunk at each of --lengths, this module's default against --ab_module's, the
+  select in a call of its own (`fuse_select=False`) and its collect and select calls alone, timed in turn with `bench_pipelined` (16 calls a sync: host
   jitter hidden)."""
   for length in map(int, _LENGTHS.value):
     x, n, ref = last_chunk(length, 8 if interpret else min(2048, length))
     modules = {"this": tk, **other_modules()}
     variants = {f"{name} default": (mod, mod.TopKBlocks()) for name, mod in modules.items()}
-    variants["this line_slots 2"] = (tk, tk.TopKBlocks(line_slots=2))
+    variants["this select call of its own"] = (tk, tk.TopKBlocks(fuse_select=False))
+    for text in _VARIANT.value:   # e.g. --variant=block=2048,num_warps=8
+      variants[f"this {text}"] = (tk, parse_blocks(text))
     cases = {}
     for name, (mod, blocks) in variants.items():
       f = top_k_fn(mod, blocks, interpret)
@@ -219,6 +234,8 @@ _SMALL = flags.DEFINE_bool("small", False, "CPU interpret-mode check at [8, 16k]
 _AB = flags.DEFINE_list("ab_module", [], "Module paths of other dsa_topk versions to time beside.")
 _LENGTHS = flags.DEFINE_list("lengths", [], "Only: the last causal chunk at these lengths, this module "
                               "vs --ab_module (bench_pipelined).")
+_VARIANT = flags.DEFINE_multi_string("variant", [], "With --lengths: also these TopKBlocks variants, "
+                                     "e.g. block=2048,num_warps=8 (repeatable).")
 _PARTS = flags.DEFINE_bool("parts", False, "Also time the collecting call's parts alone.")
 
 if __name__ == "__main__":

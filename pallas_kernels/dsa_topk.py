@@ -149,6 +149,11 @@ class TopKBlocks:
                            # Last causal [2048, L] bf16 chunk, H200 (session 17): 3 / 2 / old
                            # scatter 0.38 / 0.43 / 0.37 ms at 32k, 0.50 / 0.58 / 0.56 at 64k,
                            # 0.79 / 0.81 / 0.95 at 128k; 1: 1.35 vs 1.0 at 128k (branch taken)
+  fuse_select: bool = True  # many sampled rows: the select runs in the collecting call, each program
+                            # searching its own row's list right after collecting it (False: a
+                            # second call). The select alone is ~0.17 ms a [2048, L] chunk at any L
+                            # (a latency chain a row, session 19); fused, one program's search
+                            # overlaps the others' streaming
 
 
 def key_bits(dtype) -> int:
@@ -410,6 +415,18 @@ def _select_kernel(s_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, o_ref,
   jax.lax.cond(direct_ref[...] != 0, whole_row, collected)
 
 
+def _collect_select_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, o_ref, *,
+                           collect_kw, select_kw, barrier):
+  """`_collect_kernel` then `_select_kernel` in one program a row (`TopKBlocks.fuse_select`): the
+  collected lists go out to pos_ref, key_ref and come straight back (from L1 / L2). barrier: a CTA
+  barrier between the two (the lists' entries are stored by some threads and loaded by others;
+  interpret mode runs a program as one, and has no barrier)."""
+  _collect_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, **collect_kw)
+  if barrier:
+    plgpu.debug_barrier()
+  _select_kernel(s_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, o_ref, **select_kw)
+
+
 def _segment_collect_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, *, rank, capacity,
                             segment, run, every, block, bits, accumulate, list_block, list_bits):
   """Sample, then collect one segment of a row: program (r, p) of few long rows (decode). Every
@@ -567,27 +584,43 @@ def _compiler_params(blocks: TopKBlocks, num_warps: int | None = None):
 _ROW_SCALAR = pl.BlockSpec((None,), lambda r: (r,))
 
 
-def _collect(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool):
+def _select_kw(lp: _Launch, blocks: TopKBlocks) -> dict:
+  """The radix search's and output's static parameters (`_select`)."""
+  return dict(k=lp.k, block=lp.block, bits=lp.bits, accumulate=blocks.accumulate,
+              out_block=lp.out_block, trash=lp.kp)
+
+
+def _collect(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool, select: bool = False):
   """The first call of sample, then collect over prepared scores [R, Sp], lengths [R] ->
-  (positions [R, C + 1], keys [R, C + 1], count [R], direct [R])."""
+  (positions [R, C + 1], keys [R, C + 1], count [R], direct [R]); with select also the top-k
+  [R, kp (+ 1)] (`_collect_select_kernel`: the select in the same call)."""
   rows = scores.shape[0]
   lines = scores.reshape(rows, lp.padded // LANES, LANES)   # the same bytes, read as lines
   scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
+  kernel = functools.partial(_collect_kernel, k=lp.k, rank=lp.rank, capacity=lp.capacity,
+                             run=blocks.sample_run, every=blocks.sample_every, block=lp.block,
+                             bits=lp.bits, accumulate=blocks.accumulate, slots=blocks.line_slots)
+  out_specs = [scratch, scratch, _ROW_SCALAR, _ROW_SCALAR]
+  out_shape = [jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
+               jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
+               jax.ShapeDtypeStruct((rows,), jnp.int32),
+               jax.ShapeDtypeStruct((rows,), jnp.int32)]
+  if select:
+    kernel = functools.partial(_collect_select_kernel, collect_kw=kernel.keywords,
+                               select_kw=_select_kw(lp, blocks), barrier=not interpret)
+    out_width = _out_width(lp, interpret)
+    out_specs.append(pl.BlockSpec((None, out_width), lambda r: (r, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((rows, out_width), jnp.int32))
   return pl.pallas_call(
-      functools.partial(_collect_kernel, k=lp.k, rank=lp.rank, capacity=lp.capacity,
-                        run=blocks.sample_run, every=blocks.sample_every, block=lp.block,
-                        bits=lp.bits, accumulate=blocks.accumulate, slots=blocks.line_slots),
+      kernel,
       grid=(rows,),
       in_specs=[pl.BlockSpec((None, lp.padded), lambda r: (r, 0)),
                 pl.BlockSpec((None,) + lines.shape[1:], lambda r: (r, 0, 0)), _ROW_SCALAR],
-      out_specs=[scratch, scratch, _ROW_SCALAR, _ROW_SCALAR],
-      out_shape=[jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
-                 jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
-                 jax.ShapeDtypeStruct((rows,), jnp.int32),
-                 jax.ShapeDtypeStruct((rows,), jnp.int32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_compiler_params(blocks),
       interpret=interpret,
-      name="dsa_topk_collect",
+      name="dsa_topk_collect_select" if select else "dsa_topk_collect",
   )(scores, lines, lengths)
 
 
@@ -624,8 +657,7 @@ def _search_rows(scores, lengths, collected, lp: _Launch, blocks: TopKBlocks, in
   sampled), the segmented calls (few sampled rows), or the select call over `collected`
   (`_collect`'s outputs: many sampled rows)."""
   rows = scores.shape[0]
-  kw = dict(k=lp.k, block=lp.block, bits=lp.bits, accumulate=blocks.accumulate,
-            out_block=lp.out_block, trash=lp.kp)
+  kw = _select_kw(lp, blocks)
   row_spec = pl.BlockSpec((None, lp.padded), lambda r: (r, 0))
   out_width = _out_width(lp, interpret)
   call = functools.partial(
@@ -653,7 +685,10 @@ def top_k_rows(scores, lengths, *, k: int, blocks: TopKBlocks = TopKBlocks(),
   -1 = none)."""
   lp = _launch(scores.shape[1], scores.dtype, k, blocks)
   scores, lengths = _prepare(scores, lengths, lp)
-  collected = _collect(scores, lengths, lp, blocks, interpret) if _collects(scores.shape[0], lp, blocks) else None
+  collects = _collects(scores.shape[0], lp, blocks)
+  if collects and blocks.fuse_select:
+    return _collect(scores, lengths, lp, blocks, interpret, select=True)[-1][:, :lp.k]
+  collected = _collect(scores, lengths, lp, blocks, interpret) if collects else None
   return _search_rows(scores, lengths, collected, lp, blocks, interpret)
 
 

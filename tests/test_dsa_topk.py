@@ -244,7 +244,9 @@ def test_sampled_top_k_falls_back_when_the_sample_misleads():
   np.testing.assert_array_equal(np.asarray(direct), [1, 1, 1, 0])
   count = np.asarray(count)
   assert count[0] > 2048 and count[1] < k and count[2] > 2048, count
-  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1), *_LIST_VARIANTS):
+  # one program a row: the select in the collecting call (the default) or a call of its own
+  for blocks in (_SAMPLED, dataclasses.replace(_SAMPLED, segments=1),
+                 dataclasses.replace(_SAMPLED, segments=1, fuse_select=False), *_LIST_VARIANTS):
     _assert_exact_in_order(dsa_topk.top_k(x, k, lengths=lengths, split=1, blocks=blocks), x, k, lengths)
   # the two calls one at a time (as a probe times them), failed rows included
   one = dataclasses.replace(_SAMPLED, segments=1)
@@ -273,13 +275,15 @@ def test_segmented_top_k_with_the_top_in_one_segment():
 def test_top_k_kernels_lower_for_the_gpu(monkeypatch):
   """Both algorithms lower to Triton for an H100 on this machine (no GPU needed): the sampled
   path's gather of the sample, the per-row branches and the early-exit loops included, for a
-  prefill chunk (64 rows, one program a row) and a decode row (segmented)."""
+  prefill chunk (64 rows, one program a row: the select in the collecting call, its barrier
+  included, or a call of its own) and a decode row (segmented)."""
   from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gpu_info, "get_gpu_info",
                       lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
   for dtype in (jnp.bfloat16, jnp.float32):
     for rows, blocks, names in (
-        (64, dsa_topk.TopKBlocks(), ("dsa_topk_collect", "dsa_topk_select")),
+        (64, dsa_topk.TopKBlocks(), ("dsa_topk_collect_select",)),
+        (64, dsa_topk.TopKBlocks(fuse_select=False), ("dsa_topk_collect", "dsa_topk_select")),
         (1, dsa_topk.TopKBlocks(), ("dsa_topk_segment_collect", "dsa_topk_segment_select")),
         (4, dsa_topk.TopKBlocks(sample=False), ("dsa_topk",))):
       args = (jax.ShapeDtypeStruct((rows, 131072), dtype), jax.ShapeDtypeStruct((rows,), jnp.int32))
