@@ -114,8 +114,10 @@ def _in_loop(label, fn, first, *rest, inner, reps):
 
 def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype=None, fill=False,
                         kernel="auto"):
-  """Indexer scores of every query chunk (max over keys kept: the [chunk, S] buffer is not
-  written to the output); ki bf16 or FP8Keys. By default what `indexer_top_k` runs: scores in
+  """Indexer scores of every query chunk (each row's max over its first 64 keys kept: the [chunk,
+  S] buffer is written, not returned; until run s20b the max ran over every key, a read of all
+  the scores, ~6 ms at 128k, that the prefill does not have and the top-k column, (indexer +
+  top-k) - indexer, then missed); ki bf16 or FP8Keys. By default what `indexer_top_k` runs: scores in
   `dsa.selection_dtype(fp8)` (bf16 for fp8), wholly-future tiles not written, default key
   positions (so the Mosaic kernel on Hopper; kernel="triton" forces the Triton one); fill:
   every tile written, explicit key positions (Triton, as in sessions 2-8)."""
@@ -125,7 +127,7 @@ def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype
   return jax.lax.map(
       lambda a: jnp.max(dsa_indexer.indexer_scores(a[0], ki, a[1], a[2], pos if fill else None, fp8=fp8,
                                                    blocks=blocks, out_dtype=out_dtype, fill_future=fill,
-                                                   kernel=kernel), axis=-1),
+                                                   kernel=kernel)[..., :64], axis=-1),
       (qi.reshape(n_chunks, 1, chunk, hi, di), w.reshape(n_chunks, 1, chunk, hi),
        pos.reshape(n_chunks, 1, chunk)))
 
@@ -441,6 +443,10 @@ SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
     "sh_h32_k64_w4_s2_ht": (True, SB(block_h=32, block_k=64, num_warps=4, num_stages=2, heads_together=True)),
     "sh_h64_k32_w8_s2_ht": (True, SB(block_h=64, block_k=32, num_warps=8, num_stages=2, heads_together=True)),
     "sh_h32_k32_w4_s4_ht": (True, SB(block_h=32, block_k=32, num_warps=4, num_stages=4, heads_together=True)),
+    # session 20: 32 heads at 8 warps (2 warps a scheduler, half the accumulator a thread), side by side
+    "sh_h32_k64_w8_s3_ht": (True, SB(block_h=32, block_k=64, num_warps=8, num_stages=3, heads_together=True)),
+    "sh_h32_k64_w8_s2_ht": (True, SB(block_h=32, block_k=64, num_warps=8, num_stages=2, heads_together=True)),
+    "sh_h32_k32_w8_s3_ht": (True, SB(block_h=32, block_k=32, num_warps=8, num_stages=3, heads_together=True)),
     "sh_h32_k16_w4_s2": (True, SB(block_h=32, block_k=16, num_warps=4, num_stages=2)),
     "sh_h32_k32_w4_s3": (True, SB(block_h=32, block_k=32, num_warps=4, num_stages=3)),
     "sh_h16_k32_w4_s2": (True, SB(block_h=16, block_k=32, num_warps=4, num_stages=2)),
