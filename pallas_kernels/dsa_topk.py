@@ -52,7 +52,9 @@ long rows are read little more than once instead of ~9 times, in two calls:
      from its own row's list right after collecting it (`_collect_select_kernel`; a barrier
      between): one launch fewer, the lists read back from L1 / L2 (H200, session 20: the
      [2048, 128k] chunk 0.771 vs 0.775 ms, [2048, 16k] 0.295 vs 0.301; the select is ~0.17 ms
-     a chunk either way, so it is its programs' own work, not a launch, that costs).
+     a chunk either way, so it is its programs' own work, not a launch, that costs; starting
+     its search below the key bits the collected list's range shares did not shorten it either:
+     0.778 vs 0.766 ms, session 20, not kept).
 Per 128k row at the defaults: 4 passes (4 key bits each) over 4k sampled keys (1/8 of a row),
 the collecting pass, then <= 4 passes over ~3.5k collected: ~1.2 row reads against <= 9. When
 the plan's z is below 3 (C too close to k for f), or the row fits in C, only the radix search runs. Failure modes of
@@ -112,7 +114,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import resolve_interpret
 
 _INT_MIN = -(2 ** 31)
-_INT_MAX = 2 ** 31 - 1
 _FLIP = 0x7FFFFFFF
 _FLIP16 = 0x7FFF
 _MIN_SAMPLE_Z = 3.0   # below: the sample would fail too often (each failure = a full-row search)
@@ -194,54 +195,14 @@ def sample_plan(k: int, capacity: int, every: int) -> tuple[int, float]:
   return rank, z
 
 
-def _signed(u, width):
-  """Unsigned key bits (the search's prefix, as int32) -> signed keys: flip the top bit of 32, or
-  shift by 2^15 (16-bit keys)."""
-  return u ^ _INT_MIN if width == 32 else u - 2 ** 15
-
-
-def _unsigned(key, width):
-  return key ^ _INT_MIN if width == 32 else key + 2 ** 15
-
-
-def shared_prefix(lo, hi, *, width: int, bits: int):
-  """Signed keys lo <= hi -> (passes, prefix): how many leading groups of `bits` key bits every key
-  in [lo, hi] shares, and those bits (unsigned, the rest 0). The k-th largest of a list whose keys
-  all lie in [lo, hi] has them too, so its radix search may start after those passes."""
-  ulo, uhi = _unsigned(lo, width), _unsigned(hi, width)
-  diff = ulo ^ uhi
-  passes, prefix = jnp.int32(0), jnp.int32(0)
-  for p in range(width // bits):                      # groups from the most significant
-    shift = width - bits * (p + 1)
-    shared = jax.lax.shift_right_logical(diff, jnp.int32(shift)) == 0   # groups 0..p all equal
-    passes += shared.astype(jnp.int32)
-    group = jax.lax.shift_right_logical(uhi, jnp.int32(shift)) & (2 ** bits - 1)
-    prefix |= jnp.where(shared, group << shift, 0)
-  return passes, prefix
-
-
-def _list_range(keys, count, block):
-  """(lo, hi): the smallest and largest of a list's first `count` keys, keys(i) [block] holding
-  entries i * block + [0, block)."""
-  cols = jnp.arange(block, dtype=jnp.int32)
-
-  def step(i, carry):
-    valid = i * block + cols < count
-    key = keys(i)
-    return (jnp.minimum(carry[0], jnp.min(jnp.where(valid, key, _INT_MAX))),
-            jnp.maximum(carry[1], jnp.max(jnp.where(valid, key, _INT_MIN))))
-  return jax.lax.fori_loop(0, (count + block - 1) // block, step, (jnp.int32(_INT_MAX), jnp.int32(_INT_MIN)))
-
-
-def _search(keys, num_blocks, k_row, done, *, width, bits, accumulate, block, key_range=None):
+def _search(keys, num_blocks, k_row, done, *, width, bits, accumulate, block):
   """The radix threshold search over keys(i) [block] int32, i < num_blocks (masked entries as the
   -inf key), for the k_row-th largest key; done: skip it (all taken). -> (kth, count_gt, exact):
   kth the signed k_row-th largest key, or a threshold with exactly k_row keys >= it (exact, an
   early exit), or <= the -inf key when fewer than k_row keys are finite (or done); count_gt =
-  the number of keys > kth when not exact. key_range (lo, hi): a range that holds the k_row-th
-  largest key and every key above it (a collected list of at least k_row keys): the search starts
-  below the key bits the range shares (`shared_prefix`)."""
-  signed = functools.partial(_signed, width=width)
+  the number of keys > kth when not exact."""
+  # unsigned key bits (the search's prefix) <-> signed keys: flip the top bit of 32 or shift by 2^15
+  signed = (lambda u: u ^ _INT_MIN) if width == 32 else (lambda u: u - 2 ** 15)
   num_cand = 2 ** bits
   jj = jnp.arange(num_cand, dtype=jnp.int32)
 
@@ -265,13 +226,9 @@ def _search(keys, num_blocks, k_row, done, *, width, bits, accumulate, block, ke
     return p + 1, prefix | (best << shift), count_hi, at_best == k_row
 
   passes = width // bits
-  start, prefix = jnp.int32(0), jnp.int32(0)
-  if key_range is not None:   # (not when done: prefix 0 then stands for "take every finite key")
-    skip, shared = shared_prefix(*key_range, width=width, bits=bits)
-    start, prefix = jnp.where(done, start, skip), jnp.where(done, prefix, shared)
   _, prefix, count_gt, exact = jax.lax.while_loop(
       lambda c: (c[0] < passes) & jnp.logical_not(c[3]), search,
-      (start, prefix, jnp.int32(0), done))
+      (jnp.int32(0), jnp.int32(0), jnp.int32(0), done))
   return signed(prefix), count_gt, exact
 
 
@@ -286,18 +243,17 @@ def _masked_keys(ref, length, block, neg_inf_key):
 
 
 def _select(o_ref, keys, positions, length, *, width, neg_inf_key, k, block, bits, accumulate,
-            out_block, trash, key_range=None):
+            out_block, trash):
   """o_ref [trash + 1] or [trash] int32 <- positions(i) [block] of the k largest of keys(i)
   [block], i < ceil(length / block) (keys masks the entries >= length), in order, ties to the
-  lower index; then -1. key_range: see `_search` (the collected lists pass theirs). The scatter's
-  masked lanes address slot trash where o_ref has it
+  lower index; then -1. The scatter's masked lanes address slot trash where o_ref has it
   (interpret mode, whose masked scatter writes every lane back), else slot 0 (on the GPU a
   masked lane writes nothing; no trash slot means no copy to slice it off the output)."""
   num_blocks = (length + block - 1) // block
   k_row = jnp.minimum(k, num_blocks * block)          # counts include the masked tail
   # at most k entries: every finite one is taken, no search
   kth, count_gt, exact = _search(keys, num_blocks, k_row, length <= k, width=width, bits=bits,
-                                 accumulate=accumulate, block=block, key_range=key_range)
+                                 accumulate=accumulate, block=block)
   all_finite = kth <= neg_inf_key                     # fewer than k finite: take them all
   thr = jnp.where(all_finite, neg_inf_key, kth)
   # how many keys == thr to take: all of them after an early exit
@@ -459,9 +415,8 @@ def _select_kernel(s_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, o_ref,
     _kernel(s_ref, len_ref, o_ref, block=block, **kw)
 
   def collected():
-    keys = lambda i: entries(key_ref, i, neg_inf_key)
-    _select(o_ref, keys, lambda i: entries(pos_ref, i, 0), count, width=key_bits(s_ref.dtype),
-            neg_inf_key=neg_inf_key, block=block, key_range=_list_range(keys, count, block), **kw)
+    _select(o_ref, lambda i: entries(key_ref, i, neg_inf_key), lambda i: entries(pos_ref, i, 0), count,
+            width=key_bits(s_ref.dtype), neg_inf_key=neg_inf_key, block=block, **kw)
 
   # a per-program branch: the failed rows' full-row search costs the other rows nothing
   jax.lax.cond(direct_ref[...] != 0, whole_row, collected)
@@ -554,16 +509,15 @@ def _segment_select_kernel(s_ref, len_ref, pos_ref, val_ref, cnt_ref, thr_ref, o
     _kernel(s_ref, len_ref, o_ref, k=k, block=block, **kw)
 
   def from_memory():
-    _select(o_ref, keys, lambda i: plgpu.load(pos_ref.at[slots(i)[0]]), total, width=width,
-            neg_inf_key=neg_inf_key, k=k, block=block, key_range=_list_range(keys, total, block), **kw)
+    _select(o_ref, keys, lambda i: plgpu.load(pos_ref.at[slots(i)[0]]), total,
+            width=width, neg_inf_key=neg_inf_key, k=k, block=block, **kw)
 
   def in_registers():
     slot, valid = slots(0, list_block)
     key_vec = jnp.where(valid, float_keys(plgpu.load(val_ref.at[slot])), neg_inf_key)
     pos_vec = plgpu.load(pos_ref.at[slot])
     _select(o_ref, lambda i: key_vec, lambda i: pos_vec, total, width=width, neg_inf_key=neg_inf_key,
-            k=k, block=list_block, key_range=_list_range(lambda i: key_vec, total, list_block),
-            **dict(kw, bits=list_bits, accumulate=False))
+            k=k, block=list_block, **dict(kw, bits=list_bits, accumulate=False))
 
   def collected():
     if list_block:

@@ -175,33 +175,6 @@ def _sampled_positions(width, blocks):
   return pos % (blocks.sample_every * blocks.sample_run) < blocks.sample_run
 
 
-@pytest.mark.parametrize("dtype,bits", [(jnp.bfloat16, 4), (jnp.bfloat16, 2), (jnp.float32, 4)])
-def test_shared_prefix_is_what_every_key_in_the_range_shares(dtype, bits):
-  """The select's search starts below the key bits its list's range [lo, hi] shares: every key in
-  the range has the prefix, and the next group of bits already differs between lo and hi."""
-  width = dsa_topk.key_bits(dtype)
-  unsigned = lambda key: (key + 2 ** 15) if width == 16 else (key & 0xFFFFFFFF) ^ 0x80000000
-  rng = np.random.default_rng(width + bits)
-  skipped = []
-  for trial in range(200):
-    x = rng.normal(size=2) * 10.0 ** rng.uniform(-3, 3, size=2)
-    x[1] = x[0] if trial % 10 == 0 else x[1]        # some ranges of one key
-    keys = np.asarray(dsa_topk.float_keys(jnp.asarray(x, dtype)))
-    lo, hi = int(keys.min()), int(keys.max())
-    passes, prefix = dsa_topk.shared_prefix(jnp.int32(lo), jnp.int32(hi), width=width, bits=bits)
-    passes, prefix = int(passes), int(prefix) & (2 ** width - 1)   # unsigned bits
-    low = width - bits * passes
-    for key in (lo, (lo + hi) // 2, hi):
-      assert unsigned(key) >> low == prefix >> low, (lo, hi, passes)
-    assert prefix & ((1 << low) - 1) == 0
-    if passes < width // bits:
-      assert unsigned(lo) >> (low - bits) != unsigned(hi) >> (low - bits), (lo, hi, passes)
-    else:
-      assert lo == hi
-    skipped.append(passes)
-  assert 0 < np.mean(skipped) < width // bits
-
-
 def test_sample_plan_balances_the_two_tails():
   rank, z = dsa_topk.sample_plan(2048, 6144, 16)      # the defaults at DSA's k
   assert rank == 222 and 8.2 < z < 8.4
