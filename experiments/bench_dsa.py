@@ -12,7 +12,8 @@ One DeepSeek-V3.2-like attention layer, batch 1, 128 query heads:
            128 heads, q.k 192, v 128; jax's call takes one head dim, so v is zero-padded
            to 192, as `mla.MLAttention` runs it); decode: the same absorbed MQA attention
            densely over the whole latent cache (XLA), and MHA 128 x 128 cuDNN for reference.
-Prefill times are medians of block_until_ready wall times after warm-up (`bench`).
+Prefill times are medians of block_until_ready wall times after warm-up (`bench`); the DSA
+total and the cuDNN baselines are timed in turn over `--prefill_rounds` rounds (median of rounds).
 Prefill top-k: the threshold-search kernel (pallas_kernels/dsa_topk.py) on all query
 chunks, as (indexer + top-k over all chunks) - (indexer over all chunks), and both
 implementations (kernel, `lax.top_k`) on the last chunk alone; on the bf16 scores that the
@@ -116,7 +117,7 @@ def _indexer_all_chunks(qi, ki, w, pos, n_chunks, *, fp8, blocks=None, out_dtype
                         kernel="auto"):
   """Indexer scores of every query chunk (each row's max over its first 64 keys kept: the [chunk,
   S] buffer is written, not returned; until run s20b the max ran over every key, a read of all
-  the scores, ~6 ms at 128k, that the prefill does not have and the top-k column, (indexer +
+  the scores, ~7 ms at 128k, that the prefill does not have and the top-k column, (indexer +
   top-k) - indexer, then missed); ki bf16 or FP8Keys. By default what `indexer_top_k` runs: scores in
   `dsa.selection_dtype(fp8)` (bf16 for fp8), wholly-future tiles not written, default key
   positions (so the Mosaic kernel on Hopper; kernel="triton" forces the Triton one); fill:

@@ -146,8 +146,8 @@ def other_modules():
 
 def by_length(interpret):
   """The last causal chunk at each of --lengths, this module's default against --ab_module's, the
-  select in a call of its own (`fuse_select=False`) and its collect and select calls alone, timed in turn with `bench_pipelined` (16 calls a sync: host
-  jitter hidden)."""
+  select in a call of its own (`fuse_select=False`), the --variant launches, and its collect and
+  select calls alone, timed in turn with `bench_pipelined` (16 calls a sync: host jitter hidden)."""
   for length in map(int, _LENGTHS.value):
     x, n, ref = last_chunk(length, 8 if interpret else min(2048, length))
     modules = {"this": tk, **other_modules()}

@@ -275,8 +275,8 @@ def test_segmented_top_k_with_the_top_in_one_segment():
 def test_top_k_kernels_lower_for_the_gpu(monkeypatch):
   """Both algorithms lower to Triton for an H100 on this machine (no GPU needed): the sampled
   path's gather of the sample, the per-row branches and the early-exit loops included, for a
-  prefill chunk (64 rows, one program a row: the select in the collecting call, its barrier
-  included, or a call of its own) and a decode row (segmented)."""
+  prefill chunk (64 rows, one program a row: the select in the collecting call or in a call of its
+  own) and a decode row (segmented)."""
   from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gpu_info, "get_gpu_info",
                       lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
