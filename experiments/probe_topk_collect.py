@@ -18,6 +18,7 @@ cost goes (0.25 ms a chunk at 8k, session 18).
 
   python -m experiments.probe_topk_collect [--parts] [--ab_module=experiments._ab_dsa_topk]
   python -m experiments.probe_topk_collect --lengths=8192,16384,131072 [--ab_module=...] [--variant=block=2048]
+      [--select_parts]
   python -m experiments.probe_topk_collect --small        (CPU, interpret mode: a [8, 16k] check)
 """
 
@@ -87,6 +88,57 @@ def _collect_given_kernel(s_ref, len_ref, thr_ref, pos_ref, val_ref, cnt_ref, *,
     return taken + jnp.sum(t) + jnp.sum(jnp.where(slot == capacity + 7, 1, 0))   # keep slot live
 
   cnt_ref[...] = jax.lax.fori_loop(0, (length + block - 1) // block, collect, jnp.int32(0))
+
+
+def _select_part_kernel(key_ref, pos_ref, cnt_ref, thr_ref, o_ref, *, k, block, bits, mode):
+  """One part of the select over a row's collected list (key_ref, pos_ref [C + 1], cnt_ref []):
+  "load" (the list's keys summed), "search" (the radix search alone: o_ref[0] <- the k-th key),
+  "compact" (the compaction pass given thr_ref [], the keys >= it scattered as positions), "fill"
+  (the -1 stores alone). o_ref [Kp]."""
+  count = cnt_ref[...]
+  cols = jnp.arange(block, dtype=jnp.int32)
+  num_blocks = (count + block - 1) // block
+
+  def keys(i):
+    x = key_ref[pl.ds(pl.multiple_of(i * block, block), block)]
+    return jnp.where(i * block + cols < count, x, tk._INT_MIN)
+
+  if mode == "load":
+    o_ref[0] = jax.lax.fori_loop(0, num_blocks, lambda i, acc: acc + jnp.sum(keys(i)), jnp.int32(0))
+  elif mode == "search":
+    kth, _, _ = tk._search(keys, num_blocks, jnp.minimum(k, num_blocks * block), count <= k, width=16,
+                           bits=bits, accumulate=False, block=block)
+    o_ref[0] = kth
+  elif mode == "compact":
+    thr = thr_ref[...]
+
+    def compact(i, taken):
+      take = keys(i) >= thr
+      t = take.astype(jnp.int32)
+      slot = jnp.where(take, taken + jnp.cumsum(t) - t, 0)
+      pos = pos_ref[pl.ds(pl.multiple_of(i * block, block), block)]
+      plgpu.store(o_ref.at[slot], pos, mask=take & (slot < o_ref.shape[0]))
+      return taken + jnp.sum(t)
+    jax.lax.fori_loop(0, num_blocks, compact, jnp.int32(0))
+  else:   # fill
+    slots = jnp.arange(block, dtype=jnp.int32)
+    for j in range(o_ref.shape[0] // block):
+      plgpu.store(o_ref.at[pl.ds(j * block, block)], jnp.full((block,), -1, jnp.int32),
+                  mask=j * block + slots >= count // 2)
+
+
+def select_part_call(collected, thr, *, mode, interpret, block=1024, bits=4, warps=4):
+  """collect_candidates' outputs (positions, keys, count, direct) [+ thr [R]] -> [R, K] int32."""
+  pos, key, count, _ = collected
+  rows, width = key.shape
+  scratch = pl.BlockSpec((None, width), lambda r: (r, 0))
+  return pl.pallas_call(
+      functools.partial(_select_part_kernel, k=K, block=block, bits=bits, mode=mode),
+      grid=(rows,), in_specs=[scratch, scratch, tk._ROW_SCALAR, tk._ROW_SCALAR],
+      out_specs=pl.BlockSpec((None, K), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, K), jnp.int32),
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=3), interpret=interpret,
+      name=f"probe_select_{mode}")(key, pos, count, thr)
 
 
 def threshold_call(scores, lengths, lp, *, block, bits, list_block, list_bits, warps, interpret):
@@ -168,6 +220,11 @@ def by_length(interpret):
     assert (np.sort(np.asarray(select(x, n, collected)), -1) == ref).all(), (length, "select alone")
     cases["this collect call alone"] = (f"L={length} collect call alone", collect, (x, n))
     cases["this select call alone"] = (f"L={length} select call alone", select, (x, n, collected))
+    if _SELECT_PARTS.value:   # where the select's ~0.17 ms a chunk goes (session 20's next step)
+      kth = jax.jit(lambda c: select_part_call(c, c[2], mode="search", interpret=interpret))(collected)[:, 0]
+      for mode in ("load", "search", "compact", "fill"):
+        f = jax.jit(lambda c, t, mode=mode: select_part_call(c, t, mode=mode, interpret=interpret))
+        cases[f"this select part: {mode}"] = (f"L={length} select part {mode}", f, (collected, kth))
     times = bench_common.interleaved(cases, rounds=3, reps=5, timer=bench_common.bench_pipelined)
     for name, t in times.items():
       print(f"L={length} top_k {name}: {1e3 * t:.3f} ms (median of rounds, exact)", flush=True)
@@ -236,6 +293,8 @@ _LENGTHS = flags.DEFINE_list("lengths", [], "Only: the last causal chunk at thes
                               "vs --ab_module (bench_pipelined).")
 _VARIANT = flags.DEFINE_multi_string("variant", [], "With --lengths: also these TopKBlocks variants, "
                                      "e.g. block=2048,num_warps=8 (repeatable).")
+_SELECT_PARTS = flags.DEFINE_bool("select_parts", False, "With --lengths: also the select's parts alone "
+                                  "(list loads, the search, the compaction, the -1 fill).")
 _PARTS = flags.DEFINE_bool("parts", False, "Also time the collecting call's parts alone.")
 
 if __name__ == "__main__":
