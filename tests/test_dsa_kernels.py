@@ -377,6 +377,18 @@ def test_mosaic_indexer_lowers_for_hopper_on_cpu(dtype):
   with pytest.raises(ValueError, match="multiples of 8"):
     f.trace(s((1, 36, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 36, 64), jnp.float32),
             s((1, 256), jnp.float32), s((1, 36), jnp.int32))
+  for cfg in (dsa_indexer_mgpu.Config(columns=128, consumers=3),    # a token ring of 3 consumers
+              dsa_indexer_mgpu.Config(split=True),
+              dsa_indexer_mgpu.Config(columns=128, consumers=3, pingpong=False)):
+    g = jax.jit(lambda *a, cfg=cfg: dsa_indexer_mgpu.scores(*a, kv_len=200, out_dtype=jnp.bfloat16, config=cfg))
+    per = dsa_indexer_mgpu.queries_per_cta(64, cfg)
+    odd = (s((1, 5 * per, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 5 * per, 64), jnp.float32),
+           s((1, 256), jnp.float32), s((1, 5 * per), jnp.int32))
+    assert "lca_dsa_indexer_mgpu" in g.trace(*odd).lower(lowering_platforms=("cuda",)).as_text()
+  for bad, match in ((dsa_indexer_mgpu.Config(columns=96), "columns must be 128, 192 or 256, got 96"),
+                     (dsa_indexer_mgpu.Config(consumers=4), "consumers must be 2 or 3, got 4")):
+    with pytest.raises(ValueError, match=match):
+      jax.jit(lambda *a, c=bad: dsa_indexer_mgpu.scores(*a, kv_len=200, config=c)).trace(*args)
 
 
 def test_indexer_kernel_choice_errors_name_the_reason():
@@ -416,9 +428,32 @@ def test_mosaic_indexer_matches_reference_and_triton_on_gpu(fp8):
   assert np.isneginf(got[same_tile]).all() and np.isneginf(got[:3, :64]).all()
   err = np.linalg.norm(got[visible] - ref[visible]) / np.linalg.norm(ref[visible])
   assert err < (1e-3 if fp8 else 1e-5), err    # fp8 error is in both (same operands)
-  np.testing.assert_allclose(got[visible], triton[visible], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+  np.testing.assert_allclose(got[visible], triton[visible], rtol=1e-5, atol=1e-5 * np.abs(ref[visible]).max())
   rounded = run("mosaic", jnp.bfloat16)
   np.testing.assert_array_equal(rounded[visible], got[visible].astype(jnp.bfloat16).astype(np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("config", [dict(columns=128, consumers=2), dict(columns=128, consumers=3),
+                                    dict(columns=128, consumers=3, pingpong=False), dict(split=True),
+                                    dict(columns=192, consumers=3), dict(pingpong=False), dict(prefetch_scale=True),
+                                    dict(split=True, num_stages=3)])
+def test_mosaic_indexer_launch_configs_agree_on_gpu(config):
+  """Other wgmma widths and consumer counts (a token ring past two) give the default's scores:
+  the same fp8 products and sums; 997 queries (not a multiple of any CTA's queries), padding ones."""
+  length, keys = 997, 2100
+  cfg = dsa_indexer_mgpu.Config(**config)
+  q8 = _normal(101, (1, length, 64, 128)).astype(jnp.float8_e4m3fn)
+  k8 = _normal(102, (1, keys, 128)).astype(jnp.float8_e4m3fn)
+  w, ks = _normal(103, (1, length, 64)) * 0.01, jnp.abs(_normal(104, (1, keys))) + 0.5
+  qpos = jnp.arange(keys - length, keys, dtype=jnp.int32)[None].at[:, :5].set(-1)
+  run = lambda c: np.asarray(dsa_indexer.mosaic_scores(q8, k8, w, ks, qpos, config=c))[0]
+  got, want = run(cfg), run(None)
+  t, s = np.asarray(qpos[0])[:, None], np.arange(keys)[None]
+  written = (s < (t // 64 + 1) * 64) & (t >= 0)   # a CTA of padding queries alone writes nothing
+  np.testing.assert_array_equal(np.isneginf(got[written]), np.isneginf(want[written]))
+  np.testing.assert_allclose(got[written & (s <= t)], want[written & (s <= t)], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
