@@ -2,16 +2,20 @@
 
 Two modes, both on bench_dsa's shapes (64 indexer heads x 128, fp8 operands, bf16 scores):
 
-  --configs=default,c128_n3,...   each configuration against the default on a small case
+  --configs=default,prefetch,...  each configuration against the default on a small case
       (scores equal where visible), then the kernel over all query chunks of --length, the
       configurations timed in turn over --rounds (`bench_common.interleaved`). The queries are
       quantized once outside the timed call (the same for every configuration).
   --profile                       Mosaic's on-device profiler on one chunk (the last --chunk
       queries of --profile_length keys): each consumer warpgroup's named regions a step
-      (k_wait, turn / turn_wait, mma_wait, epilogue, store) in SM clock cycles, and the step
-      period; printed and written to --out as profile_<config>.txt.
+      (k_wait, turn, mma_wait, epilogue, store) in SM clock cycles, and the step period;
+      printed and written to --out as profile_<config>.txt.
 
-  python -m experiments.probe_dsa_indexer --configs=default,c128_n3 --profile
+The wider variants of session 21 (wgmma N = 128 / 192, three consumers passing a token, each
+step's wgmma as two pipelined halves) were all slower and are gone from the kernel; they are in
+commit 74572e4 with this probe's configurations for them (NOTES_dsa.md session 21).
+
+  python -m experiments.probe_dsa_indexer --configs=default,prefetch --profile
 """
 
 import collections
@@ -36,21 +40,13 @@ from pallas_kernels import dsa_indexer_mgpu
 
 CONFIGS = {
     "default": dsa_indexer_mgpu.Config(),
-    "c128_n2": dsa_indexer_mgpu.Config(columns=128, consumers=2),
-    "c128_n3": dsa_indexer_mgpu.Config(columns=128, consumers=3),
-    "c128_n3_s3": dsa_indexer_mgpu.Config(columns=128, consumers=3, num_stages=3),
-    "c128_n3_nopp": dsa_indexer_mgpu.Config(columns=128, consumers=3, pingpong=False),
     "nopp": dsa_indexer_mgpu.Config(pingpong=False),
     "prefetch": dsa_indexer_mgpu.Config(prefetch_scale=True),
-    "c192_n3": dsa_indexer_mgpu.Config(columns=192, consumers=3),
-    "c192_n3_s3": dsa_indexer_mgpu.Config(columns=192, consumers=3, num_stages=3),
-    "c192_n3_nopp": dsa_indexer_mgpu.Config(columns=192, consumers=3, pingpong=False),
-    "split": dsa_indexer_mgpu.Config(split=True),
-    "split_s3": dsa_indexer_mgpu.Config(split=True, num_stages=3),
-    "split_s4": dsa_indexer_mgpu.Config(split=True, num_stages=4),
+    "s3": dsa_indexer_mgpu.Config(num_stages=3),
+    "tile_store": dsa_indexer_mgpu.Config(direct_store=False),
 }
 
-_CONFIGS = flags.DEFINE_list("configs", ["default", "c128_n2", "c128_n3"], f"Of {sorted(CONFIGS)}.")
+_CONFIGS = flags.DEFINE_list("configs", ["default", "prefetch"], f"Of {sorted(CONFIGS)}.")
 _LENGTH = flags.DEFINE_integer("length", 131072, "Context length of the timed prefill indexer.")
 _CHUNK = flags.DEFINE_integer("chunk", 2048, "Queries per call.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of all configurations timed in turn.")
@@ -133,14 +129,14 @@ def profile(name, out):
   steps = length // base.block_k
   q8, k8, w8, ks, pos = operands(length)
   with tempfile.TemporaryDirectory() as d:
-    cfg = dataclasses.replace(base, profile_space=6 * steps + 16, profile_dir=d)
+    cfg = dataclasses.replace(base, profile_space=6 * steps + 16, profile_dir=d)   # 5 regions a step
     out_arr = dsa_indexer.mosaic_scores(q8[:, -chunk:], k8, w8[:, -chunk:], ks, pos[:, -chunk:],
                                         out_dtype=jnp.bfloat16, config=cfg)
     jax.block_until_ready(out_arr)
     jax.effects_barrier()
     files = sorted(glob.glob(os.path.join(d, "*-trace.json")))
     trace = json.loads(pathlib.Path(files[-1]).read_text())
-  text = f"profile {name} {base}: {chunk} queries over {length} keys\n" + summarize(trace, base.consumers)
+  text = f"profile {name} {base}: {chunk} queries over {length} keys\n" + summarize(trace, 2)
   print(text, flush=True)
   if out:
     (out / f"profile_{name}.txt").write_text(text + "\n")

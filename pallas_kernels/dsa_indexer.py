@@ -275,7 +275,7 @@ def mosaic_scores(q, k, w, k_scale, q_positions, *, out_dtype=jnp.float32,
   CTA's latest query unwritten -> [B, L, S] out_dtype through `dsa_indexer_mgpu` (Hopper)."""
   cfg = config or dsa_indexer_mgpu.Config()
   q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
-  per_cta = dsa_indexer_mgpu.queries_per_cta(heads, cfg)
+  per_cta = dsa_indexer_mgpu.queries_per_cta(heads)
   qq = _pad_to(q, 1, per_cta, 0)
   ww = _pad_to(w.astype(jnp.float32), 1, per_cta, 0)
   qp = _pad_to(q_positions.astype(jnp.int32), 1, per_cta, -1)

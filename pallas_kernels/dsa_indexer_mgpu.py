@@ -58,6 +58,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import floor_div, hopper_unavailable
 
+_COLUMNS = 256       # wgmma N: (query, head) columns of one consumer warpgroup
+_NUM_CONSUMERS = 2
 _HEAD_DIM = 128
 _DTYPES = ("float8_e4m3fn", "bfloat16")
 # Shared memory per CTA on sm_90 (227 KiB) minus room for barriers.
@@ -67,13 +69,8 @@ _SMEM_LIMIT = 227 * 1024 - 8 * 1024
 @dataclasses.dataclass(frozen=True)
 class Config:
   """block_k: keys per step (the wgmma's M: 64, one warpgroup's rows); num_stages: key tiles
-  in the shared-memory ring; columns: (query, head) columns of one consumer's wgmma (its N:
-  256 or 128, so 256 / H_I or 128 / H_I queries a consumer); consumers: compute warpgroups a
-  CTA (2 or 3; three get 160 registers a thread, two 232; four, at 120, hung on an H200:
-  NOTES_dsa.md session 21). pingpong: the
-  consumers take turns to issue their wgmmas: two meet after each issue (flash_mgpu's
-  schedule; 155 vs 178 ms without it at 128k, NOTES_dsa.md session 10), more pass a token
-  round a ring (each waits for its turn, issues, hands the turn on).
+  in the shared-memory ring; pingpong: the two consumers meet after each wgmma issue
+  (flash_mgpu's schedule; 155 vs 178 ms without it at 128k, NOTES_dsa.md session 10);
   auto_barriers: let Mosaic put a warpgroup barrier before and after every shared-memory store
   (its conservative default: 8 extra barriers a step here). Off, only the barriers the kernel
   needs remain: the output tile's reuse waits on its TMA store (`wait_smem_to_gmem`, which
@@ -82,42 +79,26 @@ class Config:
   of a step goes from registers straight to global memory (no shared-memory tile, no
   `commit_smem` barrier, no TMA store; the same scores, 2% faster at 128k: NOTES_dsa.md,
   session 13); off, the rows go through a shared-memory tile and one TMA store a step.
+  prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own.
   profile_space, profile_dir (timing only): Mosaic's on-device profiler records each
-  consumer's named regions (key wait, turn, wgmma wait, epilogue, store) per step, up to
+  consumer's named regions a step (k_wait, turn, mma_wait, epilogue, store), up to
   profile_space regions a warpgroup, as a trace in profile_dir
-  (`experiments/probe_dsa_indexer.py --profile`)."""
+  (`experiments/probe_dsa_indexer.py --profile`; NOTES_dsa.md session 21)."""
   block_k: int = 64
   num_stages: int = 2
-  columns: int = 256
-  consumers: int = 2
   pingpong: bool = True
   auto_barriers: bool = False
   direct_store: bool = True
-  split: bool = False
   prefetch_scale: bool = False
   profile_space: int = 0
   profile_dir: str = ""
 
-  def smem_bytes(self, itemsize: int, out_itemsize: int, heads: int = 64) -> int:
-    q = self.consumers * self.columns * _HEAD_DIM * itemsize
+  def smem_bytes(self, itemsize: int, out_itemsize: int) -> int:
+    q = _NUM_CONSUMERS * _COLUMNS * _HEAD_DIM * itemsize
     k = self.num_stages * self.block_k * _HEAD_DIM * itemsize
-    out = self.consumers * 2 * (self.columns // heads) * self.block_k * out_itemsize
-    profile = (self.consumers + 1) * self.profile_space * 4 * 4
+    out = _NUM_CONSUMERS * 2 * (_COLUMNS // 8) * self.block_k * out_itemsize
+    profile = (_NUM_CONSUMERS + 1) * self.profile_space * 4 * 4   # 2 events of 2 words a region
     return q + k + out + profile
-
-  def max_registers(self) -> int:
-    """A consumer's register cap: the producer keeps 24 of the 512 a thread slot has (x 128)."""
-    return {2: 232, 3: 160}[self.consumers]
-
-  def check(self, heads: int):
-    if self.columns not in (128, 192, 256):
-      raise ValueError(f"Config.columns must be 128, 192 or 256, got {self.columns}")
-    if self.consumers not in (2, 3):
-      raise ValueError(f"Config.consumers must be 2 or 3, got {self.consumers}")
-    if self.split and (self.consumers, self.columns, self.direct_store) != (2, 256, True):
-      raise ValueError(f"Config.split needs consumers=2, columns=256, direct_store=True, got {self}")
-    if self.columns % heads:
-      raise ValueError(f"Config.columns {self.columns} must be a multiple of index_heads {heads}")
 
 
 def supported(q, k, *, fill_future: bool, default_kv: bool, interpret: bool,
@@ -132,94 +113,86 @@ def supported(q, k, *, fill_future: bool, default_kv: bool, interpret: bool,
   if jnp.dtype(q.dtype).name not in _DTYPES or k.dtype != q.dtype:
     return f"operand dtypes {q.dtype}, {k.dtype} (float8_e4m3fn or bfloat16, the same for both)"
   num_heads, dim = q.shape[2], q.shape[3]
-  cfg = config or Config()
   if dim != _HEAD_DIM:
     return f"index_dim {dim} (128 only)"
-  if num_heads % 8 or cfg.columns % num_heads:
-    return f"index_heads {num_heads} (a multiple of 8 dividing Config.columns = {cfg.columns})"
-  if q.shape[1] < queries_per_cta(num_heads, cfg):
+  if num_heads % 8 or _COLUMNS % num_heads:
+    return f"index_heads {num_heads} (a multiple of 8 dividing 256)"
+  if q.shape[1] < _NUM_CONSUMERS * _COLUMNS // num_heads:
     return f"{q.shape[1]} queries (decode sizes use the decode kernel)"
-  need = cfg.smem_bytes(q.dtype.itemsize, jnp.dtype(out_dtype).itemsize, num_heads)
+  cfg = config or Config()
+  need = cfg.smem_bytes(q.dtype.itemsize, jnp.dtype(out_dtype).itemsize)
   if need > _SMEM_LIMIT:
     return f"{cfg} needs {need} B of shared memory"
   return None
 
 
-def queries_per_cta(num_heads: int, config: Config | None = None) -> int:
-  """Queries of one CTA: columns / H_I per consumer warpgroup (8 a CTA by default at H_I = 64)."""
-  cfg = config or Config()
-  return cfg.consumers * cfg.columns // num_heads
+def queries_per_cta(num_heads: int) -> int:
+  """Queries of one CTA: 256 / H_I per consumer warpgroup, two consumers (8 at H_I = 64)."""
+  return _NUM_CONSUMERS * _COLUMNS // num_heads
 
 
 def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem,
             q_ready, k_ready, k_free, turn, *, heads: int, kv_len: int, num_tiles: int,
             cfg: Config):
-  """One CTA: n x qpw queries (n = cfg.consumers, qpw = cfg.columns / heads a consumer);
-  warpgroups 0 .. n-1 compute, warpgroup n loads.
+  """One CTA: 2 x qpw queries (qpw = 256 / heads a consumer); warpgroups 0, 1 compute, 2 loads.
 
   q_ref [B, Lp * H, d] ((query, head) rows), k_ref [B, Sp, d], w_ref [B, Lp * H] f32,
   ks_ref [B, Sp] f32, qpos_ref [B, Lp] int32, o_ref [B, Lp, Sp]."""
-  bk, stages, n, cols = cfg.block_k, cfg.num_stages, cfg.consumers, cfg.columns
-  qpw = cols // heads
-  ring = cfg.pingpong and n > 2
+  bk, stages = cfg.block_k, cfg.num_stages
+  qpw = _COLUMNS // heads
   batch = lax.axis_index("batch")
   tile = num_tiles - 1 - lax.axis_index("q_tiles")   # the latest queries launch first
   wg = lax.axis_index("wg")
-  q0 = tile * (n * qpw)                              # first query of the CTA
+  q0 = tile * (_NUM_CONSUMERS * qpw)                 # first query of the CTA
   num_kv = pl.cdiv(kv_len, bk)
 
-  positions = [qpos_ref[batch, q0 + i] for i in range(n * qpw)]
+  positions = [qpos_ref[batch, q0 + i] for i in range(_NUM_CONSUMERS * qpw)]
   latest = functools.reduce(jnp.maximum, positions)
   hi = jnp.minimum(floor_div(latest + bk, bk), num_kv)   # key tiles up to the latest position
 
-  def take_turn():  # two consumers meet here; warpgroup 1 runs one meeting behind
-    plgpu.barrier_arrive(turn.at[0])
-    plgpu.barrier_wait(turn.at[0])
+  def take_turn():  # both consumers meet here; warpgroup 1 runs one meeting behind
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
 
+  @pl.when(wg < _NUM_CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(cfg.max_registers(), action="increase")
+    plgpu.set_max_registers(232, action="increase")
     first = q0 + wg * qpw
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first * heads, cols)], q_smem.at[wg],
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first * heads, _COLUMNS)], q_smem.at[wg],
                             q_ready.at[wg])
-    w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, cols)],
-                   layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [cols]
+    w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, _COLUMNS)],
+                   layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
     mine = [qpos_ref[batch, first + i] for i in range(qpw)]
     # Tiles [0, full): every key visible to every query of this warpgroup (no mask).
     full = jnp.minimum(floor_div(functools.reduce(jnp.minimum, mine) + 1, bk),
                        jnp.int32(kv_len // bk))
     full = jnp.minimum(full, hi)
     plgpu.barrier_wait(q_ready.at[wg])
-    if ring:
-      pl.when(wg == n - 1)(lambda: plgpu.barrier_arrive(turn.at[0]))   # the token starts at 0
-    elif cfg.pingpong:
+    if cfg.pingpong:
       pl.when(wg == 1)(take_turn)
 
-    def load_scale(j):   # k_scale of key tile j, [bk] in the layout of a row of scores
+    def load_scale(j):   # k_scale of key tile j: [bk] in the layout of a row of scores
       return plgpu.load(ks_ref.at[batch, pl.ds(j * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(1),
                         optimized=False)
 
+    # The named scopes are the regions Mosaic's profiler records (Config.profile_space).
     def step(j, carry, masked: bool):
       slot = lax.rem(j, jnp.int32(stages))
       with jax.named_scope("k_wait"):
         plgpu.barrier_wait(k_ready.at[slot])
 
       def mma(acc_ref):
-        if ring:
-          with jax.named_scope("turn_wait"):
-            plgpu.barrier_wait(turn.at[wg])
         plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[wg].transpose((1, 0)))
-        if ring:
-          plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, n)])
-        elif cfg.pingpong:
+        if cfg.pingpong:
           with jax.named_scope("turn"):
             take_turn()  # the other warpgroup may now issue its wgmma
         with jax.named_scope("mma_wait"):
           return acc_ref[...]
-      if cfg.prefetch_scale:   # this step's key scales came with the last step; fetch the next's
+      if cfg.prefetch_scale:   # this step's scales came with the last step; fetch the next's
         ks, carry = carry, load_scale(jnp.minimum(j + 1, hi - 1))
       else:
         ks = load_scale(j)
-      s = pl.run_scoped(mma, plgpu.ACC((bk, cols), jnp.float32))   # [keys, columns]
+      s = pl.run_scoped(mma, plgpu.ACC((bk, _COLUMNS), jnp.float32))   # [keys, columns]
       plgpu.barrier_arrive(k_free.at[slot])
       with jax.named_scope("epilogue"):
         p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])   # ReLU(q.k) w
@@ -250,89 +223,13 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
     carry = load_scale(0) if cfg.prefetch_scale else None
     carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
     lax.fori_loop(full, hi, functools.partial(step, masked=True), carry)
-    if cfg.pingpong and not ring:
+    if cfg.pingpong:
       pl.when(wg == 0)(take_turn)
     plgpu.wait_smem_to_gmem(0)
 
-  def _split_consumer():
-    """Each step's wgmma as two halves of cols / 2 columns in two accumulators, software-pipelined:
-    a half's epilogue runs while the other half's wgmma is in flight (the same registers as one
-    [bk, cols] accumulator)."""
-    plgpu.set_max_registers(cfg.max_registers(), action="increase")
-    half, qph = cols // 2, qpw // 2
-    first = q0 + wg * qpw
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first * heads, cols)], q_smem.at[wg],
-                            q_ready.at[wg])
-    ws = [plgpu.load(w_ref.at[batch, pl.ds(first * heads + h * half, half)],
-                     layout=plgpu.Layout.WGMMA.reduce(0), optimized=False) for h in (0, 1)]
-    mine = [qpos_ref[batch, first + i] for i in range(qpw)]
-    plgpu.barrier_wait(q_ready.at[wg])
-    zeros = plgpu.layout_cast(jnp.zeros((bk, half), jnp.float32), plgpu.Layout.WGMMA)
-
-    def issue(acc_ref, j, h):
-      acc_ref[...] = zeros
-      plgpu.wgmma(acc_ref, k_smem.at[lax.rem(j, jnp.int32(stages))],
-                  q_smem.at[wg, pl.ds(h * half, half)].transpose((1, 0)))
-
-    def load_scale(j):
-      return plgpu.load(ks_ref.at[batch, pl.ds(j * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(1),
-                        optimized=False)
-
-    def finish(s, j, h, ks):   # [bk, half] scores of step j, half h -> its queries' rows, stored
-      with jax.named_scope("epilogue"):
-        p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(ws[h], s.shape, [1])
-        key = j * bk + plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-        vals = []
-        for i in range(qph):
-          val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks
-          t = mine[h * qph + i]
-          vals.append(jnp.where((key <= t) & (key < kv_len), val, -jnp.inf).astype(o_ref.dtype))
-      with jax.named_scope("store"):
-        for i, val in enumerate(vals):
-          o_ref.at[batch, first + h * qph + i, pl.ds(j * bk, bk)][...] = val
-
-    def body(acc_a, acc_b):
-      with jax.named_scope("k_wait"):
-        plgpu.barrier_wait(k_ready.at[0])
-      issue(acc_a, 0, 0)
-      issue(acc_b, 0, 1)
-      with jax.named_scope("mma_wait"):
-        a = plgpu.wgmma_accumulator_load(acc_a, wait_n=1)
-      ks = load_scale(0)
-      finish(a, 0, 0, ks)
-
-      def step(j, ks_prev):   # in flight on entry: half 1 of step j - 1
-        slot = lax.rem(j, jnp.int32(stages))
-        with jax.named_scope("k_wait"):
-          plgpu.barrier_wait(k_ready.at[slot])
-        issue(acc_a, j, 0)
-        with jax.named_scope("mma_wait"):
-          b = plgpu.wgmma_accumulator_load(acc_b, wait_n=1)
-        plgpu.barrier_arrive(k_free.at[lax.rem(j - 1, jnp.int32(stages))])
-        ks = load_scale(j)
-        finish(b, j - 1, 1, ks_prev)
-        issue(acc_b, j, 1)
-        with jax.named_scope("mma_wait"):
-          a = plgpu.wgmma_accumulator_load(acc_a, wait_n=1)
-        finish(a, j, 0, ks)
-        return ks
-
-      ks = lax.fori_loop(1, hi, step, ks)
-      with jax.named_scope("mma_wait"):
-        b = plgpu.wgmma_accumulator_load(acc_b, wait_n=0)
-      plgpu.barrier_arrive(k_free.at[lax.rem(hi - 1, jnp.int32(stages))])
-      finish(b, hi - 1, 1, ks)
-
-    pl.run_scoped(body, plgpu.ACC((bk, half), jnp.float32), plgpu.ACC((bk, half), jnp.float32))
-
-  if cfg.split:
-    pl.when((wg < n) & (hi > 0))(_split_consumer)
-  else:
-    pl.when(wg < n)(_consumer)
-
-  @pl.when(wg == n)
+  @pl.when(wg == _NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(24 if n > 2 else 40, action="decrease")
+    plgpu.set_max_registers(40, action="decrease")
 
     def load(j, slot):
       plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(j * bk, bk)], k_smem.at[slot],
@@ -353,36 +250,33 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
   """q [B, Lp, H_I, 128] and k [B, Sp, 128] (fp8 or bf16, the same), w [B, Lp, H_I] f32,
   k_scale [B, Sp] f32, q_positions [B, Lp] int32 (-1 = padding) -> [B, Lp, Sp] out_dtype.
 
-  Lp must be a multiple of `queries_per_cta` (8 by default at H_I = 64) and Sp of block_k;
+  Lp must be a multiple of 512 / H_I (8 queries a CTA at H_I = 64) and Sp of block_k;
   keys at or past kv_len are masked. Key tiles past a CTA's latest query stay unwritten."""
   cfg = config or Config()
   batch, q_pad, heads, dim = q.shape
-  cfg.check(heads)
   kv_pad = k.shape[1]
-  per_cta = queries_per_cta(heads, cfg)
+  per_cta = queries_per_cta(heads)
   if q_pad % per_cta or kv_pad % cfg.block_k:
     raise ValueError(f"padded lengths q {q_pad}, kv {kv_pad} must be multiples of {per_cta} "
                      f"and {cfg.block_k}")
   num_tiles = q_pad // per_cta
-  n = cfg.consumers
   swizzle = 128
   tiled = (plgpu.TilingTransform((8, swizzle // q.dtype.itemsize)), plgpu.SwizzleTransform(swizzle))
   scratch = [
-      plgpu.SMEM((n, cfg.columns, dim), q.dtype, transforms=tiled),                # Q blocks
+      plgpu.SMEM((_NUM_CONSUMERS, _COLUMNS, dim), q.dtype, transforms=tiled),      # Q blocks
       plgpu.SMEM((cfg.num_stages, cfg.block_k, dim), q.dtype, transforms=tiled),   # key ring
-      plgpu.SMEM((n, 2, cfg.columns // heads, cfg.block_k), out_dtype),            # out tiles
-      plgpu.Barrier(num_barriers=n),                                               # q_ready
-      plgpu.Barrier(num_barriers=cfg.num_stages),                                  # k_ready
-      plgpu.Barrier(num_arrivals=n, num_barriers=cfg.num_stages),                  # k_free
-      # turn: two consumers meet at one barrier; more pass a token round one barrier each
-      plgpu.Barrier(num_arrivals=2 if n == 2 else 1, num_barriers=1 if n == 2 else n),
+      plgpu.SMEM((_NUM_CONSUMERS, 2, _COLUMNS // heads, cfg.block_k), out_dtype),  # out tiles
+      plgpu.Barrier(num_barriers=_NUM_CONSUMERS),                                    # q_ready
+      plgpu.Barrier(num_barriers=cfg.num_stages),                                    # k_ready
+      plgpu.Barrier(num_arrivals=_NUM_CONSUMERS, num_barriers=cfg.num_stages),       # k_free
+      plgpu.Barrier(num_arrivals=_NUM_CONSUMERS),                                    # turn
   ]
   kernel = functools.partial(_kernel, heads=heads, kv_len=int(kv_len), num_tiles=num_tiles,
                              cfg=cfg)
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((batch, q_pad, kv_pad), out_dtype),
       scratch_types=scratch, grid=(num_tiles, batch), grid_names=("q_tiles", "batch"),
-      num_threads=n + 1, thread_name="wg",
+      num_threads=_NUM_CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=not cfg.auto_barriers,
                                            profile_space=cfg.profile_space,
                                            profile_dir=cfg.profile_dir),
