@@ -79,7 +79,8 @@ class Config:
   of a step goes from registers straight to global memory (no shared-memory tile, no
   `commit_smem` barrier, no TMA store; the same scores, 2% faster at 128k: NOTES_dsa.md,
   session 13); off, the rows go through a shared-memory tile and one TMA store a step.
-  prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own.
+  prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own
+  (not yet run on a GPU: NOTES_dsa.md session 21).
   profile_space, profile_dir (timing only): Mosaic's on-device profiler records each
   consumer's named regions a step (k_wait, turn, mma_wait, epilogue, store), up to
   profile_space regions a warpgroup, as a trace in profile_dir
