@@ -81,6 +81,12 @@ class Config:
   session 13); off, the rows go through a shared-memory tile and one TMA store a step.
   prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own
   (not yet run on a GPU: NOTES_dsa.md session 21).
+  heads_by_mma: the sum over each query's heads as a second wgmma: ReLU(S) rounded to bf16 in
+  registers (the A operand) times a block-diagonal [256, 8] matrix of the consumer's w in shared
+  memory (`head_weight_matrices`; fp32 sums), instead of 128 multiplies, the adds and the lane
+  shuffles of the default epilogue, which the profile found to be 789 of a step's 1737 cycles.
+  The scores differ from the default's by the bf16 rounding of ReLU(S) and w (~2^-9 relative a
+  term). Not yet run on a GPU (NOTES_dsa.md session 21).
   profile_space, profile_dir (timing only): Mosaic's on-device profiler records each
   consumer's named regions a step (k_wait, turn, mma_wait, epilogue, store), up to
   profile_space regions a warpgroup, as a trace in profile_dir
@@ -91,6 +97,7 @@ class Config:
   auto_barriers: bool = False
   direct_store: bool = True
   prefetch_scale: bool = False
+  heads_by_mma: bool = False
   profile_space: int = 0
   profile_dir: str = ""
 
@@ -99,7 +106,8 @@ class Config:
     k = self.num_stages * self.block_k * _HEAD_DIM * itemsize
     out = _NUM_CONSUMERS * 2 * (_COLUMNS // 8) * self.block_k * out_itemsize
     profile = (_NUM_CONSUMERS + 1) * self.profile_space * 4 * 4   # 2 events of 2 words a region
-    return q + k + out + profile
+    wmat = _NUM_CONSUMERS * 8 * _COLUMNS * 2 if self.heads_by_mma else 0
+    return q + k + out + profile + wmat
 
 
 def supported(q, k, *, fill_future: bool, default_kv: bool, interpret: bool,
@@ -132,13 +140,30 @@ def queries_per_cta(num_heads: int) -> int:
   return _NUM_CONSUMERS * _COLUMNS // num_heads
 
 
-def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem,
-            q_ready, k_ready, k_free, turn, *, heads: int, kv_len: int, num_tiles: int,
-            cfg: Config):
+def head_weight_matrices(w):
+  """w [B, Lp, H] -> [B, Lp / qpw, 8, 256] bf16 (qpw = 256 / H): for each consumer's block of qpw
+  queries, row i holds query i's weights at its own (query, head) columns i * H .. (i + 1) * H
+  and zeros elsewhere (rows qpw..7 are zero), so that ReLU(S^T) [keys, 256] @ matrix^T gives
+  each query's sum over its heads in column i (`Config.heads_by_mma`)."""
+  batch, q_pad, heads = w.shape
+  qpw = _COLUMNS // heads
+  rows = jnp.eye(8, qpw, dtype=jnp.float32)
+  wmat = jnp.einsum("bgph,ip->bgiph", w.astype(jnp.float32).reshape(batch, q_pad // qpw, qpw, heads), rows)
+  return wmat.reshape(batch, q_pad // qpw, 8, _COLUMNS).astype(jnp.bfloat16)
+
+
+def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
   """One CTA: 2 x qpw queries (qpw = 256 / heads a consumer); warpgroups 0, 1 compute, 2 loads.
 
-  q_ref [B, Lp * H, d] ((query, head) rows), k_ref [B, Sp, d], w_ref [B, Lp * H] f32,
-  ks_ref [B, Sp] f32, qpos_ref [B, Lp] int32, o_ref [B, Lp, Sp]."""
+  refs: q_ref [B, Lp * H, d] ((query, head) rows), k_ref [B, Sp, d], w_ref [B, Lp * H] f32,
+  ks_ref [B, Sp] f32, qpos_ref [B, Lp] int32, [wmat_ref [B, Lp / qpw, 8, 256] bf16 with
+  cfg.heads_by_mma], o_ref [B, Lp, Sp]; then the scratch of `scores`."""
+  if cfg.heads_by_mma:
+    (q_ref, k_ref, w_ref, ks_ref, qpos_ref, wmat_ref, o_ref, q_smem, k_smem, o_smem,
+     q_ready, k_ready, k_free, turn, w_smem, w_ready) = refs
+  else:
+    (q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem,
+     q_ready, k_ready, k_free, turn) = refs
   bk, stages = cfg.block_k, cfg.num_stages
   qpw = _COLUMNS // heads
   batch = lax.axis_index("batch")
@@ -161,14 +186,20 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
     first = q0 + wg * qpw
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first * heads, _COLUMNS)], q_smem.at[wg],
                             q_ready.at[wg])
-    w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, _COLUMNS)],
-                   layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
+    if cfg.heads_by_mma:   # this consumer's block-diagonal [8, 256] w (rows: its queries)
+      plgpu.copy_gmem_to_smem(wmat_ref.at[batch, first // qpw], w_smem.at[wg], w_ready.at[wg])
+      column = plgpu.broadcasted_iota(jnp.int32, (bk, 8), 1, layout=plgpu.Layout.WGMMA)
+    else:
+      w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, _COLUMNS)],
+                     layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
     mine = [qpos_ref[batch, first + i] for i in range(qpw)]
     # Tiles [0, full): every key visible to every query of this warpgroup (no mask).
     full = jnp.minimum(floor_div(functools.reduce(jnp.minimum, mine) + 1, bk),
                        jnp.int32(kv_len // bk))
     full = jnp.minimum(full, hi)
     plgpu.barrier_wait(q_ready.at[wg])
+    if cfg.heads_by_mma:
+      plgpu.barrier_wait(w_ready.at[wg])
     if cfg.pingpong:
       pl.when(wg == 1)(take_turn)
 
@@ -196,13 +227,24 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
       s = pl.run_scoped(mma, plgpu.ACC((bk, _COLUMNS), jnp.float32))   # [keys, columns]
       plgpu.barrier_arrive(k_free.at[slot])
       with jax.named_scope("epilogue"):
-        p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])   # ReLU(q.k) w
+        if cfg.heads_by_mma:   # [keys, 8]: column i = query i's sum of w x ReLU over its heads
+          relu = jnp.maximum(s.astype(jnp.bfloat16), 0.0)    # rounding commutes with ReLU
+
+          def head_sums(acc_ref):
+            plgpu.wgmma(acc_ref, relu, w_smem.at[wg].transpose((1, 0)))
+            return acc_ref[...]
+          sums = pl.run_scoped(head_sums, plgpu.ACC((bk, 8), jnp.float32))
+        else:
+          p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])   # ReLU(q.k) w
         if masked:
           key = j * bk + plgpu.broadcasted_iota(jnp.int32, (bk,), 0,
                                                 layout=plgpu.Layout.WGMMA.reduce(1))
         vals = []
         for i in range(qpw):
-          val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
+          if cfg.heads_by_mma:
+            val = jnp.where(column == i, sums, 0.0).sum(axis=1) * ks
+          else:
+            val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
           if masked:
             val = jnp.where((key <= mine[i]) & (key < kv_len), val, -jnp.inf)
           vals.append(val.astype(o_ref.dtype))
@@ -272,6 +314,13 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
       plgpu.Barrier(num_arrivals=_NUM_CONSUMERS, num_barriers=cfg.num_stages),       # k_free
       plgpu.Barrier(num_arrivals=_NUM_CONSUMERS),                                    # turn
   ]
+  operands = [q.reshape(batch, q_pad * heads, dim), k, w.reshape(batch, q_pad * heads), k_scale,
+              q_positions]
+  if cfg.heads_by_mma:
+    operands.append(head_weight_matrices(w))
+    scratch += [plgpu.SMEM((_NUM_CONSUMERS, 8, _COLUMNS), jnp.bfloat16,
+                           transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
+                plgpu.Barrier(num_barriers=_NUM_CONSUMERS)]                                   # w_ready
   kernel = functools.partial(_kernel, heads=heads, kv_len=int(kv_len), num_tiles=num_tiles,
                              cfg=cfg)
   return plgpu.kernel(
@@ -282,5 +331,4 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
                                            profile_space=cfg.profile_space,
                                            profile_dir=cfg.profile_dir),
       kernel_name="lca_dsa_indexer_mgpu",
-  )(q.reshape(batch, q_pad * heads, dim), k, w.reshape(batch, q_pad * heads), k_scale,
-    q_positions)
+  )(*operands)

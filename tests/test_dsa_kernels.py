@@ -377,9 +377,23 @@ def test_mosaic_indexer_lowers_for_hopper_on_cpu(dtype):
   with pytest.raises(ValueError, match="multiples of 8"):
     f.trace(s((1, 36, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 36, 64), jnp.float32),
             s((1, 256), jnp.float32), s((1, 36), jnp.int32))
-  prefetch = jax.jit(lambda *a: dsa_indexer_mgpu.scores(*a, kv_len=200, out_dtype=jnp.bfloat16,
-                                                        config=dsa_indexer_mgpu.Config(prefetch_scale=True)))
-  assert "lca_dsa_indexer_mgpu" in prefetch.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  for cfg in (dsa_indexer_mgpu.Config(prefetch_scale=True), dsa_indexer_mgpu.Config(heads_by_mma=True)):
+    g = jax.jit(lambda *a, cfg=cfg: dsa_indexer_mgpu.scores(*a, kv_len=200, out_dtype=jnp.bfloat16, config=cfg))
+    assert "lca_dsa_indexer_mgpu" in g.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_mosaic_indexer_head_weight_matrices_sum_each_querys_heads():
+  """`Config.heads_by_mma`'s B operand: ReLU(S^T) [keys, 256] @ matrix^T puts query i's weighted
+  sum over its own heads in column i (0 in columns 4..7), for every block of 4 queries."""
+  w = _normal(105, (2, 8, 64))
+  s_t = jax.nn.relu(_normal(106, (2, 2, 5, 256)))   # [B, block, keys, (query, head) columns]
+  mats = dsa_indexer_mgpu.head_weight_matrices(w).astype(jnp.float32)
+  chex.assert_shape(mats, (2, 2, 8, 256))
+  got = jnp.einsum("bgkc,bgic->bgki", s_t, mats)
+  w_bf16 = w.astype(jnp.bfloat16).astype(jnp.float32).reshape(2, 2, 4, 64)
+  want = jnp.einsum("bgkqh,bgqh->bgkq", s_t.reshape(2, 2, 5, 4, 64), w_bf16)
+  np.testing.assert_allclose(got[..., :4], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got[..., 4:], 0.0)
 
 
 def test_indexer_kernel_choice_errors_name_the_reason():
@@ -422,6 +436,32 @@ def test_mosaic_indexer_matches_reference_and_triton_on_gpu(fp8):
   np.testing.assert_allclose(got[visible], triton[visible], rtol=1e-5, atol=1e-5 * np.abs(ref[visible]).max())
   rounded = run("mosaic", jnp.bfloat16)
   np.testing.assert_array_equal(rounded[visible], got[visible].astype(jnp.bfloat16).astype(np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+def test_mosaic_indexer_heads_by_mma_matches_reference_on_gpu():
+  """`Config.heads_by_mma` (the head sum as a second wgmma on bf16 ReLU(S)): visible scores near the
+  reference with the same fp8 operands (bf16 rounding of ReLU(S) and w), -inf where the default
+  has -inf; 997 queries, the first 5 padding."""
+  length, keys = 997, 2100
+  qi = _normal(107, (1, length, 64, 128)).astype(jnp.bfloat16)
+  ki = _normal(108, (1, keys, 128)).astype(jnp.bfloat16)
+  w = _normal(109, (1, length, 64)) * (64 * 128) ** -0.5
+  qpos = jnp.arange(keys - length, keys, dtype=jnp.int32)[None].at[:, :5].set(-1)
+  q8, w8 = dsa_indexer.fp8_query_operands(qi, w)
+  keys8 = dsa.quantize_index_keys(ki)
+  run = lambda c: np.asarray(dsa_indexer.mosaic_scores(q8, keys8.values, w8, keys8.scale[..., 0], qpos,
+                                                       config=c))[0]
+  got, default = run(dsa_indexer_mgpu.Config(heads_by_mma=True)), run(None)
+  ref = np.asarray(dsa.indexer_scores_reference(qi, ki, w, q_positions=qpos, fp8=True))[0]
+  t, s = np.asarray(qpos[0])[:, None], np.arange(keys)[None]
+  visible = s <= t
+  written = (s < (t // 64 + 1) * 64) & (t >= 0)
+  np.testing.assert_array_equal(np.isneginf(got[written]), np.isneginf(default[written]))
+  err = np.linalg.norm(got[visible] - ref[visible]) / np.linalg.norm(ref[visible])
+  assert err < 1e-2, err
+  assert np.linalg.norm(default[visible] - ref[visible]) / np.linalg.norm(ref[visible]) < 1e-3
 
 
 @pytest.mark.gpu
