@@ -101,7 +101,7 @@ def check(names):
           f"finite where visible {np.isfinite(got[visible]).all()}", flush=True)
 
 
-def summarize(trace: dict, consumers: int) -> str:
+def summarize(trace: dict) -> str:
   """Per named region: median / mean SM cycles a step over all consumer traces; the step period."""
   by_tid = collections.defaultdict(list)
   for e in trace["traceEvents"]:
@@ -118,12 +118,12 @@ def summarize(trace: dict, consumers: int) -> str:
       else:
         durations[e["name"]].append((e["ts"] - open_at.pop(e["name"])) * 1e3)   # ts: cycles / 1e3
     periods += list(np.diff(starts) * 1e3)
-  lines = [f"  {len(by_tid)} warpgroup traces ({consumers} consumers a CTA), cycles a step:"]
+  lines = [f"  {len(by_tid)} warpgroup traces (2 consumers a CTA), cycles a step:"]
   for name, d in sorted(durations.items()):
     lines.append(f"    {name:10s} median {statistics.median(d):8.0f}  mean {np.mean(d):8.0f}  n {len(d)}")
   if periods:
     lines.append(f"    {'period':10s} median {statistics.median(periods):8.0f}  mean {np.mean(periods):8.0f}"
-                 f"  (one consumer's steps; the SM does {consumers} such steps a period)")
+                 "  (one consumer's steps; the SM does 2 such steps a period)")
   return "\n".join(lines)
 
 
@@ -140,7 +140,7 @@ def profile(name, out):
     jax.effects_barrier()
     files = sorted(glob.glob(os.path.join(d, "*-trace.json")))
     trace = json.loads(pathlib.Path(files[-1]).read_text())
-  text = f"profile {name} {base}: {chunk} queries over {length} keys\n" + summarize(trace, 2)
+  text = f"profile {name} {base}: {chunk} queries over {length} keys\n" + summarize(trace)
   print(text, flush=True)
   if out:
     (out / f"profile_{name}.txt").write_text(text + "\n")
