@@ -573,3 +573,25 @@ def test_decode_probe_times_the_default_launch_first():
   assert name.startswith("default")
   forward = lambda b: (b.block_h, b.block_k, b.num_splits, b.num_warps, b.num_stages, b.dv_splits)
   assert forward(first) == forward(dsa_attention.default_blocks(1, 2048, 512, 128, 64)), first
+
+
+def test_indexer_probe_summarizes_a_profile_trace():
+  """experiments/probe_dsa_indexer.py reads Mosaic's trace (ts in SM cycles / 1e3, one tid a
+  warpgroup): each region's cycles a step and the period between a consumer's key waits."""
+  from experiments import probe_dsa_indexer   # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  events, epilogues = [], []
+  for tid in (1, 2):
+    t = float(rng.uniform(0, 50))
+    for _ in range(4):
+      for name in ("k_wait", "epilogue"):
+        cycles = float(rng.integers(100, 900))
+        if name == "epilogue":
+          epilogues.append(cycles)
+        events += [dict(name=name, ph="B", ts=t / 1e3, tid=tid),
+                   dict(name=name, ph="E", ts=(t + cycles) / 1e3, tid=tid)]
+        t += cycles + 7
+  text = probe_dsa_indexer.summarize({"traceEvents": events})
+  line = next(l for l in text.splitlines() if l.strip().startswith("epilogue"))
+  assert f"median {np.median(epilogues):8.0f}" in line and "n 8" in line, text
+  assert "period" in text
