@@ -1,5 +1,6 @@
 """Timing helpers shared by the GPU benchmark scripts (experiments/bench_*.py)."""
 
+import collections
 import datetime
 import functools
 import glob
@@ -160,3 +161,32 @@ def profile_kernels(fn, first, *rest, calls: int = 16) -> dict:
   out["kernels per call"] = len(events) / calls
   out["kernel sum per call"] = sum(e[2] for e in events) / 1e3 / calls
   return out
+
+
+def mosaic_profile_summary(trace: dict, period_region: str) -> str:
+  """A trace of Mosaic GPU's on-device profiler (`CompilerParams(profile_space=, profile_dir=)`:
+  one tid a warpgroup, ts = SM clock cycles / 1e3) -> per named region the median and mean cycles
+  of its occurrences over all warpgroups, and the median cycles between a warpgroup's successive
+  entries to `period_region` (a loop's step)."""
+  by_tid = collections.defaultdict(list)
+  for e in trace["traceEvents"]:
+    by_tid[e["tid"]].append(e)
+  durations = collections.defaultdict(list)
+  periods = []
+  for events in by_tid.values():
+    open_at, starts = {}, []
+    for e in events:
+      if e["ph"] == "B":
+        open_at[e["name"]] = e["ts"]
+        if e["name"] == period_region:
+          starts.append(e["ts"])
+      else:
+        durations[e["name"]].append((e["ts"] - open_at.pop(e["name"])) * 1e3)
+    periods += [(b - a) * 1e3 for a, b in zip(starts, starts[1:])]
+  lines = [f"  {len(by_tid)} warpgroup traces, cycles a region:"]
+  for name, d in sorted(durations.items()):
+    lines.append(f"    {name:10s} median {statistics.median(d):8.0f}  mean {statistics.fmean(d):8.0f}  n {len(d)}")
+  if periods:
+    lines.append(f"    {'period':10s} median {statistics.median(periods):8.0f}  "
+                 f"mean {statistics.fmean(periods):8.0f}  (between a warpgroup's {period_region} entries)")
+  return "\n".join(lines)

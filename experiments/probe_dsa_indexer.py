@@ -18,13 +18,11 @@ commit 74572e4 with this probe's configurations for them (NOTES_dsa.md session 2
   python -m experiments.probe_dsa_indexer --configs=default,prefetch --profile
 """
 
-import collections
 import dataclasses
 import glob
 import json
 import os
 import pathlib
-import statistics
 import tempfile
 
 from absl import app
@@ -101,32 +99,6 @@ def check(names):
           f"finite where visible {np.isfinite(got[visible]).all()}", flush=True)
 
 
-def summarize(trace: dict) -> str:
-  """Per named region: median / mean SM cycles a step over all consumer traces; the step period."""
-  by_tid = collections.defaultdict(list)
-  for e in trace["traceEvents"]:
-    by_tid[e["tid"]].append(e)
-  durations = collections.defaultdict(list)
-  periods = []
-  for events in by_tid.values():
-    open_at, starts = {}, []
-    for e in events:
-      if e["ph"] == "B":
-        open_at[e["name"]] = e["ts"]
-        if e["name"] == "k_wait":
-          starts.append(e["ts"])
-      else:
-        durations[e["name"]].append((e["ts"] - open_at.pop(e["name"])) * 1e3)   # ts: cycles / 1e3
-    periods += list(np.diff(starts) * 1e3)
-  lines = [f"  {len(by_tid)} warpgroup traces (2 consumers a CTA), cycles a step:"]
-  for name, d in sorted(durations.items()):
-    lines.append(f"    {name:10s} median {statistics.median(d):8.0f}  mean {np.mean(d):8.0f}  n {len(d)}")
-  if periods:
-    lines.append(f"    {'period':10s} median {statistics.median(periods):8.0f}  mean {np.mean(periods):8.0f}"
-                 "  (one consumer's steps; the SM does 2 such steps a period)")
-  return "\n".join(lines)
-
-
 def profile(name, out):
   base = CONFIGS[name]
   length, chunk = _PROFILE_LENGTH.value, _CHUNK.value
@@ -140,7 +112,7 @@ def profile(name, out):
     jax.effects_barrier()
     files = sorted(glob.glob(os.path.join(d, "*-trace.json")))
     trace = json.loads(pathlib.Path(files[-1]).read_text())
-  text = f"profile {name} {base}: {chunk} queries over {length} keys\n" + summarize(trace)
+  text = f"profile {name} {base}: {chunk} queries over {length} keys\n" + bench_common.mosaic_profile_summary(trace, period_region="k_wait")
   print(text, flush=True)
   if out:
     (out / f"profile_{name}.txt").write_text(text + "\n")

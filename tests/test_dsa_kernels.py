@@ -575,15 +575,17 @@ def test_decode_probe_times_the_default_launch_first():
   assert forward(first) == forward(dsa_attention.default_blocks(1, 2048, 512, 128, 64)), first
 
 
-def test_indexer_probe_summarizes_a_profile_trace():
-  """experiments/probe_dsa_indexer.py reads Mosaic's trace (ts in SM cycles / 1e3, one tid a
-  warpgroup): each region's cycles a step and the period between a consumer's key waits."""
-  from experiments import probe_dsa_indexer   # pylint: disable=g-import-not-at-top
+def test_mosaic_profile_summary_reads_cycles_and_the_period():
+  """bench_common.mosaic_profile_summary (probe_dsa_indexer --profile) reads Mosaic's trace (ts in
+  SM cycles / 1e3, one tid a warpgroup): each region's cycles and the period between a
+  warpgroup's entries to the period region."""
+  from experiments import bench_common   # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
-  events, epilogues = [], []
+  events, epilogues, periods = [], [], []
   for tid in (1, 2):
     t = float(rng.uniform(0, 50))
     for _ in range(4):
+      start = t
       for name in ("k_wait", "epilogue"):
         cycles = float(rng.integers(100, 900))
         if name == "epilogue":
@@ -591,7 +593,9 @@ def test_indexer_probe_summarizes_a_profile_trace():
         events += [dict(name=name, ph="B", ts=t / 1e3, tid=tid),
                    dict(name=name, ph="E", ts=(t + cycles) / 1e3, tid=tid)]
         t += cycles + 7
-  text = probe_dsa_indexer.summarize({"traceEvents": events})
-  line = next(l for l in text.splitlines() if l.strip().startswith("epilogue"))
-  assert f"median {np.median(epilogues):8.0f}" in line and "n 8" in line, text
-  assert "period" in text
+      periods.append(t - start)
+  text = bench_common.mosaic_profile_summary({"traceEvents": events}, period_region="k_wait")
+  row = lambda name: next(l for l in text.splitlines() if l.strip().startswith(name))
+  assert f"median {np.median(epilogues):8.0f}" in row("epilogue") and "n 8" in row("epilogue"), text
+  between = periods[:3] + periods[4:7]   # the last step of each warpgroup has no successor
+  assert f"median {np.median(between):8.0f}" in row("period"), text
