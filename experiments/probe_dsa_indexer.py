@@ -112,7 +112,8 @@ def profile(name, out):
     jax.effects_barrier()
     files = sorted(glob.glob(os.path.join(d, "*-trace.json")))
     trace = json.loads(pathlib.Path(files[-1]).read_text())
-  text = f"profile {name} {base}: {chunk} queries over {length} keys\n" + bench_common.mosaic_profile_summary(trace, period_region="k_wait")
+  summary = bench_common.mosaic_profile_summary(trace, period_region="k_wait")   # 2 consumers a CTA
+  text = f"profile {name} {base}: {chunk} queries over {length} keys\n{summary}"
   print(text, flush=True)
   if out:
     (out / f"profile_{name}.txt").write_text(text + "\n")
