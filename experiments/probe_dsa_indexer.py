@@ -3,9 +3,10 @@
 Two modes, both on bench_dsa's shapes (64 indexer heads x 128, fp8 operands, bf16 scores):
 
   --configs=default,prefetch,...  each configuration against the default on a small case
-      (scores equal where visible), then the kernel over all query chunks of --length, the
-      configurations timed in turn over --rounds (`bench_common.interleaved`). The queries are
-      quantized once outside the timed call (the same for every configuration).
+      (equal where visible; heads_by_mma within its bf16 rounding, printed as a relative norm),
+      then the kernel over all query chunks of --length, the configurations timed in turn over
+      --rounds (`bench_common.interleaved`). The queries are quantized once outside the timed
+      call (the same for every configuration).
   --profile                       Mosaic's on-device profiler on one chunk (the last --chunk
       queries of --profile_length keys): each consumer warpgroup's named regions a step
       (k_wait, turn, mma_wait, epilogue, store) in SM clock cycles, and the step period;

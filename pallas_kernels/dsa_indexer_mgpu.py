@@ -189,6 +189,7 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
     if cfg.heads_by_mma:   # this consumer's block-diagonal [8, 256] w (rows: its queries)
       plgpu.copy_gmem_to_smem(wmat_ref.at[batch, first // qpw], w_smem.at[wg], w_ready.at[wg])
       column = plgpu.broadcasted_iota(jnp.int32, (bk, 8), 1, layout=plgpu.Layout.WGMMA)
+      is_query = [column == i for i in range(qpw)]   # column i of the head sums: query i
     else:
       w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, _COLUMNS)],
                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
@@ -242,7 +243,7 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
         vals = []
         for i in range(qpw):
           if cfg.heads_by_mma:
-            val = jnp.where(column == i, sums, 0.0).sum(axis=1) * ks
+            val = jnp.where(is_query[i], sums, 0.0).sum(axis=1) * ks
           else:
             val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
           if masked:
