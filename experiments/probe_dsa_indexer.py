@@ -43,6 +43,8 @@ CONFIGS = {
     "prefetch": dsa_indexer_mgpu.Config(prefetch_scale=True),
     "heads_mma": dsa_indexer_mgpu.Config(heads_by_mma=True),
     "heads_mma_s3": dsa_indexer_mgpu.Config(heads_by_mma=True, num_stages=3),
+    "relu_add": dsa_indexer_mgpu.Config(relu_as_add=True),
+    "relu_add_prefetch": dsa_indexer_mgpu.Config(relu_as_add=True, prefetch_scale=True),
     "s3": dsa_indexer_mgpu.Config(num_stages=3),
     "tile_store": dsa_indexer_mgpu.Config(direct_store=False),
 }

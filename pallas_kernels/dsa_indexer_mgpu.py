@@ -86,7 +86,10 @@ class Config:
   memory (`head_weight_matrices`; fp32 sums), instead of 128 multiplies, the adds and the lane
   shuffles of the default epilogue, which the profile found to be 789 of a step's 1737 cycles.
   The scores differ from the default's by the bf16 rounding of ReLU(S) and w (~2^-9 relative a
-  term). Not yet run on a GPU (NOTES_dsa.md session 21).
+  term). Slower on the GPU: 154 vs 137 ms at 128k (NOTES_dsa.md session 22).
+  relu_as_add: ReLU(x) w as (x + |x|) (w / 2), the same products bit for bit (2x and w / 2 are
+  exact), with a full-rate FP32 add (|x| is an operand modifier) in place of the max, which
+  runs on the half-rate ALU pipe.
   profile_space, profile_dir (timing only): Mosaic's on-device profiler records each
   consumer's named regions a step (k_wait, turn, mma_wait, epilogue, store), up to
   profile_space regions a warpgroup, as a trace in profile_dir
@@ -98,6 +101,7 @@ class Config:
   direct_store: bool = True
   prefetch_scale: bool = False
   heads_by_mma: bool = False
+  relu_as_add: bool = False
   profile_space: int = 0
   profile_dir: str = ""
 
@@ -193,6 +197,8 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
     else:
       w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, _COLUMNS)],
                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
+      if cfg.relu_as_add:
+        w = w * 0.5
     mine = [qpos_ref[batch, first + i] for i in range(qpw)]
     # Tiles [0, full): every key visible to every query of this warpgroup (no mask).
     full = jnp.minimum(floor_div(functools.reduce(jnp.minimum, mine) + 1, bk),
@@ -235,6 +241,8 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
             plgpu.wgmma(acc_ref, relu, w_smem.at[wg].transpose((1, 0)))
             return acc_ref[...]
           sums = pl.run_scoped(head_sums, plgpu.ACC((bk, 8), jnp.float32))
+        elif cfg.relu_as_add:   # (s + |s|) (w / 2) = ReLU(s) w exactly
+          p = (s + jnp.abs(s)) * lax.broadcast_in_dim(w, s.shape, [1])
         else:
           p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])   # ReLU(q.k) w
         if masked:
