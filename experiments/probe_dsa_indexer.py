@@ -39,10 +39,15 @@ from pallas_kernels import dsa_indexer_mgpu
 
 CONFIGS = {
     "default": dsa_indexer_mgpu.Config(),
-    "nopp": dsa_indexer_mgpu.Config(pingpong=False),
+    "nopp": dsa_indexer_mgpu.Config(pingpong=False, handoff=False),
+    "meet": dsa_indexer_mgpu.Config(handoff=False),
+    "s3_prefetch": dsa_indexer_mgpu.Config(num_stages=3, prefetch_scale=True),
     "prefetch": dsa_indexer_mgpu.Config(prefetch_scale=True),
     "heads_mma": dsa_indexer_mgpu.Config(heads_by_mma=True),
     "heads_mma_s3": dsa_indexer_mgpu.Config(heads_by_mma=True, num_stages=3),
+    "heads_pipe": dsa_indexer_mgpu.Config(heads_by_mma=True, pipeline_head_sums=True, handoff=False),
+    "heads_pipe_s3": dsa_indexer_mgpu.Config(heads_by_mma=True, pipeline_head_sums=True, handoff=False, num_stages=3),
+    "relu_split": dsa_indexer_mgpu.Config(relu_split=True),
     "relu_add": dsa_indexer_mgpu.Config(relu_as_add=True),
     "relu_add_prefetch": dsa_indexer_mgpu.Config(relu_as_add=True, prefetch_scale=True),
     "s3": dsa_indexer_mgpu.Config(num_stages=3),

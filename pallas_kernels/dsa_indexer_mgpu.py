@@ -86,7 +86,14 @@ class Config:
   memory (`head_weight_matrices`; fp32 sums), instead of 128 multiplies, the adds and the lane
   shuffles of the default epilogue, which the profile found to be 789 of a step's 1737 cycles.
   The scores differ from the default's by the bf16 rounding of ReLU(S) and w (~2^-9 relative a
-  term). Slower on the GPU: 154 vs 137 ms at 128k (NOTES_dsa.md session 22).
+  term). Slower on the GPU: 154 vs 137 ms at 128k (NOTES_dsa.md session 22): the small wgmma
+  queues behind the other consumer's S wgmma, which the epilogue then waits for.
+  handoff: the consumers take turns to issue their wgmmas (two barriers, FlashAttention-3's
+  schedule) instead of meeting after each issue (pingpong), which lines their epilogues up
+  side by side with the tensor cores idle (NOTES_dsa.md session 22).
+  pipeline_head_sums (with heads_by_mma and direct_store): software-pipelined instead; a step
+  issues the previous tile's head-sum wgmma, then its own S wgmma, stores the previous tile's rows
+  while its S wgmma runs, and only rounds and ReLUs its S (carried to the next step in registers).
   relu_as_add: ReLU(x) w as (x + |x|) (w / 2), the same products bit for bit (2x and w / 2 are
   exact), with a full-rate FP32 add (|x| is an operand modifier) in place of the max, which
   runs on the half-rate ALU pipe.
@@ -101,7 +108,10 @@ class Config:
   direct_store: bool = True
   prefetch_scale: bool = False
   heads_by_mma: bool = False
+  pipeline_head_sums: bool = False
+  handoff: bool = False
   relu_as_add: bool = False
+  relu_split: bool = False
   profile_space: int = 0
   profile_dir: str = ""
 
@@ -184,6 +194,21 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
     plgpu.barrier_arrive(turn)
     plgpu.barrier_wait(turn)
 
+  def issue_in_turn(issue):
+    """Config.handoff: a consumer issues its wgmma only after the other issued its last one
+    (turn.at[wg] = "my turn"), then hands the turn over: the wgmmas alternate, and each
+    consumer's epilogue runs while the other's wgmma is on the tensor cores. Else the consumers
+    meet after each issue (pingpong) or do not coordinate."""
+    if cfg.handoff:
+      with jax.named_scope("turn"):
+        plgpu.barrier_wait(turn.at[wg])
+    issue()
+    if cfg.handoff:
+      plgpu.barrier_arrive(turn.at[1 - wg])
+    elif cfg.pingpong:
+      with jax.named_scope("turn"):
+        take_turn()  # the other warpgroup may now issue its wgmma
+
   @pl.when(wg < _NUM_CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
@@ -199,6 +224,9 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
                      layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
       if cfg.relu_as_add:
         w = w * 0.5
+      if cfg.relu_split:   # the second half of each query's heads takes (x + |x|) (w / 2)
+        col = plgpu.broadcasted_iota(jnp.int32, (_COLUMNS,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+        w = jnp.where(lax.rem(col, jnp.int32(heads)) >= heads // 2, w * 0.5, w)
     mine = [qpos_ref[batch, first + i] for i in range(qpw)]
     # Tiles [0, full): every key visible to every query of this warpgroup (no mask).
     full = jnp.minimum(floor_div(functools.reduce(jnp.minimum, mine) + 1, bk),
@@ -207,7 +235,9 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
     plgpu.barrier_wait(q_ready.at[wg])
     if cfg.heads_by_mma:
       plgpu.barrier_wait(w_ready.at[wg])
-    if cfg.pingpong:
+    if cfg.handoff:   # consumer 0 issues first
+      pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turn.at[0]))
+    elif cfg.pingpong:
       pl.when(wg == 1)(take_turn)
 
     def load_scale(j):   # k_scale of key tile j: [bk] in the layout of a row of scores
@@ -221,10 +251,7 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
         plgpu.barrier_wait(k_ready.at[slot])
 
       def mma(acc_ref):
-        plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[wg].transpose((1, 0)))
-        if cfg.pingpong:
-          with jax.named_scope("turn"):
-            take_turn()  # the other warpgroup may now issue its wgmma
+        issue_in_turn(lambda: plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[wg].transpose((1, 0))))
         with jax.named_scope("mma_wait"):
           return acc_ref[...]
       if cfg.prefetch_scale:   # this step's scales came with the last step; fetch the next's
@@ -243,6 +270,8 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
           sums = pl.run_scoped(head_sums, plgpu.ACC((bk, 8), jnp.float32))
         elif cfg.relu_as_add:   # (s + |s|) (w / 2) = ReLU(s) w exactly
           p = (s + jnp.abs(s)) * lax.broadcast_in_dim(w, s.shape, [1])
+        elif cfg.relu_split:
+          p = lax.broadcast_in_dim(w, s.shape, [1])
         else:
           p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])   # ReLU(q.k) w
         if masked:
@@ -252,6 +281,10 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
         for i in range(qpw):
           if cfg.heads_by_mma:
             val = jnp.where(is_query[i], sums, 0.0).sum(axis=1) * ks
+          elif cfg.relu_split:   # half the ReLUs on the ALU pipe (max), half on the FMA pipe (add)
+            lo, mid, hi_ = i * heads, i * heads + heads // 2, (i + 1) * heads
+            sa, sb = s[:, lo:mid], s[:, mid:hi_]
+            val = (jnp.maximum(sa, 0.0) * p[:, lo:mid] + (sb + jnp.abs(sb)) * p[:, mid:hi_]).sum(axis=1) * ks
           else:
             val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
           if masked:
@@ -272,10 +305,61 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
                                   o_ref.at[batch, pl.ds(first, qpw), pl.ds(j * bk, bk)])
       return carry
 
-    carry = load_scale(0) if cfg.prefetch_scale else None
-    carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-    lax.fori_loop(full, hi, functools.partial(step, masked=True), carry)
-    if cfg.pingpong:
+    def pipelined_step(j, relu_prev):
+      """Config.pipeline_head_sums: tile j - 1's head sums (wgmma on relu_prev, its bf16 ReLU(S))
+      go to the tensor cores just before tile j's S wgmma, and tile j - 1's rows are stored while
+      tile j's wgmma runs. relu_prev None: tile 0 (nothing before it); j None: the last sums.
+      Returns tile j's bf16 ReLU(S) [keys, columns], or None after the last sums."""
+      if j is not None:
+        slot = lax.rem(j, jnp.int32(stages))
+        with jax.named_scope("k_wait"):
+          plgpu.barrier_wait(k_ready.at[slot])
+      if relu_prev is not None:
+        done = (hi - 1) if j is None else (j - 1)   # the tile whose rows this step stores
+        ks = load_scale(done)
+        key = done * bk + plgpu.broadcasted_iota(jnp.int32, (bk,), 0,
+                                                 layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def mma(*accs):
+        if relu_prev is not None:
+          plgpu.wgmma(accs[-1], relu_prev, w_smem.at[wg].transpose((1, 0)))
+        if j is not None:
+          plgpu.wgmma(accs[0], k_smem.at[slot], q_smem.at[wg].transpose((1, 0)))
+          if cfg.pingpong:
+            with jax.named_scope("turn"):
+              take_turn()
+        if relu_prev is not None:
+          with jax.named_scope("mma_wait"):   # the head sums only (issued first)
+            sums = plgpu.wgmma_accumulator_load(accs[-1], wait_n=0 if j is None else 1)
+          with jax.named_scope("store"):
+            for i in range(qpw):
+              val = jnp.where(is_query[i], sums, 0.0).sum(axis=1) * ks
+              val = jnp.where((key <= mine[i]) & (key < kv_len), val, -jnp.inf)
+              o_ref.at[batch, first + i, pl.ds(done * bk, bk)][...] = val.astype(o_ref.dtype)
+        if j is not None:
+          with jax.named_scope("mma_wait"):
+            return plgpu.wgmma_accumulator_load(accs[0], wait_n=0)
+        return None
+      shapes = ([plgpu.ACC((bk, _COLUMNS), jnp.float32)] if j is not None else []) + (
+          [plgpu.ACC((bk, 8), jnp.float32)] if relu_prev is not None else [])
+      s = pl.run_scoped(mma, *shapes)
+      if j is None:
+        return None
+      plgpu.barrier_arrive(k_free.at[slot])
+      with jax.named_scope("epilogue"):
+        return jnp.maximum(s.astype(jnp.bfloat16), 0.0)    # rounding commutes with ReLU
+
+    if cfg.pipeline_head_sums:
+      @pl.when(hi > 0)
+      def _():
+        relu = pipelined_step(jnp.int32(0), None)
+        relu = lax.fori_loop(1, hi, pipelined_step, relu)
+        pipelined_step(None, relu)
+    else:
+      carry = load_scale(0) if cfg.prefetch_scale else None
+      carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+      lax.fori_loop(full, hi, functools.partial(step, masked=True), carry)
+    if cfg.pingpong and not cfg.handoff:
       pl.when(wg == 0)(take_turn)
     plgpu.wait_smem_to_gmem(0)
 
@@ -305,6 +389,9 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
   Lp must be a multiple of 512 / H_I (8 queries a CTA at H_I = 64) and Sp of block_k;
   keys at or past kv_len are masked. Key tiles past a CTA's latest query stay unwritten."""
   cfg = config or Config()
+  if cfg.pipeline_head_sums and not (cfg.heads_by_mma and cfg.direct_store and not cfg.handoff):
+    raise ValueError("Config.pipeline_head_sums needs heads_by_mma=True, direct_store=True and "
+                     f"handoff=False, got {cfg}")
   batch, q_pad, heads, dim = q.shape
   kv_pad = k.shape[1]
   per_cta = queries_per_cta(heads)
@@ -321,7 +408,8 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
       plgpu.Barrier(num_barriers=_NUM_CONSUMERS),                                    # q_ready
       plgpu.Barrier(num_barriers=cfg.num_stages),                                    # k_ready
       plgpu.Barrier(num_arrivals=_NUM_CONSUMERS, num_barriers=cfg.num_stages),       # k_free
-      plgpu.Barrier(num_arrivals=_NUM_CONSUMERS),                                    # turn
+      plgpu.Barrier(num_arrivals=1, num_barriers=_NUM_CONSUMERS) if cfg.handoff
+      else plgpu.Barrier(num_arrivals=_NUM_CONSUMERS),                               # turn
   ]
   operands = [q.reshape(batch, q_pad * heads, dim), k, w.reshape(batch, q_pad * heads), k_scale,
               q_positions]
