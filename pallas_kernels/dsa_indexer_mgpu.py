@@ -38,7 +38,13 @@ partly (+35 ms): pallas_kernels/NOTES_dsa.md, session 10. Without Mosaic's autom
 barriers around shared-memory stores (`Config.auto_barriers`, 10 -> 2 bar.sync a step):
 143 ms against 153 with them (same call; session 11). Rows stored from registers straight to
 global memory (`Config.direct_store`, no shared-memory tile): 135.3 vs 138.0 ms on an H200
-(session 13).
+(session 13). Where a step goes (session 22, Mosaic's profiler and ncu's SASS with stall
+samples): the two consumers' epilogues run side by side in ~790 cycles while the tensor cores
+wait, then both wgmmas (1024 cycles), ~1740 cycles a period; the epilogue's SASS per warp is
+128 FMNMX, 184 FFMA/FADD/FMUL and 16 SHFL, so one warp alone is latency-bound at ~2.5 cycles an
+instruction. Tried and slower (code in commit a09383a): the head sum as a second wgmma on bf16
+ReLU(S), serial or pipelined (the f32 -> bf16 conversions alone took ~530 cycles a step);
+turns handed over between the consumers; ReLU as x + |x| on the FMA pipe, whole or half.
 
 Outputs: a CTA writes the key tiles [0, hi), hi = the tile holding its latest query's
 position; tiles past that stay unwritten (fill_future=False's contract: the top-k reads
@@ -70,7 +76,11 @@ _SMEM_LIMIT = 227 * 1024 - 8 * 1024
 class Config:
   """block_k: keys per step (the wgmma's M: 64, one warpgroup's rows); num_stages: key tiles
   in the shared-memory ring; pingpong: the two consumers meet after each wgmma issue
-  (flash_mgpu's schedule; 155 vs 178 ms without it at 128k, NOTES_dsa.md session 10);
+  (155 vs 178 ms without it at 128k, NOTES_dsa.md session 10). The meeting lines the two
+  consumers' epilogues up side by side, with the tensor cores idle meanwhile: a period is about
+  one epilogue plus both wgmmas. Turns handed over instead (FlashAttention-3's order, each
+  epilogue beside the other consumer's wgmma) were slower, because one epilogue alone takes
+  ~870 cycles, longer than a wgmma's 512 (NOTES_dsa.md session 22);
   auto_barriers: let Mosaic put a warpgroup barrier before and after every shared-memory store
   (its conservative default: 8 extra barriers a step here). Off, only the barriers the kernel
   needs remain: the output tile's reuse waits on its TMA store (`wait_smem_to_gmem`, which
@@ -79,24 +89,9 @@ class Config:
   of a step goes from registers straight to global memory (no shared-memory tile, no
   `commit_smem` barrier, no TMA store; the same scores, 2% faster at 128k: NOTES_dsa.md,
   session 13); off, the rows go through a shared-memory tile and one TMA store a step.
-  prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own
-  (not yet run on a GPU: NOTES_dsa.md session 21).
-  heads_by_mma: the sum over each query's heads as a second wgmma: ReLU(S) rounded to bf16 in
-  registers (the A operand) times a block-diagonal [256, 8] matrix of the consumer's w in shared
-  memory (`head_weight_matrices`; fp32 sums), instead of 128 multiplies, the adds and the lane
-  shuffles of the default epilogue, which the profile found to be 789 of a step's 1737 cycles.
-  The scores differ from the default's by the bf16 rounding of ReLU(S) and w (~2^-9 relative a
-  term). Slower on the GPU: 154 vs 137 ms at 128k (NOTES_dsa.md session 22): the small wgmma
-  queues behind the other consumer's S wgmma, which the epilogue then waits for.
-  handoff: the consumers take turns to issue their wgmmas (two barriers, FlashAttention-3's
-  schedule) instead of meeting after each issue (pingpong), which lines their epilogues up
-  side by side with the tensor cores idle (NOTES_dsa.md session 22).
-  pipeline_head_sums (with heads_by_mma and direct_store): software-pipelined instead; a step
-  issues the previous tile's head-sum wgmma, then its own S wgmma, stores the previous tile's rows
-  while its S wgmma runs, and only rounds and ReLUs its S (carried to the next step in registers).
-  relu_as_add: ReLU(x) w as (x + |x|) (w / 2), the same products bit for bit (2x and w / 2 are
-  exact), with a full-rate FP32 add (|x| is an operand modifier) in place of the max, which
-  runs on the half-rate ALU pipe.
+  prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own:
+  the same scores, ~1% faster at 128k on an H200 (136.3 / 136.7 vs 137.6 / 138.0 ms in two runs,
+  NOTES_dsa.md session 22).
   profile_space, profile_dir (timing only): Mosaic's on-device profiler records each
   consumer's named regions a step (k_wait, turn, mma_wait, epilogue, store), up to
   profile_space regions a warpgroup, as a trace in profile_dir
@@ -106,12 +101,7 @@ class Config:
   pingpong: bool = True
   auto_barriers: bool = False
   direct_store: bool = True
-  prefetch_scale: bool = False
-  heads_by_mma: bool = False
-  pipeline_head_sums: bool = False
-  handoff: bool = False
-  relu_as_add: bool = False
-  relu_split: bool = False
+  prefetch_scale: bool = True
   profile_space: int = 0
   profile_dir: str = ""
 
@@ -120,8 +110,7 @@ class Config:
     k = self.num_stages * self.block_k * _HEAD_DIM * itemsize
     out = _NUM_CONSUMERS * 2 * (_COLUMNS // 8) * self.block_k * out_itemsize
     profile = (_NUM_CONSUMERS + 1) * self.profile_space * 4 * 4   # 2 events of 2 words a region
-    wmat = _NUM_CONSUMERS * 8 * _COLUMNS * 2 if self.heads_by_mma else 0
-    return q + k + out + profile + wmat
+    return q + k + out + profile
 
 
 def supported(q, k, *, fill_future: bool, default_kv: bool, interpret: bool,
@@ -154,30 +143,13 @@ def queries_per_cta(num_heads: int) -> int:
   return _NUM_CONSUMERS * _COLUMNS // num_heads
 
 
-def head_weight_matrices(w):
-  """w [B, Lp, H] -> [B, Lp / qpw, 8, 256] bf16 (qpw = 256 / H): for each consumer's block of qpw
-  queries, row i holds query i's weights at its own (query, head) columns i * H .. (i + 1) * H
-  and zeros elsewhere (rows qpw..7 are zero), so that ReLU(S^T) [keys, 256] @ matrix^T gives
-  each query's sum over its heads in column i (`Config.heads_by_mma`)."""
-  batch, q_pad, heads = w.shape
-  qpw = _COLUMNS // heads
-  rows = jnp.eye(8, qpw, dtype=jnp.float32)
-  wmat = jnp.einsum("bgph,ip->bgiph", w.astype(jnp.float32).reshape(batch, q_pad // qpw, qpw, heads), rows)
-  return wmat.reshape(batch, q_pad // qpw, 8, _COLUMNS).astype(jnp.bfloat16)
-
-
-def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
+def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem,
+            q_ready, k_ready, k_free, turn, *, heads: int, kv_len: int, num_tiles: int,
+            cfg: Config):
   """One CTA: 2 x qpw queries (qpw = 256 / heads a consumer); warpgroups 0, 1 compute, 2 loads.
 
-  refs: q_ref [B, Lp * H, d] ((query, head) rows), k_ref [B, Sp, d], w_ref [B, Lp * H] f32,
-  ks_ref [B, Sp] f32, qpos_ref [B, Lp] int32, [wmat_ref [B, Lp / qpw, 8, 256] bf16 with
-  cfg.heads_by_mma], o_ref [B, Lp, Sp]; then the scratch of `scores`."""
-  if cfg.heads_by_mma:
-    (q_ref, k_ref, w_ref, ks_ref, qpos_ref, wmat_ref, o_ref, q_smem, k_smem, o_smem,
-     q_ready, k_ready, k_free, turn, w_smem, w_ready) = refs
-  else:
-    (q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem,
-     q_ready, k_ready, k_free, turn) = refs
+  q_ref [B, Lp * H, d] ((query, head) rows), k_ref [B, Sp, d], w_ref [B, Lp * H] f32,
+  ks_ref [B, Sp] f32, qpos_ref [B, Lp] int32, o_ref [B, Lp, Sp]."""
   bk, stages = cfg.block_k, cfg.num_stages
   qpw = _COLUMNS // heads
   batch = lax.axis_index("batch")
@@ -194,50 +166,21 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
     plgpu.barrier_arrive(turn)
     plgpu.barrier_wait(turn)
 
-  def issue_in_turn(issue):
-    """Config.handoff: a consumer issues its wgmma only after the other issued its last one
-    (turn.at[wg] = "my turn"), then hands the turn over: the wgmmas alternate, and each
-    consumer's epilogue runs while the other's wgmma is on the tensor cores. Else the consumers
-    meet after each issue (pingpong) or do not coordinate."""
-    if cfg.handoff:
-      with jax.named_scope("turn"):
-        plgpu.barrier_wait(turn.at[wg])
-    issue()
-    if cfg.handoff:
-      plgpu.barrier_arrive(turn.at[1 - wg])
-    elif cfg.pingpong:
-      with jax.named_scope("turn"):
-        take_turn()  # the other warpgroup may now issue its wgmma
-
   @pl.when(wg < _NUM_CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
     first = q0 + wg * qpw
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(first * heads, _COLUMNS)], q_smem.at[wg],
                             q_ready.at[wg])
-    if cfg.heads_by_mma:   # this consumer's block-diagonal [8, 256] w (rows: its queries)
-      plgpu.copy_gmem_to_smem(wmat_ref.at[batch, first // qpw], w_smem.at[wg], w_ready.at[wg])
-      column = plgpu.broadcasted_iota(jnp.int32, (bk, 8), 1, layout=plgpu.Layout.WGMMA)
-      is_query = [column == i for i in range(qpw)]   # column i of the head sums: query i
-    else:
-      w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, _COLUMNS)],
-                     layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
-      if cfg.relu_as_add:
-        w = w * 0.5
-      if cfg.relu_split:   # the second half of each query's heads takes (x + |x|) (w / 2)
-        col = plgpu.broadcasted_iota(jnp.int32, (_COLUMNS,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
-        w = jnp.where(lax.rem(col, jnp.int32(heads)) >= heads // 2, w * 0.5, w)
+    w = plgpu.load(w_ref.at[batch, pl.ds(first * heads, _COLUMNS)],
+                   layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)  # [256]
     mine = [qpos_ref[batch, first + i] for i in range(qpw)]
     # Tiles [0, full): every key visible to every query of this warpgroup (no mask).
     full = jnp.minimum(floor_div(functools.reduce(jnp.minimum, mine) + 1, bk),
                        jnp.int32(kv_len // bk))
     full = jnp.minimum(full, hi)
     plgpu.barrier_wait(q_ready.at[wg])
-    if cfg.heads_by_mma:
-      plgpu.barrier_wait(w_ready.at[wg])
-    if cfg.handoff:   # consumer 0 issues first
-      pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turn.at[0]))
-    elif cfg.pingpong:
+    if cfg.pingpong:
       pl.when(wg == 1)(take_turn)
 
     def load_scale(j):   # k_scale of key tile j: [bk] in the layout of a row of scores
@@ -251,7 +194,10 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
         plgpu.barrier_wait(k_ready.at[slot])
 
       def mma(acc_ref):
-        issue_in_turn(lambda: plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[wg].transpose((1, 0))))
+        plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[wg].transpose((1, 0)))
+        if cfg.pingpong:
+          with jax.named_scope("turn"):
+            take_turn()  # the other warpgroup may now issue its wgmma
         with jax.named_scope("mma_wait"):
           return acc_ref[...]
       if cfg.prefetch_scale:   # this step's scales came with the last step; fetch the next's
@@ -261,32 +207,13 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
       s = pl.run_scoped(mma, plgpu.ACC((bk, _COLUMNS), jnp.float32))   # [keys, columns]
       plgpu.barrier_arrive(k_free.at[slot])
       with jax.named_scope("epilogue"):
-        if cfg.heads_by_mma:   # [keys, 8]: column i = query i's sum of w x ReLU over its heads
-          relu = jnp.maximum(s.astype(jnp.bfloat16), 0.0)    # rounding commutes with ReLU
-
-          def head_sums(acc_ref):
-            plgpu.wgmma(acc_ref, relu, w_smem.at[wg].transpose((1, 0)))
-            return acc_ref[...]
-          sums = pl.run_scoped(head_sums, plgpu.ACC((bk, 8), jnp.float32))
-        elif cfg.relu_as_add:   # (s + |s|) (w / 2) = ReLU(s) w exactly
-          p = (s + jnp.abs(s)) * lax.broadcast_in_dim(w, s.shape, [1])
-        elif cfg.relu_split:
-          p = lax.broadcast_in_dim(w, s.shape, [1])
-        else:
-          p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])   # ReLU(q.k) w
+        p = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])   # ReLU(q.k) w
         if masked:
           key = j * bk + plgpu.broadcasted_iota(jnp.int32, (bk,), 0,
                                                 layout=plgpu.Layout.WGMMA.reduce(1))
         vals = []
         for i in range(qpw):
-          if cfg.heads_by_mma:
-            val = jnp.where(is_query[i], sums, 0.0).sum(axis=1) * ks
-          elif cfg.relu_split:   # half the ReLUs on the ALU pipe (max), half on the FMA pipe (add)
-            lo, mid, hi_ = i * heads, i * heads + heads // 2, (i + 1) * heads
-            sa, sb = s[:, lo:mid], s[:, mid:hi_]
-            val = (jnp.maximum(sa, 0.0) * p[:, lo:mid] + (sb + jnp.abs(sb)) * p[:, mid:hi_]).sum(axis=1) * ks
-          else:
-            val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
+          val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
           if masked:
             val = jnp.where((key <= mine[i]) & (key < kv_len), val, -jnp.inf)
           vals.append(val.astype(o_ref.dtype))
@@ -305,61 +232,10 @@ def _kernel(*refs, heads: int, kv_len: int, num_tiles: int, cfg: Config):
                                   o_ref.at[batch, pl.ds(first, qpw), pl.ds(j * bk, bk)])
       return carry
 
-    def pipelined_step(j, relu_prev):
-      """Config.pipeline_head_sums: tile j - 1's head sums (wgmma on relu_prev, its bf16 ReLU(S))
-      go to the tensor cores just before tile j's S wgmma, and tile j - 1's rows are stored while
-      tile j's wgmma runs. relu_prev None: tile 0 (nothing before it); j None: the last sums.
-      Returns tile j's bf16 ReLU(S) [keys, columns], or None after the last sums."""
-      if j is not None:
-        slot = lax.rem(j, jnp.int32(stages))
-        with jax.named_scope("k_wait"):
-          plgpu.barrier_wait(k_ready.at[slot])
-      if relu_prev is not None:
-        done = (hi - 1) if j is None else (j - 1)   # the tile whose rows this step stores
-        ks = load_scale(done)
-        key = done * bk + plgpu.broadcasted_iota(jnp.int32, (bk,), 0,
-                                                 layout=plgpu.Layout.WGMMA.reduce(1))
-
-      def mma(*accs):
-        if relu_prev is not None:
-          plgpu.wgmma(accs[-1], relu_prev, w_smem.at[wg].transpose((1, 0)))
-        if j is not None:
-          plgpu.wgmma(accs[0], k_smem.at[slot], q_smem.at[wg].transpose((1, 0)))
-          if cfg.pingpong:
-            with jax.named_scope("turn"):
-              take_turn()
-        if relu_prev is not None:
-          with jax.named_scope("mma_wait"):   # the head sums only (issued first)
-            sums = plgpu.wgmma_accumulator_load(accs[-1], wait_n=0 if j is None else 1)
-          with jax.named_scope("store"):
-            for i in range(qpw):
-              val = jnp.where(is_query[i], sums, 0.0).sum(axis=1) * ks
-              val = jnp.where((key <= mine[i]) & (key < kv_len), val, -jnp.inf)
-              o_ref.at[batch, first + i, pl.ds(done * bk, bk)][...] = val.astype(o_ref.dtype)
-        if j is not None:
-          with jax.named_scope("mma_wait"):
-            return plgpu.wgmma_accumulator_load(accs[0], wait_n=0)
-        return None
-      shapes = ([plgpu.ACC((bk, _COLUMNS), jnp.float32)] if j is not None else []) + (
-          [plgpu.ACC((bk, 8), jnp.float32)] if relu_prev is not None else [])
-      s = pl.run_scoped(mma, *shapes)
-      if j is None:
-        return None
-      plgpu.barrier_arrive(k_free.at[slot])
-      with jax.named_scope("epilogue"):
-        return jnp.maximum(s.astype(jnp.bfloat16), 0.0)    # rounding commutes with ReLU
-
-    if cfg.pipeline_head_sums:
-      @pl.when(hi > 0)
-      def _():
-        relu = pipelined_step(jnp.int32(0), None)
-        relu = lax.fori_loop(1, hi, pipelined_step, relu)
-        pipelined_step(None, relu)
-    else:
-      carry = load_scale(0) if cfg.prefetch_scale else None
-      carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-      lax.fori_loop(full, hi, functools.partial(step, masked=True), carry)
-    if cfg.pingpong and not cfg.handoff:
+    carry = load_scale(0) if cfg.prefetch_scale else None
+    carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+    lax.fori_loop(full, hi, functools.partial(step, masked=True), carry)
+    if cfg.pingpong:
       pl.when(wg == 0)(take_turn)
     plgpu.wait_smem_to_gmem(0)
 
@@ -389,9 +265,6 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
   Lp must be a multiple of 512 / H_I (8 queries a CTA at H_I = 64) and Sp of block_k;
   keys at or past kv_len are masked. Key tiles past a CTA's latest query stay unwritten."""
   cfg = config or Config()
-  if cfg.pipeline_head_sums and not (cfg.heads_by_mma and cfg.direct_store and not cfg.handoff):
-    raise ValueError("Config.pipeline_head_sums needs heads_by_mma=True, direct_store=True and "
-                     f"handoff=False, got {cfg}")
   batch, q_pad, heads, dim = q.shape
   kv_pad = k.shape[1]
   per_cta = queries_per_cta(heads)
@@ -408,16 +281,8 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
       plgpu.Barrier(num_barriers=_NUM_CONSUMERS),                                    # q_ready
       plgpu.Barrier(num_barriers=cfg.num_stages),                                    # k_ready
       plgpu.Barrier(num_arrivals=_NUM_CONSUMERS, num_barriers=cfg.num_stages),       # k_free
-      plgpu.Barrier(num_arrivals=1, num_barriers=_NUM_CONSUMERS) if cfg.handoff
-      else plgpu.Barrier(num_arrivals=_NUM_CONSUMERS),                               # turn
+      plgpu.Barrier(num_arrivals=_NUM_CONSUMERS),                                    # turn
   ]
-  operands = [q.reshape(batch, q_pad * heads, dim), k, w.reshape(batch, q_pad * heads), k_scale,
-              q_positions]
-  if cfg.heads_by_mma:
-    operands.append(head_weight_matrices(w))
-    scratch += [plgpu.SMEM((_NUM_CONSUMERS, 8, _COLUMNS), jnp.bfloat16,
-                           transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
-                plgpu.Barrier(num_barriers=_NUM_CONSUMERS)]                                   # w_ready
   kernel = functools.partial(_kernel, heads=heads, kv_len=int(kv_len), num_tiles=num_tiles,
                              cfg=cfg)
   return plgpu.kernel(
@@ -428,4 +293,5 @@ def scores(q, k, w, k_scale, q_positions, *, kv_len: int, out_dtype=jnp.float32,
                                            profile_space=cfg.profile_space,
                                            profile_dir=cfg.profile_dir),
       kernel_name="lca_dsa_indexer_mgpu",
-  )(*operands)
+  )(q.reshape(batch, q_pad * heads, dim), k, w.reshape(batch, q_pad * heads), k_scale,
+    q_positions)
