@@ -44,6 +44,7 @@ CONFIGS = {
     "no_prefetch": dsa_indexer_mgpu.Config(prefetch_scale=False),
     "nopp": dsa_indexer_mgpu.Config(pingpong=False),
     "s3": dsa_indexer_mgpu.Config(num_stages=3),
+    "fma_columns": dsa_indexer_mgpu.Config(fma_columns=True),
     "tile_store": dsa_indexer_mgpu.Config(direct_store=False),
 }
 

@@ -92,6 +92,10 @@ class Config:
   prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own:
   the same scores, ~1% faster at 128k on an H200 (136.3 / 136.7 vs 137.6 / 138.0 ms in two runs,
   NOTES_dsa.md session 22).
+  fma_columns: each query's 64 columns summed 8 at a time into one [keys, 8] partial sum
+  (multiply-adds: ~296 instructions a step instead of the default's ~340, which ncu found
+  issue-bound) before the 8-column sum and the lane shuffles; the same products, sums in
+  another order. Prepared, not yet run on a GPU (NOTES_dsa.md session 22).
   profile_space, profile_dir (timing only): Mosaic's on-device profiler records each
   consumer's named regions a step (k_wait, turn, mma_wait, epilogue, store), up to
   profile_space regions a warpgroup, as a trace in profile_dir
@@ -102,6 +106,7 @@ class Config:
   auto_barriers: bool = False
   direct_store: bool = True
   prefetch_scale: bool = True
+  fma_columns: bool = False
   profile_space: int = 0
   profile_dir: str = ""
 
@@ -213,7 +218,13 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
                                                 layout=plgpu.Layout.WGMMA.reduce(1))
         vals = []
         for i in range(qpw):
-          val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
+          if cfg.fma_columns:   # 8 columns at a time into one [keys, 8] sum (multiply-adds)
+            part = p[:, i * heads:i * heads + 8]
+            for c in range(i * heads + 8, (i + 1) * heads, 8):
+              part = part + p[:, c:c + 8]
+            val = part.sum(axis=1) * ks
+          else:
+            val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
           if masked:
             val = jnp.where((key <= mine[i]) & (key < kv_len), val, -jnp.inf)
           vals.append(val.astype(o_ref.dtype))
