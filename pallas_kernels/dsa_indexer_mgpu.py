@@ -90,8 +90,8 @@ class Config:
   `commit_smem` barrier, no TMA store; the same scores, 2% faster at 128k: NOTES_dsa.md,
   session 13); off, the rows go through a shared-memory tile and one TMA store a step.
   prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own:
-  the same scores, ~1% faster at 128k on an H200 (136.3 / 136.7 vs 137.6 / 138.0 ms in two runs,
-  NOTES_dsa.md session 22).
+  the same scores, ~1% faster at 128k on an H200 (136.3 / 136.7 / 136.3 vs 137.6 / 138.0 / 137.9
+  ms in three runs, NOTES_dsa.md session 22).
   fma_columns: each query's 64 columns summed 8 at a time into one [keys, 8] partial sum
   (multiply-adds: ~296 instructions a step instead of the default's ~340, which ncu found
   issue-bound) before the 8-column sum and the lane shuffles; the same products, sums in
