@@ -44,7 +44,6 @@ CONFIGS = {
     "no_prefetch": dsa_indexer_mgpu.Config(prefetch_scale=False),
     "nopp": dsa_indexer_mgpu.Config(pingpong=False),
     "s3": dsa_indexer_mgpu.Config(num_stages=3),
-    "fma_columns": dsa_indexer_mgpu.Config(fma_columns=True),
     "tile_store": dsa_indexer_mgpu.Config(direct_store=False),
 }
 
@@ -86,7 +85,7 @@ def all_chunks(config, chunk):
 
 def check(names):
   """Each configuration's scores against the default's on 1000 queries over 4099 keys (the same
-  products; equal but for fma_columns, which sums them in another order)."""
+  products and sums: equal)."""
   q8, k8, w8, ks, pos = operands(4099)
   q8, w8, qpos = q8[:, -1000:], w8[:, -1000:], pos[:, -1000:]
   run = lambda cfg: np.asarray(dsa_indexer.mosaic_scores(q8, k8, w8, ks, qpos, out_dtype=jnp.float32,

@@ -44,7 +44,9 @@ wait, then both wgmmas (1024 cycles), ~1740 cycles a period; the epilogue's SASS
 128 FMNMX, 184 FFMA/FADD/FMUL and 16 SHFL, so one warp alone is latency-bound at ~2.5 cycles an
 instruction. Tried and slower (code in commit a09383a): the head sum as a second wgmma on bf16
 ReLU(S), serial or pipelined (the f32 -> bf16 conversions alone took ~530 cycles a step);
-turns handed over between the consumers; ReLU as x + |x| on the FMA pipe, whole or half.
+turns handed over between the consumers; ReLU as x + |x| on the FMA pipe, whole or half; each
+query's columns summed 8 at a time with multiply-adds (~13% fewer epilogue instructions: 136.6 vs
+134.5 ms, session 23; code in commit 774f628).
 
 Outputs: a CTA writes the key tiles [0, hi), hi = the tile holding its latest query's
 position; tiles past that stay unwritten (fill_future=False's contract: the top-k reads
@@ -92,10 +94,6 @@ class Config:
   prefetch_scale: each step loads the next key tile's k_scale (a loop carry) instead of its own:
   the same scores, ~1% faster at 128k on an H200 (136.3 / 136.7 / 136.3 vs 137.6 / 138.0 / 137.9
   ms in three runs, NOTES_dsa.md session 22).
-  fma_columns: each query's 64 columns summed 8 at a time into one [keys, 8] partial sum
-  (multiply-adds: ~296 instructions a step instead of the default's ~340, which ncu found
-  issue-bound) before the 8-column sum and the lane shuffles; the same products, sums in
-  another order. Prepared, not yet run on a GPU (NOTES_dsa.md session 22).
   profile_space, profile_dir (timing only): Mosaic's on-device profiler records each
   consumer's named regions a step (k_wait, turn, mma_wait, epilogue, store), up to
   profile_space regions a warpgroup, as a trace in profile_dir
@@ -106,7 +104,6 @@ class Config:
   auto_barriers: bool = False
   direct_store: bool = True
   prefetch_scale: bool = True
-  fma_columns: bool = False
   profile_space: int = 0
   profile_dir: str = ""
 
@@ -218,13 +215,7 @@ def _kernel(q_ref, k_ref, w_ref, ks_ref, qpos_ref, o_ref, q_smem, k_smem, o_smem
                                                 layout=plgpu.Layout.WGMMA.reduce(1))
         vals = []
         for i in range(qpw):
-          if cfg.fma_columns:   # 8 columns at a time into one [keys, 8] sum (multiply-adds)
-            part = p[:, i * heads:i * heads + 8]
-            for c in range(i * heads + 8, (i + 1) * heads, 8):
-              part = part + p[:, c:c + 8]
-            val = part.sum(axis=1) * ks
-          else:
-            val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
+          val = p[:, i * heads:(i + 1) * heads].sum(axis=1) * ks   # query i's heads -> [keys]
           if masked:
             val = jnp.where((key <= mine[i]) & (key < kv_len), val, -jnp.inf)
           vals.append(val.astype(o_ref.dtype))

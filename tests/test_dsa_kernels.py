@@ -377,8 +377,7 @@ def test_mosaic_indexer_lowers_for_hopper_on_cpu(dtype):
   with pytest.raises(ValueError, match="multiples of 8"):
     f.trace(s((1, 36, 64, 128), dtype), s((1, 256, 128), dtype), s((1, 36, 64), jnp.float32),
             s((1, 256), jnp.float32), s((1, 36), jnp.int32))
-  for cfg in (dsa_indexer_mgpu.Config(prefetch_scale=False), dsa_indexer_mgpu.Config(pingpong=False),
-              dsa_indexer_mgpu.Config(fma_columns=True)):
+  for cfg in (dsa_indexer_mgpu.Config(prefetch_scale=False), dsa_indexer_mgpu.Config(pingpong=False)):
     g = jax.jit(lambda *a, cfg=cfg: dsa_indexer_mgpu.scores(*a, kv_len=200, out_dtype=jnp.bfloat16, config=cfg))
     assert "lca_dsa_indexer_mgpu" in g.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -432,10 +431,9 @@ def test_mosaic_indexer_matches_reference_and_triton_on_gpu(fp8):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("config", [dict(pingpong=False), dict(prefetch_scale=False), dict(num_stages=3),
-                                    dict(direct_store=False), dict(fma_columns=True)])
+                                    dict(direct_store=False)])
 def test_mosaic_indexer_launch_configs_agree_on_gpu(config):
-  """Other launch configurations give the default's scores (the same fp8 products; fma_columns
-  sums them in another order); 997 queries (not a multiple of a CTA's 8), the first 11 of them
+  """Other launch configurations give the default's scores (the same fp8 products); 997 queries (not a multiple of a CTA's 8), the first 11 of them
   padding (the first CTA's 8 queries all padding: it runs no key tile)."""
   length, keys = 997, 2100
   cfg = dsa_indexer_mgpu.Config(**config)
