@@ -9,8 +9,10 @@ One DeepSeek-V3.2-like attention layer, batch 1, 128 query heads:
            64 heads x 128 (FP8 and bf16), top-k 2048.
   dense    cuDNN (jax.nn.dot_product_attention) and lca flash (Pallas), causal MHA
            128 heads x 128 (prefill), and cuDNN at MLA's dense prefill shape (V3.1: MHA
-           128 heads, q.k 192, v 128; jax's call takes one head dim, so v is zero-padded
-           to 192, as `mla.MLAttention` runs it); decode: the same absorbed MQA attention
+           128 heads, q.k 192, v 128): v at its own 128 dims (jax's cuDNN module, cuDNN >=
+           9.10, as `mla.MLAttention` runs it from session 23) and, as runs before s23
+           measured it, v zero-padded to 192 for jax.nn.dot_product_attention, which takes
+           one head dim (1482 vs 1280 ms at 128k); decode: the same absorbed MQA attention
            densely over the whole latent cache (XLA), and MHA 128 x 128 cuDNN for reference.
 Prefill times are medians of block_until_ready wall times after warm-up (`bench`); the DSA
 total and the cuDNN baselines are timed in turn over `--prefill_rounds` rounds (median of rounds).
@@ -182,7 +184,8 @@ def prefill_case(length, reps):
   bf = jnp.bfloat16
   res = {"length": length}
   # dense baselines: MHA 128 x 128 causal, and MLA's dense prefill (V3.1): MHA q.k 192 / v 128, v
-  # zero-padded to 192 for jax's cuDNN call. With --prefill_rounds > 1 the cuDNN ones are timed
+  # as it is (lca's cuDNN path) and zero-padded to 192 for jax.nn's cuDNN call (the MLA column of
+  # runs before s23). With --prefill_rounds > 1 the cuDNN ones are timed
   # with the DSA total at the end, in turn (their inputs kept alive until then)
   rounds = _PREFILL_ROUNDS.value
   mha = tuple(jax.random.normal(keys[i], (1, length, h, 128), bf) for i in range(3))
@@ -194,6 +197,8 @@ def prefill_case(length, reps):
   dense["dense_mla_cudnn"] = ("dense MLA 192/128 cuDNN (v padded to 192)", jax.jit(
       lambda q, k, v: jax.nn.dot_product_attention(
           q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, 64)]), is_causal=True, implementation="cudnn")[..., :128]), mla)
+  dense["dense_mla_cudnn_v128"] = ("dense MLA 192/128 cuDNN (v at 128)", jax.jit(
+      lambda q, k, v: full.attention(q, k, v, causal=True, implementation="cudnn")), mla)
   for name in list(dense):
     if rounds <= 1 or "cudnn" not in name:
       label, f, args = dense.pop(name)
@@ -657,6 +662,14 @@ def _ratio(a, b):
   return None if a is None or b is None or b == 0 else a / b
 
 
+def _mla_ratios(r):
+  """'x (y)': cuDNN's MLA prefill with v at 128 (x) and padded to 192 (y) over the DSA total."""
+  v128, padded = (_ratio(r.get(k), r.get("dsa_total_ms")) for k in ("dense_mla_cudnn_v128_ms", "dense_mla_cudnn_ms"))
+  if v128 is None and padded is None:
+    return None
+  return f"{'-' if v128 is None else f'{v128:.3g}'} ({'-' if padded is None else f'{padded:.3g}'})"
+
+
 def _pair(r, a, b):
   """'x / y' of two fields of row r (nan for a missing one), None when both are missing."""
   if r.get(a) is None and r.get(b) is None:
@@ -760,13 +773,15 @@ def write(results, out: pathlib.Path, **meta_extra):
            "Prefill batch 1. Decode: device ms per step (bench_in_loop), one new token per sequence of the batch.",
            ""] + [f"{k}: {v}" for k, v in meta_extra.items()] + [""]
   lines += _table(
-      ["prefill L", "run", "key dims", "dense cuDNN 128x128", "dense flash", "dense MLA cuDNN 192/128",
+      ["prefill L", "run", "key dims", "dense cuDNN 128x128", "dense flash",
+       "dense MLA cuDNN 192/128: v 128 / v padded to 192",
        "indexer fp8", "indexer bf16", "indexer fp8 / bf16, Triton kernel", "top-k (kernel, all chunks)",
        "top-k lax (1 chunk x n)", "top-k kernel / lax, last chunk", "indexer fp8 / top-k, f32 scores",
        "sparse attn", "DSA total",
-       "speed-up vs cuDNN 128x128", "vs MLA cuDNN 192/128", "indexer share"], results.get("prefill", []),
+       "speed-up vs cuDNN 128x128", "vs MLA cuDNN 192/128: v 128 (v padded)", "indexer share"],
+      results.get("prefill", []),
       [g("length"), g("run"), lambda r: f"{r.get('latent', 512)}+{r['rope_dim']}" if "rope_dim" in r else "512",
-       g("dense_cudnn_ms"), g("dense_pallas_ms"), g("dense_mla_cudnn_ms"),
+       g("dense_cudnn_ms"), g("dense_pallas_ms"), lambda r: _pair(r, "dense_mla_cudnn_v128_ms", "dense_mla_cudnn_ms"),
        g("indexer_fp8_ms"), g("indexer_bf16_ms"),
        lambda r: None if r.get("indexer_fp8_triton_ms") is None else
        f"{r['indexer_fp8_triton_ms']:.3g} / {r.get('indexer_bf16_triton_ms') or float('nan'):.3g}",
@@ -777,7 +792,7 @@ def write(results, out: pathlib.Path, **meta_extra):
        f"{r['indexer_fp8_f32_ms']:.3g} / {r.get('topk_f32_ms') or float('nan'):.3g}",
        g("sparse_attention_ms"), g("dsa_total_ms"),
        lambda r: _ratio(r.get("dense_cudnn_ms"), r.get("dsa_total_ms")),
-       lambda r: _ratio(r.get("dense_mla_cudnn_ms"), r.get("dsa_total_ms")),
+       lambda r: _mla_ratios(r),
        lambda r: _ratio(r.get("indexer_fp8_ms"), r.get("dsa_total_ms"))])
   lines += [""] + _table(
       ["decode L", "batch", "run", "key dims", "dense MQA (XLA)", "dense MQA lca flash 576 / 512", "dense MHA cuDNN",
@@ -817,6 +832,7 @@ def write(results, out: pathlib.Path, **meta_extra):
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, series in ((axes[0], "prefill", ("dense_cudnn_ms", "dense_pallas_ms", "dense_mla_cudnn_ms",
+                                                  "dense_mla_cudnn_v128_ms",
                                                   "indexer_fp8_ms",
                                                   "topk_ms", "topk_xla_ms_scaled", "sparse_attention_ms",
                                                   "dsa_total_ms")),

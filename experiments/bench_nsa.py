@@ -20,8 +20,10 @@ experiments/results/bench_nsa/{results.json, results.md, bench_nsa.png}; with
 --parts a subset, the other fields of the same lengths are kept from results.json.
 
 DeepSeek's head dims (q·k 192, v 128): --head_dim=192 --v_head_dim=128 --out=<another dir>;
-NSA's kernels run q·k zero-padded to 256, cuDNN gets v zero-padded to 192 (jax's call takes
-one head dim), lca flash takes both as they are; the fused decode needs power-of-two dims, so
+NSA's kernels run q·k zero-padded to 256; cuDNN's prefill takes v at 128 through lca's cuDNN
+path (jax's cuDNN module, cuDNN >= 9.10; session 23: runs before gave it v zero-padded to 192,
+which cost cuDNN 15% at DSA's 128k MLA shape), its decode (one query over the cache, which that
+path does not take) v zero-padded to 192; lca flash takes both as they are; the fused decode needs power-of-two dims, so
 its decode cache holds k and kc zero-padded to 256 (padded once, outside the timed calls).
 """
 
@@ -136,8 +138,8 @@ def case(length, reps, bandwidth):
     kc, vc = nsa.compress(k, phi_k, **kw), nsa.compress(v, phi_v, **kw)
     return nsa.nsa(q, k, v, kc, vc, gates, sizes=sizes, implementation="pallas")
 
-  def cudnn(q, k, v):
-    return _v_padded_to_qk(jax.nn.dot_product_attention, q, k, v, is_causal=True, implementation="cudnn")
+  def cudnn(q, k, v):   # v at its own head dim when it differs from q·k's (cuDNN >= 9.10)
+    return full.attention(q, k, v, causal=True, implementation="cudnn")
 
   def flash(q, k, v):
     return full.attention(q, k, v, causal=True, implementation="pallas")

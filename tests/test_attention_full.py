@@ -154,3 +154,30 @@ def test_cudnn_matches_reference_on_gpu(window):
   out = full.attention(q, k, v, window=window, implementation="cudnn").astype(jnp.float32)
   err, ref_err = jnp.max(jnp.abs(out - ref32)), jnp.max(jnp.abs(ref16 - ref32))
   assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_cudnn_with_v_dim_other_than_q_matches_reference_on_gpu():
+  """MLA's dense shape (q.k 192, v 128; here 200 queries, GQA 8 / 2): cuDNN takes v unpadded,
+  forward and gradients as the reference's."""
+  ks = jax.random.split(jax.random.key(14), 4)
+  q = jax.random.normal(ks[0], (1, 200, 8, 192), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (1, 200, 2, 192), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (1, 200, 2, 128), jnp.bfloat16)
+  ct = jax.random.normal(ks[3], (1, 200, 8, 128), jnp.float32)
+  loss = lambda impl: lambda q, k, v: jnp.sum(
+      full.attention(q, k, v, implementation=impl).astype(jnp.float32) * ct)
+  ref32 = lambda q, k, v: jnp.sum(full.attention_reference(q, k, v) * ct)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  got, got_grads = jax.value_and_grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
+  want, want_grads = jax.value_and_grad(ref32, argnums=(0, 1, 2))(*f32)
+  out = full.attention(q, k, v, implementation="cudnn").astype(jnp.float32)
+  assert out.shape == (1, 200, 8, 128)
+  ref16 = full.attention_reference(q, k, v).astype(jnp.float32)
+  ref = full.attention_reference(*f32)
+  assert jnp.max(jnp.abs(out - ref)) <= 2 * jnp.max(jnp.abs(ref16 - ref)) + 1e-3
+  for g, w in zip(got_grads, want_grads):
+    g = g.astype(jnp.float32)
+    assert jnp.linalg.norm(g - w) <= 2e-2 * jnp.linalg.norm(w), (jnp.linalg.norm(g - w), jnp.linalg.norm(w))
+  assert abs(got - want) <= 2e-2 * jnp.sum(jnp.abs(ref * ct))

@@ -1,0 +1,94 @@
+"""Probe: cuDNN's dense MLA prefill with v at its own 128 dims, and the indexer query's rotation (GPU).
+
+Two questions behind `bench_dsa --parts=prefill`'s ratios, timed in turn over --rounds
+(`bench_common.interleaved`) at each of --lengths:
+  mla padded    what bench_dsa times: `jax.nn.dot_product_attention(implementation="cudnn")`
+                takes one head dim, so v (128) is zero-padded to q.k's 192 and sliced back
+  mla native    jax's cuDNN module called directly (`fused_attention_stablehlo`, cuDNN >= 9.10
+                on Hopper takes q.k 192 / v 128): the PV product at 128 dims, a fairer peer
+  q operands    the FP8 indexer's per-chunk query preparation over all chunks (Hadamard
+                rotation in f32, then quantization), and the same with the rotation as a bf16
+                matmul by the +-1 matrix (products exact, f32 sums), scaled after
+Checks first: native == padded[..., :128] (the same softmax; bf16 outputs), and the rotations'
+fp8 codes and scales.
+
+  python -m experiments.probe_dsa_baseline --lengths=32768,131072
+"""
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench_common
+from lca.attention import dsa
+from pallas_kernels import dsa_indexer
+
+_LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Context lengths.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of all cases timed in turn.")
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions a round (median).")
+_CHUNK = 2048
+
+
+def mla_padded(q, k, v):
+  pad = [(0, 0)] * 3 + [(0, q.shape[-1] - v.shape[-1])]
+  return jax.nn.dot_product_attention(q, k, jnp.pad(v, pad), is_causal=True,
+                                      implementation="cudnn")[..., :v.shape[-1]]
+
+
+def mla_native(q, k, v):
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+  return cudnn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
+                                     mask_type=cudnn.MaskType.CAUSAL)
+
+
+def rotate_bf16(x):
+  """Hadamard rotation as x (bf16) @ (+-1 matrix) with f32 sums, then / sqrt(d)."""
+  d = x.shape[-1]
+  signs = jnp.asarray(dsa.hadamard_matrix(d) * np.sqrt(d), x.dtype)   # exactly +-1
+  return jnp.matmul(x, signs, preferred_element_type=jnp.float32) * (d ** -0.5)
+
+
+def query_operands(rotate):
+  def fn(qi, w):   # per chunk, as the prefill's lax.map over chunks
+    n = qi.shape[1] // _CHUNK
+    def one(a):
+      q8, s = dsa.quantize_fp8(rotate(a[0]))
+      return jnp.sum(q8[..., :1].astype(jnp.float32)) + jnp.sum(a[1] * s[..., 0])
+    return jax.lax.map(one, (qi.reshape(n, 1, _CHUNK, *qi.shape[2:]), w.reshape(n, 1, _CHUNK, -1)))
+  return jax.jit(fn)
+
+
+def main(_):
+  print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+  bf = jnp.bfloat16
+  for length in map(int, _LENGTHS.value):
+    ks = jax.random.split(jax.random.key(length), 5)
+    q, k = (jax.random.normal(ks[i], (1, length, 128, 192), bf) for i in (0, 1))
+    v = jax.random.normal(ks[2], (1, length, 128, 128), bf)
+    qi = jax.random.normal(ks[3], (1, length, 64, 128), bf)
+    w = jax.random.normal(ks[4], (1, length, 64), jnp.float32)
+    padded, native = jax.jit(mla_padded), jax.jit(mla_native)
+    try:
+      a, b = padded(q[:, :4096], k[:, :4096], v[:, :4096]), native(q[:, :4096], k[:, :4096], v[:, :4096])
+      diff = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+      print(f"  check L=4096: max |native - padded| {diff:.3g} (|out| max {float(jnp.max(jnp.abs(a))):.3g})")
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  check: native failed: {type(e).__name__}: {str(e)[:400]}")
+    x = qi[:, :_CHUNK]
+    (q8a, sa), (q8b, sb) = (dsa.quantize_fp8(r(x)) for r in (dsa._rotate, rotate_bf16))  # pylint: disable=protected-access
+    codes = float(jnp.mean((q8a.astype(jnp.float32) != q8b.astype(jnp.float32)).astype(jnp.float32)))
+    print(f"  check rotation: fp8 codes differing {codes:.3g}, scales max rel diff "
+          f"{float(jnp.max(jnp.abs(sa - sb) / sa)):.3g}", flush=True)
+    cases = {"padded": (f"{length} mla padded", padded, (q, k, v)),
+             "native": (f"{length} mla native", native, (q, k, v)),
+             "rot_f32": (f"{length} q operands, f32 rotation", query_operands(dsa._rotate), (qi, w)),  # pylint: disable=protected-access
+             "rot_bf16": (f"{length} q operands, bf16 rotation", query_operands(rotate_bf16), (qi, w))}
+    times = bench_common.interleaved(cases, rounds=_ROUNDS.value, reps=_REPS.value)
+    for name, t in times.items():
+      print(f"{length} {name:10s} {'failed' if t is None else f'{t * 1e3:.2f} ms'}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
