@@ -156,12 +156,6 @@ class TopKBlocks:
                            # Last causal [2048, L] bf16 chunk, H200 (session 17): 3 / 2 / old
                            # scatter 0.38 / 0.43 / 0.37 ms at 32k, 0.50 / 0.58 / 0.56 at 64k,
                            # 0.79 / 0.81 / 0.95 at 128k; 1: 1.35 vs 1.0 at 128k (branch taken)
-  line_bits: bool = False  # the collecting pass: each line's takes as an 8-bit mask, the j-th
-                           # take's lane from count-leading-zeros of its lowest set bit and its key
-                           # loaded back from the row (an L1 hit) instead of 8-lane compares,
-                           # selects and a max a slot (session 23: ncu counted ~54 instructions a
-                           # score in the pass, ~15 of them in that search); measured slower: the
-                           # [2048, 128k] chunk 0.773 vs 0.759 ms, 16k 0.304 vs 0.299 (H200)
   fuse_select: bool = True  # many sampled rows: the select runs in the collecting call, each program
                             # searching its own row's list right after collecting it (False: a
                             # second call). One launch fewer; [2048, 128k] chunk 0.771 vs 0.775 ms
@@ -326,8 +320,7 @@ def _sample_threshold(s_ref, length, *, rank, run, every, block, bits, accumulat
 LANES = 8   # the collecting pass reads a row as lines of LANES entries, one line a thread
 
 
-def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block, slots,
-                   line_bits=False, s_ref=None):
+def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block, slots):
   """The collecting pass: the keys >= thr among the first `length` entries of lines_ref
   [Sp / LANES, LANES] (a row) -> their positions pos_ref [C + 1] and keys key_ref [C + 1] int32,
   in position order (slot C: the masked lanes' trash; past C only counted); returns the count.
@@ -338,9 +331,9 @@ def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block,
   j-th taken entry (j < slots) is found by a count over its LANES entries and stored to the line's
   base slot + j: 2 `slots` stores a line instead of 2 LANES. At ~2.7% taken (sqrt(k C) of a 128k
   row) a line holds more than 3 takes ~0.004% of the time; those steps take a branch that
-  scatters the rest. line_bits (s_ref [Sp]: the same row, flat): the line's takes as bits of an
-  int32, the j-th take's lane the position of the lowest set bit left after clearing j of them
-  (31 - clz(m & -m)), its key loaded back from s_ref; the same slots and keys."""
+  scatters the rest. The slot search costs ~15 of the pass's ~54 instructions a score (ncu,
+  session 23), but finding each lane from a bit mask with clz and loading its key back from the
+  row instead was slower (0.773 vs 0.759 ms the [2048, 128k] chunk; commit e865592)."""
   rows = block // LANES
   lane = jnp.arange(LANES, dtype=jnp.int32)[None, :]
 
@@ -351,32 +344,19 @@ def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block,
     key = float_keys(x)
     take = (pos < length) & (key >= thr)
     t = take.astype(jnp.int32)
+    upto = jnp.cumsum(t, axis=1)                                         # takes up to each lane
     count = jnp.sum(t, axis=1)
     base = taken + jnp.cumsum(count) - count                             # the line's first slot
-    if line_bits:
-      bits = jnp.sum(t << lane, axis=1)                                  # [rows] the line's takes
-      for j in range(slots):
-        slot = base + j
-        keep = (count > j) & (slot < capacity)
-        slot = jnp.where(keep, slot, capacity)
-        lane_j = 31 - jax.lax.clz(bits & -bits)                          # its lowest take's lane
-        at = start + jnp.where(keep, lane_j, 0)
-        plgpu.store(pos_ref.at[slot], at, mask=keep)
-        plgpu.store(key_ref.at[slot], float_keys(plgpu.load(s_ref.at[at], mask=keep)), mask=keep)
-        bits = bits & (bits - 1)                                         # that take cleared
-    else:
-      upto = jnp.cumsum(t, axis=1)                                       # takes up to each lane
-      for j in range(slots):
-        slot = base + j
-        keep = (count > j) & (slot < capacity)
-        slot = jnp.where(keep, slot, capacity)
-        lane_j = jnp.sum((upto <= j).astype(jnp.int32), axis=1)          # lane of the (j+1)-th take
-        plgpu.store(pos_ref.at[slot], start + lane_j, mask=keep)
-        plgpu.store(key_ref.at[slot], jnp.max(jnp.where(lane == lane_j[:, None], key, _INT_MIN), axis=1),
-                    mask=keep)
+    for j in range(slots):
+      slot = base + j
+      keep = (count > j) & (slot < capacity)
+      slot = jnp.where(keep, slot, capacity)
+      lane_j = jnp.sum((upto <= j).astype(jnp.int32), axis=1)            # lane of the (j+1)-th take
+      plgpu.store(pos_ref.at[slot], start + lane_j, mask=keep)
+      plgpu.store(key_ref.at[slot], jnp.max(jnp.where(lane == lane_j[:, None], key, _INT_MIN), axis=1),
+                  mask=keep)
 
     def rest():
-      upto = jnp.cumsum(t, axis=1)
       keep = take & (upto > slots) & (base[:, None] + upto - t < capacity)
       slot = jnp.where(keep, base[:, None] + upto - t, capacity)
       plgpu.store(pos_ref.at[slot], pos, mask=keep)
@@ -392,7 +372,7 @@ def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block,
 
 
 def _collect_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, *, k, rank,
-                    capacity, run, every, block, bits, accumulate, slots, line_bits=False):
+                    capacity, run, every, block, bits, accumulate, slots):
   """Sample, then collect one row. s_ref [Sp] f32 / bf16 / f16 and lines_ref [Sp / LANES, LANES]
   (the same row); len_ref [] int32 -> pos_ref, key_ref [C + 1] int32: the positions and keys of
   the keys >= the sample's threshold, in position order (slot C: the scatter's trash); cnt_ref []
@@ -406,7 +386,7 @@ def _collect_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct
                             bits=bits, accumulate=accumulate, width=key_bits(s_ref.dtype),
                             neg_inf_key=neg_inf_key)
     count = _collect_lines(lines_ref, length, thr, pos_ref, key_ref, capacity=capacity, block=block,
-                           slots=slots, line_bits=line_bits, s_ref=s_ref)
+                           slots=slots)
     # fewer than k collected is exact only when every finite key was (thr at the lowest finite key)
     failed = (count > capacity) | ((count < k) & (thr > neg_inf_key + 1))
     cnt_ref[...] = count
@@ -627,8 +607,7 @@ def _collect(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool, 
   scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
   kernel = functools.partial(_collect_kernel, k=lp.k, rank=lp.rank, capacity=lp.capacity,
                              run=blocks.sample_run, every=blocks.sample_every, block=lp.block,
-                             bits=lp.bits, accumulate=blocks.accumulate, slots=blocks.line_slots,
-                             line_bits=blocks.line_bits)
+                             bits=lp.bits, accumulate=blocks.accumulate, slots=blocks.line_slots)
   out_specs = [scratch, scratch, _ROW_SCALAR, _ROW_SCALAR]
   out_shape = [jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
                jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),

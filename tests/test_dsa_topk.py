@@ -165,12 +165,9 @@ _LIST_VARIANTS = (dataclasses.replace(_SAMPLED, list_block=0),
 
 
 # one program a row (the prefill's calls): the collecting pass with every line's takes stored by
-# the branch (line_slots 0) or all but the first (1); the default (3) takes the branch rarely;
-# line_bits finds the slots' lanes from a bit mask (with 1 slot: the branch as well)
+# the branch (line_slots 0) or all but the first (1); the default (3) takes the branch rarely
 _ROW_VARIANTS = (dataclasses.replace(_SAMPLED, segments=1, line_slots=0),
-                 dataclasses.replace(_SAMPLED, segments=1, line_slots=1),
-                 dataclasses.replace(_SAMPLED, segments=1, line_bits=True),
-                 dataclasses.replace(_SAMPLED, segments=1, line_slots=1, line_bits=True))
+                 dataclasses.replace(_SAMPLED, segments=1, line_slots=1))
 
 
 def _sampled_positions(width, blocks):
@@ -227,24 +224,6 @@ def test_sampled_top_k_is_exact(dtype, ties):
   if dtype == jnp.float32:                            # split (decode): segments longer than C
     got = dsa_topk.top_k(x[:3], k, lengths=lengths[:3], split=2, blocks=_SAMPLED)
     _assert_exact_in_order(got, x[:3], k, lengths[:3])
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_line_bits_collects_the_same_lists(dtype):
-  """The collecting pass's two ways to find a line's j-th take (8-lane compares, or the bit mask
-  and the key loaded back from the row) write the same positions, keys and counts, including
-  lines with more takes than slots (dense rows: ~30% taken) and a partly visible last block."""
-  x = _normal(23, (3, 5000)).astype(dtype)
-  lengths = jnp.array([5000, 4321, 2600])
-  blocks = dataclasses.replace(_SAMPLED, segments=1, line_slots=2)
-  want = dsa_topk.collect_candidates(x, lengths, k=1024, blocks=dataclasses.replace(blocks, line_bits=False))
-  got = dsa_topk.collect_candidates(x, lengths, k=1024, blocks=dataclasses.replace(blocks, line_bits=True))
-  count = np.asarray(want[2])
-  assert (count > 1024).all(), count
-  np.testing.assert_array_equal(np.asarray(got[2]), count)
-  for g, w in zip(got[:2], want[:2]):
-    for r, c in enumerate(count):
-      np.testing.assert_array_equal(np.asarray(g[r, :c]), np.asarray(w[r, :c]))
 
 
 def test_sampled_top_k_falls_back_when_the_sample_misleads():
