@@ -4,11 +4,13 @@ Two questions behind `bench_dsa --parts=prefill`'s ratios, timed in turn over --
 (`bench_common.interleaved`) at each of --lengths:
   mla padded    what bench_dsa times: `jax.nn.dot_product_attention(implementation="cudnn")`
                 takes one head dim, so v (128) is zero-padded to q.k's 192 and sliced back
-  mla native    jax's cuDNN module called directly (`fused_attention_stablehlo`, cuDNN >= 9.10
-                on Hopper takes q.k 192 / v 128): the PV product at 128 dims, a fairer peer
+  mla native    `full.attention(..., implementation="cudnn")`, which for v's head dim other than
+                q's calls jax's cuDNN module (`fused_attention_stablehlo`; cuDNN >= 9.10 on
+                Hopper takes q.k 192 / v 128): the PV product at 128 dims, the fair peer
   q operands    the FP8 indexer's per-chunk query preparation over all chunks (Hadamard
-                rotation in f32, then quantization), and the same with the rotation as a bf16
-                matmul by the +-1 matrix (products exact, f32 sums), scaled after
+                rotation, then quantization): the rotation as an f32 matmul (before session 23)
+                and as `dsa._rotate` runs bf16 now (by the +-1 matrix: exact products, f32
+                sums, scaled after)
 Checks first: native == padded[..., :128] (the same softmax; bf16 outputs), and the rotations'
 fp8 codes and scales.
 
@@ -19,11 +21,9 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import bench_common
-from lca.attention import dsa
-from pallas_kernels import dsa_indexer
+from lca.attention import dsa, full
 
 _LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Context lengths.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of all cases timed in turn.")
@@ -37,17 +37,16 @@ def mla_padded(q, k, v):
                                       implementation="cudnn")[..., :v.shape[-1]]
 
 
-def mla_native(q, k, v):
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
-  return cudnn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5,
-                                     mask_type=cudnn.MaskType.CAUSAL)
+def mla_native(q, k, v):   # lca's cuDNN path: jax's cuDNN module when v's head dim differs
+  return full.attention(q, k, v, causal=True, implementation="cudnn")
 
 
-def rotate_bf16(x):
-  """Hadamard rotation as x (bf16) @ (+-1 matrix) with f32 sums, then / sqrt(d)."""
-  d = x.shape[-1]
-  signs = jnp.asarray(dsa.hadamard_matrix(d) * np.sqrt(d), x.dtype)   # exactly +-1
-  return jnp.matmul(x, signs, preferred_element_type=jnp.float32) * (d ** -0.5)
+def rotate_f32(x):
+  """The rotation before session 23: an f32 matmul by the normalized matrix (TF32 on a GPU)."""
+  return dsa._rotate(x.astype(jnp.float32))  # pylint: disable=protected-access
+
+
+rotate_bf16 = dsa._rotate  # pylint: disable=protected-access  (bf16 input: +-1 matmul, f32 sums)
 
 
 def query_operands(rotate):
@@ -77,13 +76,13 @@ def main(_):
     except Exception as e:  # pylint: disable=broad-except
       print(f"  check: native failed: {type(e).__name__}: {str(e)[:400]}")
     x = qi[:, :_CHUNK]
-    (q8a, sa), (q8b, sb) = (dsa.quantize_fp8(r(x)) for r in (dsa._rotate, rotate_bf16))  # pylint: disable=protected-access
+    (q8a, sa), (q8b, sb) = (dsa.quantize_fp8(r(x)) for r in (rotate_f32, rotate_bf16))
     codes = float(jnp.mean((q8a.astype(jnp.float32) != q8b.astype(jnp.float32)).astype(jnp.float32)))
     print(f"  check rotation: fp8 codes differing {codes:.3g}, scales max rel diff "
           f"{float(jnp.max(jnp.abs(sa - sb) / sa)):.3g}", flush=True)
     cases = {"padded": (f"{length} mla padded", padded, (q, k, v)),
              "native": (f"{length} mla native", native, (q, k, v)),
-             "rot_f32": (f"{length} q operands, f32 rotation", query_operands(dsa._rotate), (qi, w)),  # pylint: disable=protected-access
+             "rot_f32": (f"{length} q operands, f32 rotation", query_operands(rotate_f32), (qi, w)),
              "rot_bf16": (f"{length} q operands, bf16 rotation", query_operands(rotate_bf16), (qi, w))}
     times = bench_common.interleaved(cases, rounds=_ROUNDS.value, reps=_REPS.value)
     for name, t in times.items():
