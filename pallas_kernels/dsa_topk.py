@@ -156,6 +156,11 @@ class TopKBlocks:
                            # Last causal [2048, L] bf16 chunk, H200 (session 17): 3 / 2 / old
                            # scatter 0.38 / 0.43 / 0.37 ms at 32k, 0.50 / 0.58 / 0.56 at 64k,
                            # 0.79 / 0.81 / 0.95 at 128k; 1: 1.35 vs 1.0 at 128k (branch taken)
+  prefetch_line: bool = False  # the collecting pass loads the next step's lines while it works on
+                               # this step's (a loop carry): ncu (session 23) found the pass's
+                               # largest stall the wait on each step's one 16-byte load a thread,
+                               # issued at the step's top and used at once. Prepared, not yet run
+                               # on a GPU (the device time ran out)
   fuse_select: bool = True  # many sampled rows: the select runs in the collecting call, each program
                             # searching its own row's list right after collecting it (False: a
                             # second call). One launch fewer; [2048, 128k] chunk 0.771 vs 0.775 ms
@@ -320,7 +325,8 @@ def _sample_threshold(s_ref, length, *, rank, run, every, block, bits, accumulat
 LANES = 8   # the collecting pass reads a row as lines of LANES entries, one line a thread
 
 
-def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block, slots):
+def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block, slots,
+                   prefetch=False):
   """The collecting pass: the keys >= thr among the first `length` entries of lines_ref
   [Sp / LANES, LANES] (a row) -> their positions pos_ref [C + 1] and keys key_ref [C + 1] int32,
   in position order (slot C: the masked lanes' trash; past C only counted); returns the count.
@@ -333,12 +339,20 @@ def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block,
   row) a line holds more than 3 takes ~0.004% of the time; those steps take a branch that
   scatters the rest. The slot search costs ~15 of the pass's ~54 instructions a score (ncu,
   session 23), but finding each lane from a bit mask with clz and loading its key back from the
-  row instead was slower (0.773 vs 0.759 ms the [2048, 128k] chunk; commit e865592)."""
+  row instead was slower (0.773 vs 0.759 ms the [2048, 128k] chunk; commit e865592).
+  prefetch: step i + 1's lines are loaded at the top of step i (carried), so that load's latency
+  overlaps step i's work instead of stalling step i + 1 (`TopKBlocks.prefetch_line`)."""
   rows = block // LANES
   lane = jnp.arange(LANES, dtype=jnp.int32)[None, :]
+  steps = (length + block - 1) // block
+  load = lambda i: lines_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :]   # [rows, LANES]
 
-  def collect(i, taken):
-    x = lines_ref[pl.ds(pl.multiple_of(i * rows, rows), rows), :]        # [rows, LANES]
+  def collect(i, carry):
+    if prefetch:
+      taken, x = carry
+      x_next = load(jnp.minimum(i + 1, steps - 1))   # the last step reloads its own lines
+    else:
+      taken, x = carry, load(i)
     start = (i * rows + jnp.arange(rows, dtype=jnp.int32)) * LANES       # [rows] line positions
     pos = start[:, None] + lane
     key = float_keys(x)
@@ -364,15 +378,17 @@ def _collect_lines(lines_ref, length, thr, pos_ref, key_ref, *, capacity, block,
 
     # a branch of the whole program: its 2 LANES stores a line are issued only when needed
     jax.lax.cond(jnp.max(count) > slots, rest, lambda: None)
-    return taken + jnp.sum(count)
+    return (taken + jnp.sum(count), x_next) if prefetch else taken + jnp.sum(count)
 
   # a fori_loop (scf.for, which Triton pipelines), not a loop that stops once past C: that would
   # only speed up the rare failing rows
-  return jax.lax.fori_loop(0, (length + block - 1) // block, collect, jnp.int32(0))
+  if prefetch:
+    return jax.lax.fori_loop(0, steps, collect, (jnp.int32(0), lines_ref[pl.ds(0, rows), :]))[0]
+  return jax.lax.fori_loop(0, steps, collect, jnp.int32(0))
 
 
 def _collect_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct_ref, *, k, rank,
-                    capacity, run, every, block, bits, accumulate, slots):
+                    capacity, run, every, block, bits, accumulate, slots, prefetch=False):
   """Sample, then collect one row. s_ref [Sp] f32 / bf16 / f16 and lines_ref [Sp / LANES, LANES]
   (the same row); len_ref [] int32 -> pos_ref, key_ref [C + 1] int32: the positions and keys of
   the keys >= the sample's threshold, in position order (slot C: the scatter's trash); cnt_ref []
@@ -386,7 +402,7 @@ def _collect_kernel(s_ref, lines_ref, len_ref, pos_ref, key_ref, cnt_ref, direct
                             bits=bits, accumulate=accumulate, width=key_bits(s_ref.dtype),
                             neg_inf_key=neg_inf_key)
     count = _collect_lines(lines_ref, length, thr, pos_ref, key_ref, capacity=capacity, block=block,
-                           slots=slots)
+                           slots=slots, prefetch=prefetch)
     # fewer than k collected is exact only when every finite key was (thr at the lowest finite key)
     failed = (count > capacity) | ((count < k) & (thr > neg_inf_key + 1))
     cnt_ref[...] = count
@@ -607,7 +623,8 @@ def _collect(scores, lengths, lp: _Launch, blocks: TopKBlocks, interpret: bool, 
   scratch = pl.BlockSpec((None, lp.capacity + 1), lambda r: (r, 0))
   kernel = functools.partial(_collect_kernel, k=lp.k, rank=lp.rank, capacity=lp.capacity,
                              run=blocks.sample_run, every=blocks.sample_every, block=lp.block,
-                             bits=lp.bits, accumulate=blocks.accumulate, slots=blocks.line_slots)
+                             bits=lp.bits, accumulate=blocks.accumulate, slots=blocks.line_slots,
+                             prefetch=blocks.prefetch_line)
   out_specs = [scratch, scratch, _ROW_SCALAR, _ROW_SCALAR]
   out_shape = [jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
                jax.ShapeDtypeStruct((rows, lp.capacity + 1), jnp.int32),
