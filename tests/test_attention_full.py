@@ -137,6 +137,20 @@ def test_integer_inputs_raise_type_error():
     full.attention_reference(x, x, x)
 
 
+def test_v_head_dim_other_than_q_through_xla_matches_reference():
+  """MLA's shape (v narrower than q.k): the XLA path pads v for jax's call and cuts the output
+  back; a wider v names the problem."""
+  q, k, _ = _qkv(jax.random.key(15), q_len=29, heads=6, kv_heads=2, dim=24)
+  v = jax.random.normal(jax.random.key(16), (*k.shape[:3], 16))
+  for window in (None, 7):
+    got = full.attention(q, k, v, window=window, implementation="xla")
+    want = full.attention_reference(q, k, v, window=window)
+    assert got.shape == (2, 29, 6, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(NotImplementedError, match="v's head_dim <= q's"):
+    full.attention(q, k, jnp.concatenate([v, v], -1), implementation="xla")
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")
 def test_cudnn_on_cpu_names_the_problem():
   q, k, v = _qkv(jax.random.key(12), dtype=jnp.bfloat16)

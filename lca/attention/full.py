@@ -83,11 +83,20 @@ def _xla(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_posit
     return attention_reference(q, k, v, causal=causal, window=window, scale=scale,
                                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                q_positions=q_positions, kv_positions=kv_positions)
-  if q.shape[-1] != v.shape[-1]:
-    raise NotImplementedError("implementation='xla' needs v's head_dim equal to q's")
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                      local_window_size=_jax_window(window, causal),
-                                      implementation="xla")
+  if v.shape[-1] > q.shape[-1]:
+    raise NotImplementedError("implementation='xla' needs v's head_dim <= q's")
+  return _one_head_dim(jax.nn.dot_product_attention, q, k, v, scale=scale, is_causal=causal,
+                       local_window_size=_jax_window(window, causal), implementation="xla")
+
+
+def _one_head_dim(attend, q, k, v, **kwargs):
+  """attend(q, k, v, **kwargs) for a call that takes one head dim (jax.nn.dot_product_attention):
+  a narrower v is zero-padded to q's head dim and the output cut back (zero columns of v leave
+  the others unchanged)."""
+  dv, dq = v.shape[-1], q.shape[-1]
+  if dv >= dq:
+    return attend(q, k, v, **kwargs)
+  return attend(q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, dq - dv)]), **kwargs)[..., :dv]
 
 
 def _cudnn(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_positions, kv_positions):
@@ -100,10 +109,13 @@ def _cudnn(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_pos
   if q.shape[1] != k.shape[1]:
     raise NotImplementedError("implementation='cudnn' is used for self-attention (Lq == Lk) only")
   if v.shape[-1] != q.shape[-1]:
-    return _cudnn_other_v_dim(q, k, v, causal=causal, window=window, scale=scale)
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                      local_window_size=_jax_window(window, causal),
-                                      implementation="cudnn")
+    try:
+      return _cudnn_other_v_dim(q, k, v, causal=causal, window=window, scale=scale)
+    except NotImplementedError:
+      if v.shape[-1] > q.shape[-1]:
+        raise
+  return _one_head_dim(jax.nn.dot_product_attention, q, k, v, scale=scale, is_causal=causal,
+                       local_window_size=_jax_window(window, causal), implementation="cudnn")
 
 
 def _cudnn_other_v_dim(q, k, v, *, causal, window, scale):
@@ -111,8 +123,8 @@ def _cudnn_other_v_dim(q, k, v, *, causal, window, scale):
 
   jax.nn.dot_product_attention takes one head dim; jax's cuDNN module beneath it takes two
   (cuDNN >= 9.10 on Hopper or later). That module is private to jax, so anything it refuses,
-  or its absence, is a NotImplementedError here (the caller then pads v or takes another
-  implementation). H200, 128 heads, 128k causal: 1280 ms against 1482 with v zero-padded to 192
+  or its absence, is a NotImplementedError here (`_cudnn` then pads a narrower v for jax.nn's
+  call). H200, 128 heads, 128k causal: 1280 ms against 1482 with v zero-padded to 192
   (experiments/probe_dsa_baseline.py, session 23)."""
   if window is not None:
     raise NotImplementedError("implementation='cudnn' with v's head dim other than q's takes no window")

@@ -29,23 +29,6 @@ from lca.layers import norms, rope
 DECODE_FORMS = ("absorbed", "naive")
 
 
-def _attend(q, k, v, *, implementation=None, **kwargs):
-  """full.attention, with v zero-padded to q's head_dim when they differ (then cut back),
-  so implementations that need equal head dims (flash, XLA) run too. When cuDNN is the first
-  implementation it is tried with v as it is first (cuDNN >= 9.10 takes q.k 192 / v 128: 1280
-  vs 1482 ms padded at 128k on an H200, session 23)."""
-  dv, dq = v.shape[-1], q.shape[-1]
-  if dv < dq:
-    names = full.default_implementations() if implementation is None else implementation
-    if (names if isinstance(names, str) else next(iter(names), None)) == "cudnn":
-      try:
-        return full.attention(q, k, v, implementation="cudnn", **kwargs)
-      except NotImplementedError:
-        pass
-    v = jnp.pad(v, [(0, 0)] * 3 + [(0, dq - dv)])
-  return full.attention(q, k, v, implementation=implementation, **kwargs)[..., :dv]
-
-
 def mla_attention_naive(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, *, scale, causal=True,
                         segment_ids=None, q_positions=None, kv_positions=None,
                         attention_implementation=None) -> jax.Array:
@@ -64,9 +47,12 @@ def mla_attention_naive(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, *, scale, caus
                       axis=-1)
   v = jnp.einsum("bsc,chd->bshd", c_kv, w_uv.astype(c_kv.dtype))
   q = jnp.concatenate([q_nope, q_rope], axis=-1)
-  return _attend(q, k.astype(q.dtype), v.astype(q.dtype), causal=causal, scale=scale,
-                 segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
-                 implementation=attention_implementation)
+  # v's head dim d_v is not q's d_h + d_R: cuDNN (>= 9.10) and the flash kernel take both as
+  # they are, XLA's call gets v zero-padded (full.attention; before session 23 v was always
+  # padded here, which cost cuDNN 15% at 128k)
+  return full.attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=causal, scale=scale,
+                        segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
+                        implementation=attention_implementation)
 
 
 def mla_attention_absorbed(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, *, scale, causal=True,
