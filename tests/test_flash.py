@@ -76,9 +76,11 @@ def test_fp32_matches_reference(q_len, kv_len, heads, kv_heads, head_dim, causal
   np.testing.assert_array_equal(np.asarray(got[1])[empty], 0.0)
 
 
-def test_value_head_dim_differs_from_qk(qk_dim=24, v_dim=48):
+@pytest.mark.parametrize("qk_dim,v_dim", [(24, 48), (24, 16)])
+def test_value_head_dim_differs_from_qk(qk_dim, v_dim):
   """q·k and v head dims each padded on its own (24 -> 32, 48 -> 64); the output has v's width
-  (it once came back q·k's: 24 columns, and cut where v was wider than q·k's padding)."""
+  (it once came back q·k's: 24 columns, and cut where v was wider than q·k's padding). A narrower
+  v is MLA's case (q·k 192, v 128), which mla.MLAttention passes as it is since session 23."""
   q, k, _, _ = _inputs(3, 1, 45, 45, 4, 2, qk_dim)
   _, _, v, do = _inputs(4, 1, 45, 45, 4, 2, v_dim)
   got = _value_and_grads(functools.partial(full.attention, implementation="pallas", causal=True), q, k, v, do)
