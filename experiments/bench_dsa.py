@@ -195,8 +195,8 @@ def prefill_case(length, reps):
       lambda q, k, v, impl=impl: full.attention(q, k, v, causal=True, implementation=impl)), mha)
       for impl in _DENSE.value}
   dense["dense_mla_cudnn"] = ("dense MLA 192/128 cuDNN (v padded to 192)", jax.jit(
-      lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, jnp.pad(v, [(0, 0)] * 3 + [(0, 64)]), is_causal=True, implementation="cudnn")[..., :128]), mla)
+      lambda q, k, v: full.v_padded_to_q(jax.nn.dot_product_attention, q, k, v, is_causal=True,
+                                         implementation="cudnn")), mla)
   dense["dense_mla_cudnn_v128"] = ("dense MLA 192/128 cuDNN (v at 128)", jax.jit(
       lambda q, k, v: full.attention(q, k, v, causal=True, implementation="cudnn")), mla)
   for name in list(dense):

@@ -113,14 +113,6 @@ def _v_dim():
   return _V_DIM.value or _DIM.value
 
 
-def _v_padded_to_qk(attention, q, k, v, **kw):
-  """jax's dot_product_attention takes one head dim: a narrower v is zero-padded to q·k's and
-  the output cut back after (zero columns of v leave the others unchanged)."""
-  dv = v.shape[-1]
-  v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)])
-  return attention(q, k, v, **kw)[..., :dv]
-
-
 def case(length, reps, bandwidth):
   sizes = nsa.NSASizes()
   h, hkv, d = _HEADS.value, _KV_HEADS.value, _DIM.value
@@ -194,8 +186,8 @@ def case(length, reps, bandwidth):
     pos1 = jnp.full((1, 1), length - 1, jnp.int32)
     dec = lambda impl: lambda q1, g1, pos1, cache: nsa.decode_attention(
         q1, g1, pos1, cache, sizes=sizes, scale=d ** -0.5, implementation=impl)
-    dense = lambda impl: lambda q1, k, v: _v_padded_to_qk(jax.nn.dot_product_attention, q1, k, v,
-                                                          implementation=impl)
+    dense = lambda impl: lambda q1, k, v: full.v_padded_to_q(jax.nn.dot_product_attention, q1, k, v,
+                                                             implementation=impl)
     loop, inner = bench_common.bench_in_loop, _INNER.value
     if "decode_xla" in parts:
       r["nsa_decode_xla"] = _try_loop("nsa decode (xla)", loop, dec("xla"), q1, g1, pos1, cache, inner=inner)

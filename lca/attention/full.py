@@ -85,14 +85,14 @@ def _xla(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_posit
                                q_positions=q_positions, kv_positions=kv_positions)
   if v.shape[-1] > q.shape[-1]:
     raise NotImplementedError("implementation='xla' needs v's head_dim <= q's")
-  return _one_head_dim(jax.nn.dot_product_attention, q, k, v, scale=scale, is_causal=causal,
+  return v_padded_to_q(jax.nn.dot_product_attention, q, k, v, scale=scale, is_causal=causal,
                        local_window_size=_jax_window(window, causal), implementation="xla")
 
 
-def _one_head_dim(attend, q, k, v, **kwargs):
+def v_padded_to_q(attend, q, k, v, **kwargs):
   """attend(q, k, v, **kwargs) for a call that takes one head dim (jax.nn.dot_product_attention):
   a narrower v is zero-padded to q's head dim and the output cut back (zero columns of v leave
-  the others unchanged)."""
+  the others unchanged). Also what the benchmarks time as the padded cuDNN baseline."""
   dv, dq = v.shape[-1], q.shape[-1]
   if dv >= dq:
     return attend(q, k, v, **kwargs)
@@ -114,7 +114,7 @@ def _cudnn(q, k, v, *, causal, window, scale, segment_ids, kv_segment_ids, q_pos
     except NotImplementedError:
       if v.shape[-1] > q.shape[-1]:
         raise
-  return _one_head_dim(jax.nn.dot_product_attention, q, k, v, scale=scale, is_causal=causal,
+  return v_padded_to_q(jax.nn.dot_product_attention, q, k, v, scale=scale, is_causal=causal,
                        local_window_size=_jax_window(window, causal), implementation="cudnn")
 
 
