@@ -22,7 +22,7 @@ experiments/results/bench_nsa/{results.json, results.md, bench_nsa.png}; with
 DeepSeek's head dims (q·k 192, v 128): --head_dim=192 --v_head_dim=128 --out=<another dir>;
 NSA's kernels run q·k zero-padded to 256; cuDNN's prefill takes v at 128 through lca's cuDNN
 path (jax's cuDNN module, cuDNN >= 9.10; session 23: runs before gave it v zero-padded to 192,
-which cost cuDNN 15% at DSA's 128k MLA shape), its decode (one query over the cache, which that
+which cost cuDNN 15 percent at DSA's 128k MLA shape), its decode (one query over the cache, which that
 path does not take) v zero-padded to 192; lca flash takes both as they are; the fused decode needs power-of-two dims, so
 its decode cache holds k and kc zero-padded to 256 (padded once, outside the timed calls).
 """
