@@ -156,11 +156,12 @@ class TopKBlocks:
                            # Last causal [2048, L] bf16 chunk, H200 (session 17): 3 / 2 / old
                            # scatter 0.38 / 0.43 / 0.37 ms at 32k, 0.50 / 0.58 / 0.56 at 64k,
                            # 0.79 / 0.81 / 0.95 at 128k; 1: 1.35 vs 1.0 at 128k (branch taken)
-  prefetch_line: bool = False  # the collecting pass loads the next step's lines while it works on
+  prefetch_line: bool = True   # the collecting pass loads the next step's lines while it works on
                                # this step's (a loop carry): ncu (session 23) found the pass's
                                # largest stall the wait on each step's one 16-byte load a thread,
-                               # issued at the step's top and used at once. Prepared, not yet run
-                               # on a GPU (the device time ran out)
+                               # issued at the step's top and used at once. Last causal [2048, L]
+                               # bf16 chunk, H200, 3 rounds in turn (session 24): 0.677 vs 0.778 ms
+                               # at 128k, 0.290 vs 0.295 at 16k
   fuse_select: bool = True  # many sampled rows: the select runs in the collecting call, each program
                             # searching its own row's list right after collecting it (False: a
                             # second call). One launch fewer; [2048, 128k] chunk 0.771 vs 0.775 ms

@@ -166,10 +166,11 @@ _LIST_VARIANTS = (dataclasses.replace(_SAMPLED, list_block=0),
 
 # one program a row (the prefill's calls): the collecting pass with every line's takes stored by
 # the branch (line_slots 0) or all but the first (1); the default (3) takes the branch rarely;
-# prefetch_line carries each step's lines loaded one step early (with 1 slot: the branch as well)
+# prefetch_line (the default) carries each step's lines loaded one step early; without it, each
+# step loads its own (with 1 slot: the branch as well)
 _ROW_VARIANTS = (dataclasses.replace(_SAMPLED, segments=1, line_slots=0),
                  dataclasses.replace(_SAMPLED, segments=1, line_slots=1),
-                 dataclasses.replace(_SAMPLED, segments=1, line_slots=1, prefetch_line=True))
+                 dataclasses.replace(_SAMPLED, segments=1, line_slots=1, prefetch_line=False))
 
 
 def _sampled_positions(width, blocks):
@@ -286,7 +287,7 @@ def test_top_k_kernels_lower_for_the_gpu(monkeypatch):
     for rows, blocks, names in (
         (64, dsa_topk.TopKBlocks(), ("dsa_topk_collect_select",)),
         (64, dsa_topk.TopKBlocks(fuse_select=False), ("dsa_topk_collect", "dsa_topk_select")),
-        (64, dsa_topk.TopKBlocks(prefetch_line=True), ("dsa_topk_collect_select",)),
+        (64, dsa_topk.TopKBlocks(prefetch_line=False), ("dsa_topk_collect_select",)),
         (1, dsa_topk.TopKBlocks(), ("dsa_topk_segment_collect", "dsa_topk_segment_select")),
         (4, dsa_topk.TopKBlocks(sample=False), ("dsa_topk",))):
       args = (jax.ShapeDtypeStruct((rows, 131072), dtype), jax.ShapeDtypeStruct((rows,), jnp.int32))
