@@ -26,6 +26,16 @@ def causal_spread_indices(top_k: int, q_positions):
   return jnp.where(n <= t, idx, -1).astype(jnp.int32)
 
 
+def mla_sparse_operands(length, heads=128, latent=512, rope=64, top_k=2048):
+  """q [1, L, H, latent + rope], latent [1, L, 1, latent], k_rope [1, L, 1, rope], idx [1, L, top_k]."""
+  ks = jax.random.split(jax.random.key(length), 3)
+  bf = jnp.bfloat16
+  q = jax.random.normal(ks[0], (1, length, heads, latent + rope), bf)
+  kv = jax.random.normal(ks[1], (1, length, 1, latent), bf)
+  kr = jax.random.normal(ks[2], (1, length, 1, rope), bf)
+  return q, kv, kr, causal_spread_indices(top_k, jnp.arange(length, dtype=jnp.int32))
+
+
 def bench(fn, *args, reps: int = 5) -> float:
   """Median wall seconds of fn(*args) after two warm-up calls (compile included there)."""
   jax.block_until_ready(fn(*args))

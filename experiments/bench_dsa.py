@@ -421,7 +421,9 @@ def topk_case(length, reps):
   return res
 
 
-SB = dsa_attention.SparseBlocks
+# The sweep's variants are launches of the Triton forward (the prefill default, `default_blocks`,
+# takes the Mosaic GPU forward where it runs: session 24).
+SB = functools.partial(dsa_attention.SparseBlocks, forward_kernel="triton")
 SPARSE_VARIANTS = {   # name: (shared k = v, blocks)
     "sep_h32_k32_w8_s2": (False, SB(block_h=32, block_k=32, num_warps=8, num_stages=2)),
     "sh_h32_k32_w8_s2": (True, SB(block_h=32, block_k=32, num_warps=8, num_stages=2)),

@@ -30,16 +30,6 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions a round (median).")
 _OUT = flags.DEFINE_string("out", "", "If set: a directory for probe_dsa_sparse.json.")
 
 
-def operands(length, heads=128, latent=512, rope=64, top_k=2048):
-  """q [1, L, H, latent + rope], latent [1, L, 1, latent], k_rope [1, L, 1, rope], idx [1, L, top_k]."""
-  ks = jax.random.split(jax.random.key(length), 3)
-  bf = jnp.bfloat16
-  q = jax.random.normal(ks[0], (1, length, heads, latent + rope), bf)
-  kv = jax.random.normal(ks[1], (1, length, 1, latent), bf)
-  kr = jax.random.normal(ks[2], (1, length, 1, rope), bf)
-  return q, kv, kr, bench_common.causal_spread_indices(top_k, jnp.arange(length, dtype=jnp.int32))
-
-
 def main(argv):
   del argv
   print(jax.devices(), flush=True)
@@ -51,7 +41,7 @@ def main(argv):
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": bench_common.today(),
          "ab_module": _AB.value, "rows": []}
   for length in map(int, _LENGTHS.value):
-    args = operands(length)
+    args = bench_common.mla_sparse_operands(length)
     print(f"L={length}: forward, {_ROUNDS.value} rounds", flush=True)
     t = bench_common.interleaved({n: (f"{n} fwd", f, args) for n, f in fwd.items()},
                                  rounds=_ROUNDS.value, reps=_REPS.value)
@@ -65,7 +55,7 @@ def main(argv):
     del args
   if _BWD_LENGTH.value:
     length = _BWD_LENGTH.value
-    q, kv, kr, idx = operands(length)
+    q, kv, kr, idx = bench_common.mla_sparse_operands(length)
     ct = jax.random.normal(jax.random.key(1), (1, length, q.shape[2], kv.shape[-1]), jnp.bfloat16)
     # idx and ct are arguments, not closed over (a closure embeds them as constants: 2.3 GB at 16k)
     fb = {n: jax.jit(lambda q, kv, kr, idx, ct, m=m: jax.vjp(

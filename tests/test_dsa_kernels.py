@@ -1,5 +1,6 @@
 """DSA Pallas kernels against the references (interpret mode on CPU; few, small cases)."""
 
+import dataclasses
 import functools
 
 import chex
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from lca.attention import dsa
-from pallas_kernels import dsa_attention, dsa_indexer, dsa_indexer_mgpu
+from pallas_kernels import dsa_attention, dsa_attention_mgpu, dsa_indexer, dsa_indexer_mgpu
 
 
 def _normal(seed, shape, dtype=jnp.float32):
@@ -293,10 +294,12 @@ def test_sparse_kernel_mla_latent_default_blocks_on_gpu(rope_dim):
       q, kv if kr is None else jnp.concatenate([kv, kr], -1), kv, idx)
   rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
   assert rel(jax.jit(fast)(q, kv, kr), ref(q, kv, kr)) < 1e-2
-  # the value dims split over 2 programs of 64 heads at 4 warps (an M = 64 MMA), and a query's
-  # head blocks side by side
-  for variant in (dsa_attention.SparseBlocks(block_h=64, block_k=32, num_warps=4, num_stages=2, dv_splits=2),
-                  dsa_attention.SparseBlocks(block_h=32, block_k=64, num_warps=4, heads_together=True)):
+  # the Triton forward (with RoPE the default is the Mosaic one), the value dims split over 2
+  # programs of 64 heads at 4 warps (an M = 64 MMA), and a query's head blocks side by side
+  for variant in (dataclasses.replace(blocks, forward_kernel="triton"),
+                  dsa_attention.SparseBlocks(block_h=64, block_k=32, num_warps=4, num_stages=2, dv_splits=2),
+                  dsa_attention.SparseBlocks(block_h=32, block_k=64, num_warps=4, heads_together=True,
+                                             forward_kernel="triton")):
     got_v = jax.jit(lambda q, kv, kr, b=variant: dsa_attention.sparse_attention(q, kv, None, idx, k_rope=kr, blocks=b))
     assert rel(got_v(q, kv, kr), ref(q, kv, kr)) < 1e-2, variant
   ct = _normal(51, (*q.shape[:3], 512), jnp.bfloat16)
@@ -563,3 +566,72 @@ def test_mosaic_profile_summary_reads_cycles_and_the_period():
   assert f"median {np.median(epilogues):8.0f}" in row("epilogue") and "n 8" in row("epilogue"), text
   between = periods[:3] + periods[4:7]   # the last step of each warpgroup has no successor
   assert f"median {np.median(between):8.0f}" in row("period"), text
+
+
+def _mla_sparse_case(batch, q_len, kv_len, heads, top_k, seed=90):
+  """MLA's absorbed form in bf16: q [B, L, H, 576], latent [B, S, 1, 512], k_rope [B, S, 1, 64],
+  distinct random indices with ~10% -1 anywhere in a row, and query 3 with none."""
+  q = _normal(seed, (batch, q_len, heads, 576), jnp.bfloat16)
+  kv = _normal(seed + 1, (batch, kv_len, 1, 512), jnp.bfloat16)
+  kr = _normal(seed + 2, (batch, kv_len, 1, 64), jnp.bfloat16)
+  rng = np.random.default_rng(seed + 3)
+  idx = np.stack([np.stack([rng.permutation(kv_len)[:top_k] for _ in range(q_len)]) for _ in range(batch)])
+  idx = np.where(rng.random(idx.shape) < 0.1, -1, idx)
+  idx[:, 3] = -1
+  return q, kv, kr, jnp.asarray(idx, jnp.int32)
+
+
+def test_mosaic_sparse_forward_lowers_for_hopper_on_cpu():
+  """Tracing and Mosaic lowering (the inline cp.async gather, layouts, barriers) run without a GPU."""
+  sd = jax.ShapeDtypeStruct
+  args = (sd((2, 37, 128, 576), jnp.bfloat16), sd((2, 300, 1, 512), jnp.bfloat16),
+          sd((2, 300, 1, 64), jnp.bfloat16), sd((2, 37, 200), jnp.int32))
+  f = jax.jit(lambda *a: dsa_attention_mgpu.forward(*a, scale=0.05))
+  assert "lca_dsa_sparse_fwd_mgpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_sparse_forward_kernel_choice_names_the_reason():
+  q, kv, kr, idx = _mla_sparse_case(1, 5, 40, 64, 16)
+  call = lambda blocks, q=q, kr=kr: dsa_attention.sparse_attention(q, kv, None, idx, k_rope=kr, blocks=blocks)
+  with pytest.raises(ValueError, match="interpret mode"):   # CPU: the Mosaic forward cannot run
+    call(dsa_attention.SparseBlocks(forward_kernel="mosaic"))
+  with pytest.raises(ValueError, match="forward_kernel must be"):
+    call(dsa_attention.SparseBlocks(forward_kernel="cuda"))
+  with pytest.raises(ValueError, match="RoPE"):
+    call(dsa_attention.SparseBlocks(forward_kernel="mosaic"), q=q[..., :512], kr=None)
+  assert "bf16" in dsa_attention_mgpu.supported(q.astype(jnp.float32), kv, kr, idx, scale=0.1, interpret=False)
+  assert "multiple of 64" in dsa_attention_mgpu.supported(q[:, :, :32], kv, kr, idx, scale=0.1, interpret=False)
+  assert "scale" in dsa_attention_mgpu.supported(q, kv, kr, idx, scale=-1.0, interpret=False)
+  # "auto" falls back to the Triton forward here: the same output as forcing it
+  chex.assert_trees_all_equal(call(dsa_attention.SparseBlocks(block_h=64, block_k=16)),
+                              call(dsa_attention.SparseBlocks(block_h=64, block_k=16, forward_kernel="triton")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU")
+def test_mosaic_sparse_forward_matches_reference_on_gpu():
+  """Output and log-sum-exp of the Mosaic forward (batch 2, odd lengths, K = 200 padded to 256,
+  -1 anywhere, a query with none) against plain jnp, and gradients through the Triton backward
+  that reads them."""
+  q, kv, kr, idx = _mla_sparse_case(2, 77, 301, 128, 200)
+  scale = 576 ** -0.5
+  out, lse = jax.jit(lambda *a: dsa_attention_mgpu.forward(*a, scale=scale))(q, kv, kr, idx)
+  key = jnp.concatenate([kv, kr], -1)
+  ref = dsa.sparse_attention_reference(q.astype(jnp.float32), key.astype(jnp.float32), kv.astype(jnp.float32),
+                                       idx, scale=scale)
+  rows = jax.vmap(lambda kb, ib: kb[jnp.maximum(ib, 0)])(key[:, :, 0].astype(jnp.float32), idx)
+  s = jnp.einsum("blhd,blkd->blhk", q.astype(jnp.float32), rows) * scale
+  ref_lse = jax.nn.logsumexp(jnp.where((idx >= 0)[:, :, None], s, -jnp.inf), axis=-1)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=2e-2, rtol=2e-2)
+  assert bool(jnp.all(out[:, 3] == 0)) and bool(jnp.all(lse[:, 3] == -jnp.inf))
+  fin = np.isfinite(np.asarray(ref_lse))
+  np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=1e-4, rtol=1e-4)
+  ct = _normal(95, out.shape, jnp.bfloat16)
+  def grads(kernel):
+    blocks = dataclasses.replace(dsa_attention.default_blocks(77, 200, 512, 128, 64), forward_kernel=kernel)
+    f = lambda q, kv, kr: jnp.sum((dsa_attention.sparse_attention(q, kv, None, idx, k_rope=kr, scale=scale,
+                                                                  blocks=blocks) * ct).astype(jnp.float32))
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, kv, kr)
+  for a, b in zip(grads("mosaic"), grads("triton")):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)

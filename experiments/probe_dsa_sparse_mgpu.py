@@ -1,0 +1,104 @@
+"""Probe: the Mosaic GPU sparse forward (pallas_kernels/dsa_attention_mgpu.py) against the Triton one (H100/H200).
+
+First a check on small random inputs (odd lengths, batch 2, -1 indices in the middle and at the
+end of a row, a row with none): the Mosaic forward's output and log-sum-exp against a plain-jnp
+reference and the Triton forward's. Then, per --lengths, both forwards in MLA's absorbed prefill
+shape (128 heads, 512 + 64 key, top-k 2048, indices spread over [0, t] as bench_dsa's), timed in
+turn over --rounds, with their largest output difference.
+
+  python -m experiments.probe_dsa_sparse_mgpu --lengths=32768,131072
+"""
+
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from experiments import bench_common
+from pallas_kernels import dsa_attention
+from pallas_kernels import dsa_attention_mgpu
+
+_LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Context lengths to time (none: check only).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of (Mosaic, Triton) timed in turn.")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions a round (median).")
+_OUT = flags.DEFINE_string("out", "", "If set: a directory for probe_dsa_sparse_mgpu.json.")
+
+
+def reference(q, k, k_rope, idx, scale):
+  """Plain jnp: -> out [B, L, H, D] f32, lse [B, L, H] (natural log, -inf for no index)."""
+  key = jnp.concatenate([k, k_rope], -1)[:, :, 0].astype(jnp.float32)          # [B, S, 576]
+  rows = jax.vmap(lambda kb, ib: kb[jnp.maximum(ib, 0)])(key, idx)                # [B, L, K, 576]
+  s = jnp.einsum("blhd,blkd->blhk", q.astype(jnp.float32), rows) * scale
+  s = jnp.where((idx >= 0)[:, :, None, :], s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.where(jnp.isfinite(lse)[..., None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]), 0.0)
+  return jnp.einsum("blhk,blkd->blhd", p, rows[..., :k.shape[-1]]), lse
+
+
+def check(batch=2, q_len=333, kv_len=701, heads=128, top_k=300):
+  """Mosaic vs reference vs Triton on random inputs -> dict of the largest errors."""
+  ks = jax.random.split(jax.random.key(7), 5)
+  bf = jnp.bfloat16
+  q = jax.random.normal(ks[0], (batch, q_len, heads, 576), bf)
+  k = jax.random.normal(ks[1], (batch, kv_len, 1, 512), bf)
+  kr = jax.random.normal(ks[2], (batch, kv_len, 1, 64), bf)
+  idx = jax.vmap(lambda key: jax.vmap(lambda kk: jax.random.permutation(kk, kv_len)[:top_k])(
+      jax.random.split(key, q_len)))(jax.random.split(ks[3], batch)).astype(jnp.int32)
+  holes = jax.random.uniform(ks[4], idx.shape) < 0.1
+  idx = jnp.where(holes, -1, idx).at[:, 5].set(-1)       # -1 anywhere; query 5 sees nothing
+  scale = 576 ** -0.5
+  out, lse = jax.jit(lambda *a: dsa_attention_mgpu.forward(*a, scale=scale))(q, k, kr, idx)
+  ref_out, ref_lse = reference(q, k, kr, idx, scale)
+  blocks = dsa_attention.default_blocks(q_len, top_k, 512, heads, 64)
+  tri_out, tri_lse = jax.jit(lambda *a: dsa_attention._forward(*a, scale, blocks, False))(q, k, None, kr, idx)
+  tri_lse = tri_lse[:, :, 0, :heads]
+  f32 = lambda x: x.astype(jnp.float32)
+  finite = jnp.isfinite(ref_lse)
+  res = {
+      "out_vs_ref": float(jnp.max(jnp.abs(f32(out) - ref_out))),
+      "triton_out_vs_ref": float(jnp.max(jnp.abs(f32(tri_out) - ref_out))),
+      "ref_out_max": float(jnp.max(jnp.abs(ref_out))),
+      "lse_vs_ref": float(jnp.max(jnp.where(finite, jnp.abs(lse - ref_lse), 0))),
+      "lse_inf_where_ref_inf": bool(jnp.all(jnp.where(finite, True, lse == -jnp.inf))),
+      "empty_row_out_zero": bool(jnp.all(out[:, 5] == 0)),
+      "out_vs_triton": float(jnp.max(jnp.abs(f32(out) - f32(tri_out)))),
+      "lse_vs_triton": float(jnp.max(jnp.where(finite, jnp.abs(lse - tri_lse), 0))),
+  }
+  print("check:", res, flush=True)
+  return res
+
+
+def main(argv):
+  del argv
+  print(jax.devices(), flush=True)
+  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": bench_common.today(),
+         "check": check(), "rows": []}
+  scale = 576 ** -0.5
+  for length in map(int, _LENGTHS.value):
+    q, kv, kr, idx = bench_common.mla_sparse_operands(length)
+    blocks = dsa_attention.default_blocks(length, idx.shape[-1], 512, 128, 64)
+    fwd = {"mosaic": jax.jit(lambda q, kv, kr, idx: dsa_attention_mgpu.forward(q, kv, kr, idx, scale=scale)[0]),
+           "triton": jax.jit(lambda q, kv, kr, idx: dsa_attention._forward(q, kv, None, kr, idx, scale, blocks, False)[0])}
+    print(f"L={length}: forward, {_ROUNDS.value} rounds", flush=True)
+    t = bench_common.interleaved({n: (n, f, (q, kv, kr, idx)) for n, f in fwd.items()},
+                                 rounds=_ROUNDS.value, reps=_REPS.value)
+    diff = jax.jit(lambda a, b: jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+    row = {"length": length, **{f"{n}_ms": v and v * 1e3 for n, v in t.items()},
+           "max_diff": float(diff(*(f(q, kv, kr, idx) for f in fwd.values())))}
+    if t["mosaic"] and t["triton"]:
+      row["speedup"] = t["triton"] / t["mosaic"]
+      row["mosaic_tflops"] = 2 * length * 2048 * 128 * (576 + 512) / t["mosaic"] / 1e12
+    print(f"  {row}", flush=True)
+    res["rows"].append(row)
+    del q, kv, kr, idx
+  if _OUT.value:
+    path = pathlib.Path(_OUT.value) / "probe_dsa_sparse_mgpu.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
