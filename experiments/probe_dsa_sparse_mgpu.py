@@ -9,6 +9,7 @@ turn over --rounds, with their largest output difference.
   python -m experiments.probe_dsa_sparse_mgpu --lengths=32768,131072
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -25,6 +26,10 @@ _LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Context lengths to
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of (Mosaic, Triton) timed in turn.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions a round (median).")
 _OUT = flags.DEFINE_string("out", "", "If set: a directory for probe_dsa_sparse_mgpu.json.")
+_BWD_LENGTH = flags.DEFINE_integer("bwd_length", 0, "If > 0: forward + backward at this length with "
+                                   "--bwd_forward's forward, and the peak device memory.")
+_BWD_FORWARD = flags.DEFINE_enum("bwd_forward", "auto", ["auto", "triton", "mosaic"],
+                                 "SparseBlocks.forward_kernel for --bwd_length.")
 
 
 def reference(q, k, k_rope, idx, scale):
@@ -71,11 +76,28 @@ def check(batch=2, q_len=333, kv_len=701, heads=128, top_k=300):
   return res
 
 
+def fwd_bwd(length, forward_kernel, scale):
+  """Forward + backward of sparse_attention at `length` with that forward -> {ms, peak GB}."""
+  q, kv, kr, idx = bench_common.mla_sparse_operands(length)
+  ct = jax.random.normal(jax.random.key(1), (*q.shape[:3], kv.shape[-1]), jnp.bfloat16)
+  blocks = dataclasses.replace(dsa_attention.default_blocks(length, idx.shape[-1], 512, 128, 64),
+                               forward_kernel=forward_kernel)
+  f = jax.jit(lambda q, kv, kr, idx, ct: jax.vjp(
+      lambda *a: dsa_attention.sparse_attention(a[0], a[1], None, idx, k_rope=a[2], scale=scale, blocks=blocks),
+      q, kv, kr)[1](ct))
+  ms = bench_common.try_bench(f"L={length} f+b, {forward_kernel} forward", f, q, kv, kr, idx, ct, reps=_REPS.value)
+  stats = jax.devices()[0].memory_stats() or {}
+  row = {"length": length, "forward_kernel": forward_kernel, "ms": ms and ms * 1e3,
+         "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9}
+  print(f"  {row}", flush=True)
+  return row
+
+
 def main(argv):
   del argv
   print(jax.devices(), flush=True)
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": bench_common.today(),
-         "check": check(), "rows": []}
+         "check": check() if _LENGTHS.value else None, "rows": []}
   scale = 576 ** -0.5
   for length in map(int, _LENGTHS.value):
     q, kv, kr, idx = bench_common.mla_sparse_operands(length)
@@ -94,6 +116,8 @@ def main(argv):
     print(f"  {row}", flush=True)
     res["rows"].append(row)
     del q, kv, kr, idx
+  if _BWD_LENGTH.value:
+    res["fwd_bwd"] = fwd_bwd(_BWD_LENGTH.value, _BWD_FORWARD.value, scale)
   if _OUT.value:
     path = pathlib.Path(_OUT.value) / "probe_dsa_sparse_mgpu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
