@@ -26,6 +26,8 @@ _LENGTHS = flags.DEFINE_list("lengths", ["32768", "131072"], "Context lengths to
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of (Mosaic, Triton) timed in turn.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions a round (median).")
 _OUT = flags.DEFINE_string("out", "", "If set: a directory for probe_dsa_sparse_mgpu.json.")
+_CONFIGS = flags.DEFINE_list("configs", [], "Also time the Mosaic forward with these Config overrides, "
+                              "e.g. prefetch_ids=false (one case each).")
 _BWD_LENGTH = flags.DEFINE_integer("bwd_length", 0, "If > 0: forward + backward at this length with "
                                    "--bwd_forward's forward, and the peak device memory.")
 _BWD_FORWARD = flags.DEFINE_enum("bwd_forward", "auto", ["auto", "triton", "mosaic"],
@@ -57,7 +59,7 @@ def check(batch=2, q_len=333, kv_len=701, heads=128, top_k=300):
   scale = 576 ** -0.5
   out, lse = jax.jit(lambda *a: dsa_attention_mgpu.forward(*a, scale=scale))(q, k, kr, idx)
   ref_out, ref_lse = reference(q, k, kr, idx, scale)
-  blocks = dsa_attention.default_blocks(q_len, top_k, 512, heads, 64)
+  blocks = dataclasses.replace(dsa_attention.default_blocks(q_len, top_k, 512, heads, 64), forward_kernel="triton")
   tri_out, tri_lse = jax.jit(lambda *a: dsa_attention._forward(*a, scale, blocks, False))(q, k, None, kr, idx)
   tri_lse = tri_lse[:, :, 0, :heads]
   f32 = lambda x: x.astype(jnp.float32)
@@ -101,15 +103,21 @@ def main(argv):
   scale = 576 ** -0.5
   for length in map(int, _LENGTHS.value):
     q, kv, kr, idx = bench_common.mla_sparse_operands(length)
-    blocks = dsa_attention.default_blocks(length, idx.shape[-1], 512, 128, 64)
+    blocks = dataclasses.replace(dsa_attention.default_blocks(length, idx.shape[-1], 512, 128, 64),
+                                 forward_kernel="triton")   # the default is the Mosaic forward
     fwd = {"mosaic": jax.jit(lambda q, kv, kr, idx: dsa_attention_mgpu.forward(q, kv, kr, idx, scale=scale)[0]),
            "triton": jax.jit(lambda q, kv, kr, idx: dsa_attention._forward(q, kv, None, kr, idx, scale, blocks, False)[0])}
+    for spec in _CONFIGS.value:
+      name, value = spec.split("=")
+      cfg = dsa_attention_mgpu.Config(**{name: {"true": True, "false": False}.get(value.lower(), value)})
+      fwd[f"mosaic {spec}"] = jax.jit(lambda q, kv, kr, idx, cfg=cfg: dsa_attention_mgpu.forward(
+          q, kv, kr, idx, scale=scale, config=cfg)[0])
     print(f"L={length}: forward, {_ROUNDS.value} rounds", flush=True)
     t = bench_common.interleaved({n: (n, f, (q, kv, kr, idx)) for n, f in fwd.items()},
                                  rounds=_ROUNDS.value, reps=_REPS.value)
     diff = jax.jit(lambda a, b: jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
     row = {"length": length, **{f"{n}_ms": v and v * 1e3 for n, v in t.items()},
-           "max_diff": float(diff(*(f(q, kv, kr, idx) for f in fwd.values())))}
+           "max_diff": float(diff(fwd["mosaic"](q, kv, kr, idx), fwd["triton"](q, kv, kr, idx)))}
     if t["mosaic"] and t["triton"]:
       row["speedup"] = t["triton"] / t["mosaic"]
       row["mosaic_tflops"] = 2 * length * 2048 * 128 * (576 + 512) / t["mosaic"] / 1e12

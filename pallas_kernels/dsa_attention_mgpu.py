@@ -46,6 +46,7 @@ gets out = 0 and lse = -inf (as the Triton forward).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -70,6 +71,13 @@ HEADS = 64           # heads a CTA (wgmma's M)
 ROWS = 64            # gathered rows a block (S's N)
 HALF = LATENT // 2   # value dims a consumer
 _TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """prefetch_ids: the producer asks L1 for a round's 128 indices before it waits for the
+  consumers to free the slots (else their load, from L2, starts only after the wait)."""
+  prefetch_ids: bool = True
 
 
 def supported(q, k, k_rope, indices, *, scale: float, interpret: bool) -> str | None:
@@ -148,6 +156,18 @@ def _gather_block(ctx, k_rows, kr_rows, ids, lat, rope, *, slot: int):
   nvvm.cp_async_commit_group()
 
 
+def _prefetch_ids(ctx, ids):
+  """Producer, inline Mosaic GPU: thread i asks L1 for ids[i] (ids: a round's 128 indices)."""
+  del ctx
+  i32 = ir.IntegerType.get_signless(32)
+  i64 = ir.IntegerType.get_signless(64)
+  base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(ids))
+  tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
+  addr = mu.getelementptr(base, [arith.extui(i64, arith.muli(tid, mu.c(4, i32)))],
+                          ir.IntegerType.get_signless(8))
+  mu.inline_ptx("prefetch.global.L1 [$0];", addr, has_side_effects=True)
+
+
 def _land(ctx, *, pending: int):
   """Producer: waits until at most `pending` cp.async groups of this thread are in flight, then
   makes the landed rows visible to wgmma (the async proxy) and syncs the warpgroup."""
@@ -158,7 +178,7 @@ def _land(ctx, *, pending: int):
 
 def _kernel(q_ref, k_ref, kr_ref, idx_ref, o_ref, lse_ref, q_lat, q_rope, lat, rope, xchg,
             lse_smem, q_ready, ready, free, meet, *, scale: float, rounds: int,
-            head_blocks: int):
+            head_blocks: int, cfg: Config):
   """One query t and 64 heads; warpgroups 0, 1 compute, 2 gathers."""
   cta = lax.axis_index("cta")   # (query, head block), a query's head blocks side by side
   t, hb = lax.div(cta, jnp.int32(head_blocks)), lax.rem(cta, jnp.int32(head_blocks))
@@ -244,7 +264,12 @@ def _kernel(q_ref, k_ref, kr_ref, idx_ref, o_ref, lse_ref, q_lat, q_rope, lat, r
         functools.partial(_gather_block, slot=slot)) for slot in range(2)]
     land = [plgpu.inline_mgpu()(functools.partial(_land, pending=1 - slot)) for slot in range(2)]
 
+    prefetch = plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))(_prefetch_ids)
+
     def round_(i, carry):
+      if cfg.prefetch_ids:
+        prefetch(idx_ref.at[b, t, pl.ds(2 * i * ROWS, 2 * ROWS)])
+
       @pl.when(i > 0)
       def _():
         plgpu.barrier_wait(free)     # both consumers are done with the last round's slots
@@ -258,7 +283,7 @@ def _kernel(q_ref, k_ref, kr_ref, idx_ref, o_ref, lse_ref, q_lat, q_rope, lat, r
     lax.fori_loop(0, rounds, round_, None)
 
 
-def forward(q, k, k_rope, indices, *, scale: float):
+def forward(q, k, k_rope, indices, *, scale: float, config: Config | None = None):
   """q [B, L, H, 576] bf16, k [B, S, 1, 512], k_rope [B, S, 1, 64], indices [B, L, K] int32
   (-1 none) -> (out [B, L, H, 512] bf16, lse [B, L, H] fp32, natural log; -inf for a query
   with no valid index). K is padded with -1 to a multiple of 128 here."""
@@ -280,7 +305,7 @@ def forward(q, k, k_rope, indices, *, scale: float):
       plgpu.Barrier(num_arrivals=2),   # meet
   ]
   kernel = functools.partial(_kernel, scale=float(scale), rounds=kp // (2 * ROWS),
-                             head_blocks=num_heads // HEADS)
+                             head_blocks=num_heads // HEADS, cfg=config or Config())
   out_type = (jax.ShapeDtypeStruct((batch, q_len, num_heads, LATENT), jnp.bfloat16),
               jax.ShapeDtypeStruct((batch, q_len, num_heads), jnp.float32))
   return plgpu.kernel(
