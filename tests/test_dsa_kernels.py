@@ -586,8 +586,9 @@ def test_mosaic_sparse_forward_lowers_for_hopper_on_cpu():
   sd = jax.ShapeDtypeStruct
   args = (sd((2, 37, 128, 576), jnp.bfloat16), sd((2, 300, 1, 512), jnp.bfloat16),
           sd((2, 300, 1, 64), jnp.bfloat16), sd((2, 37, 200), jnp.int32))
-  f = jax.jit(lambda *a: dsa_attention_mgpu.forward(*a, scale=0.05))
-  assert "lca_dsa_sparse_fwd_mgpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  for cfg in (None, dsa_attention_mgpu.Config(prefetch_ids=False)):
+    f = jax.jit(lambda *a, cfg=cfg: dsa_attention_mgpu.forward(*a, scale=0.05, config=cfg))
+    assert "lca_dsa_sparse_fwd_mgpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_sparse_forward_kernel_choice_names_the_reason():
