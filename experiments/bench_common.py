@@ -61,6 +61,14 @@ def bench_pipelined(fn, *args, burst: int = 16, reps: int = 5) -> float:
   return statistics.median(times)
 
 
+def write_json(directory: str, name: str, obj) -> pathlib.Path:
+  """obj as indented JSON in directory/name (directories made as needed) -> the path."""
+  path = pathlib.Path(directory) / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=1))
+  return path
+
+
 def today() -> str:
   """The run's date (ISO), for the results' metadata: $LCA_RUN_DATE if set (a machine whose clock
   is off), else the machine's date."""

@@ -11,8 +11,6 @@ over --rounds (`bench_common.interleaved`); prints their largest output differen
 """
 
 import importlib
-import json
-import pathlib
 
 from absl import app
 from absl import flags
@@ -72,9 +70,7 @@ def main(argv):
     print(f"  {row}", flush=True)
     res["rows"].append(row)
   if _OUT.value:
-    path = pathlib.Path(_OUT.value) / "probe_dsa_sparse.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1))
+    bench_common.write_json(_OUT.value, "probe_dsa_sparse.json", res)
 
 
 if __name__ == "__main__":

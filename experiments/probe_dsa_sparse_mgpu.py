@@ -10,8 +10,6 @@ turn over --rounds, with their largest output difference.
 """
 
 import dataclasses
-import json
-import pathlib
 
 from absl import app
 from absl import flags
@@ -127,9 +125,7 @@ def main(argv):
   if _BWD_LENGTH.value:
     res["fwd_bwd"] = fwd_bwd(_BWD_LENGTH.value, _BWD_FORWARD.value, scale)
   if _OUT.value:
-    path = pathlib.Path(_OUT.value) / "probe_dsa_sparse_mgpu.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1))
+    bench_common.write_json(_OUT.value, "probe_dsa_sparse_mgpu.json", res)
 
 
 if __name__ == "__main__":
