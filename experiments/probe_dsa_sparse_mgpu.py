@@ -7,9 +7,19 @@ shape (128 heads, 512 + 64 key, top-k 2048, indices spread over [0, t] as bench_
 turn over --rounds, with their largest output difference.
 
   python -m experiments.probe_dsa_sparse_mgpu --lengths=32768,131072
+
+--profile runs Mosaic's on-device profiler (`Config.profile_space`) over the forward of the last
+--profile_queries queries of a --profile_length context and prints each named region's cycles
+(a consumer's ready / qk / max / softmax / meet / pv, the producer's free / gather / land) and
+a consumer's round (prepared in session 24, not yet run on a GPU).
 """
 
 import dataclasses
+import glob
+import json
+import os
+import pathlib
+import tempfile
 
 from absl import app
 from absl import flags
@@ -26,6 +36,9 @@ _REPS = flags.DEFINE_integer("reps", 5, "Timed repetitions a round (median).")
 _OUT = flags.DEFINE_string("out", "", "If set: a directory for probe_dsa_sparse_mgpu.json.")
 _CONFIGS = flags.DEFINE_list("configs", [], "Also time the Mosaic forward with these Config overrides, "
                               "e.g. prefetch_ids=false (one case each).")
+_PROFILE = flags.DEFINE_bool("profile", False, "Profile the Mosaic forward's named regions.")
+_PROFILE_LENGTH = flags.DEFINE_integer("profile_length", 32768, "--profile: keys of the context.")
+_PROFILE_QUERIES = flags.DEFINE_integer("profile_queries", 256, "--profile: its last queries profiled.")
 _BWD_LENGTH = flags.DEFINE_integer("bwd_length", 0, "If > 0: forward + backward at this length with "
                                    "--bwd_forward's forward, and the peak device memory.")
 _BWD_FORWARD = flags.DEFINE_enum("bwd_forward", "auto", ["auto", "triton", "mosaic"],
@@ -93,6 +106,22 @@ def fwd_bwd(length, forward_kernel, scale):
   return row
 
 
+def profile(length, queries, scale):
+  """Mosaic's on-device profiler over the forward of the last `queries` queries -> the summary."""
+  q, kv, kr, idx = bench_common.mla_sparse_operands(length)
+  q, idx = q[:, -queries:], idx[:, -queries:]
+  rounds = -(-idx.shape[-1] // 128)
+  with tempfile.TemporaryDirectory() as d:
+    cfg = dsa_attention_mgpu.Config(profile_space=6 * rounds + 16, profile_dir=d)   # 6 regions a round
+    jax.block_until_ready(dsa_attention_mgpu.forward(q, kv, kr, idx, scale=scale, config=cfg))
+    jax.effects_barrier()
+    trace = json.loads(pathlib.Path(sorted(glob.glob(os.path.join(d, "*-trace.json")))[-1]).read_text())
+  text = (f"profile: the last {queries} queries of {length}, {rounds} rounds a CTA\n"
+          + bench_common.mosaic_profile_summary(trace, period_region="ready"))
+  print(text, flush=True)
+  return text
+
+
 def main(argv):
   del argv
   print(jax.devices(), flush=True)
@@ -122,6 +151,11 @@ def main(argv):
     print(f"  {row}", flush=True)
     res["rows"].append(row)
     del q, kv, kr, idx
+  if _PROFILE.value:
+    try:
+      res["profile"] = profile(_PROFILE_LENGTH.value, _PROFILE_QUERIES.value, scale)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  profile: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
   if _BWD_LENGTH.value:
     res["fwd_bwd"] = fwd_bwd(_BWD_LENGTH.value, _BWD_FORWARD.value, scale)
   if _OUT.value:

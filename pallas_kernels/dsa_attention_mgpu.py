@@ -76,8 +76,14 @@ _TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 @dataclasses.dataclass(frozen=True)
 class Config:
   """prefetch_ids: the producer asks L1 for a round's 128 indices before it waits for the
-  consumers to free the slots (else their load, from L2, starts only after the wait)."""
+  consumers to free the slots (else their load, from L2, starts only after the wait).
+  profile_space, profile_dir (timing only): Mosaic's on-device profiler records each named
+  region (a consumer's "ready", "qk", "max", "softmax", "meet", "pv"; the producer's "free",
+  "gather", "land") of every warpgroup, up to profile_space regions a warpgroup, as a trace in
+  profile_dir (`experiments/probe_dsa_sparse_mgpu.py --profile`)."""
   prefetch_ids: bool = True
+  profile_space: int = 0
+  profile_dir: str = ""
 
 
 def supported(q, k, k_rope, indices, *, scale: float, interpret: bool) -> str | None:
@@ -205,33 +211,40 @@ def _kernel(q_ref, k_ref, kr_ref, idx_ref, o_ref, lse_ref, q_lat, q_rope, lat, r
       acc, m, l = carry
       ids = plgpu.load(idx_ref.at[b, t, pl.ds((2 * i + own) * ROWS, ROWS)],
                        layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-      plgpu.barrier_wait(ready.at[own])
+      # The named scopes are the regions Mosaic's profiler records (Config.profile_space).
+      with jax.named_scope("ready"):
+        plgpu.barrier_wait(ready.at[own])
 
       def qk(s_ref):
         plgpu.wgmma(s_ref, q_lat.at[0], lat.at[own, 0].transpose((1, 0)))
         plgpu.wgmma(s_ref, q_lat.at[1], lat.at[own, 1].transpose((1, 0)))
         plgpu.wgmma(s_ref, q_rope, rope.at[own].transpose((1, 0)))
         return s_ref[...]
-      s = pl.run_scoped(qk, plgpu.ACC((HEADS, ROWS), jnp.float32))
-      s = jnp.where(lax.broadcast_in_dim(ids, s.shape, [1]) >= 0, s, -jnp.inf)
-      row_max = s.max(axis=1) * c
-      xchg.at[own][...] = row_max
-      meet_other()
-      m_new = jnp.maximum(m, jnp.maximum(row_max, xchg.at[other][...]))
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      l = l * alpha + p.sum(axis=1)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      p16 = p.astype(jnp.bfloat16)
-      rope.at[own][...] = p16          # this block's P, for the other consumer's half
-      plgpu.commit_smem()
-      plgpu.barrier_wait(ready.at[other])
-      meet_other()
+      with jax.named_scope("qk"):
+        s = pl.run_scoped(qk, plgpu.ACC((HEADS, ROWS), jnp.float32))
+      with jax.named_scope("max"):
+        s = jnp.where(lax.broadcast_in_dim(ids, s.shape, [1]) >= 0, s, -jnp.inf)
+        row_max = s.max(axis=1) * c
+        xchg.at[own][...] = row_max
+        meet_other()
+      with jax.named_scope("softmax"):
+        m_new = jnp.maximum(m, jnp.maximum(row_max, xchg.at[other][...]))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p16 = p.astype(jnp.bfloat16)
+        rope.at[own][...] = p16          # this block's P, for the other consumer's half
+        plgpu.commit_smem()
+      with jax.named_scope("meet"):
+        plgpu.barrier_wait(ready.at[other])
+        meet_other()
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, lat.at[own, own])
         plgpu.wgmma(acc_ref, rope.at[other], lat.at[other, own])
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      with jax.named_scope("pv"):
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(free)
       return acc, m_new, l
 
@@ -272,13 +285,16 @@ def _kernel(q_ref, k_ref, kr_ref, idx_ref, o_ref, lse_ref, q_lat, q_rope, lat, r
 
       @pl.when(i > 0)
       def _():
-        plgpu.barrier_wait(free)     # both consumers are done with the last round's slots
-      for slot in range(2):   # blocks 2i and 2i + 1, one cp.async group each
-        gather[slot](k_ref.at[b, :, 0], kr_ref.at[b, :, 0],
-                     idx_ref.at[b, t, pl.ds((2 * i + slot) * ROWS, ROWS)], lat, rope)
-      for slot in range(2):   # block 2i's group landed (block 2i + 1's may be in flight), then all
-        land[slot]()
-        plgpu.barrier_arrive(ready.at[slot])
+        with jax.named_scope("free"):
+          plgpu.barrier_wait(free)     # both consumers are done with the last round's slots
+      with jax.named_scope("gather"):
+        for slot in range(2):   # blocks 2i and 2i + 1, one cp.async group each
+          gather[slot](k_ref.at[b, :, 0], kr_ref.at[b, :, 0],
+                       idx_ref.at[b, t, pl.ds((2 * i + slot) * ROWS, ROWS)], lat, rope)
+      with jax.named_scope("land"):
+        for slot in range(2):   # block 2i's group landed (block 2i + 1's may be in flight), then all
+          land[slot]()
+          plgpu.barrier_arrive(ready.at[slot])
       return carry
     lax.fori_loop(0, rounds, round_, None)
 
@@ -304,8 +320,9 @@ def forward(q, k, k_rope, indices, *, scale: float, config: Config | None = None
       plgpu.Barrier(num_arrivals=2),   # free: both consumers done with a round
       plgpu.Barrier(num_arrivals=2),   # meet
   ]
+  cfg = config or Config()
   kernel = functools.partial(_kernel, scale=float(scale), rounds=kp // (2 * ROWS),
-                             head_blocks=num_heads // HEADS, cfg=config or Config())
+                             head_blocks=num_heads // HEADS, cfg=cfg)
   out_type = (jax.ShapeDtypeStruct((batch, q_len, num_heads, LATENT), jnp.bfloat16),
               jax.ShapeDtypeStruct((batch, q_len, num_heads), jnp.float32))
   return plgpu.kernel(
@@ -314,5 +331,6 @@ def forward(q, k, k_rope, indices, *, scale: float, config: Config | None = None
       # over (query, head block), a query's head blocks side by side
       grid=(batch, q_len * (num_heads // HEADS)), grid_names=("batch", "cta"),
       num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, profile_space=cfg.profile_space,
+                                           profile_dir=cfg.profile_dir),
       kernel_name="lca_dsa_sparse_fwd_mgpu")(q, k, k_rope, idx)
