@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_common
+from lca.attention import dsa
 from pallas_kernels import dsa_attention
 from pallas_kernels import dsa_attention_mgpu
 
@@ -46,14 +47,12 @@ _BWD_FORWARD = flags.DEFINE_enum("bwd_forward", "auto", ["auto", "triton", "mosa
 
 
 def reference(q, k, k_rope, idx, scale):
-  """Plain jnp: -> out [B, L, H, D] f32, lse [B, L, H] (natural log, -inf for no index)."""
-  key = jnp.concatenate([k, k_rope], -1)[:, :, 0].astype(jnp.float32)          # [B, S, 576]
-  rows = jax.vmap(lambda kb, ib: kb[jnp.maximum(ib, 0)])(key, idx)                # [B, L, K, 576]
-  s = jnp.einsum("blhd,blkd->blhk", q.astype(jnp.float32), rows) * scale
-  s = jnp.where((idx >= 0)[:, :, None, :], s, -jnp.inf)
-  lse = jax.nn.logsumexp(s, axis=-1)
-  p = jnp.where(jnp.isfinite(lse)[..., None], jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]), 0.0)
-  return jnp.einsum("blhk,blkd->blhd", p, rows[..., :k.shape[-1]]), lse
+  """Plain jnp (lca.attention.dsa's references): -> out [B, L, H, D] f32, lse [B, L, H] (natural
+  log, -inf for no index)."""
+  f32 = lambda x: x.astype(jnp.float32)
+  key = jnp.concatenate([f32(k), f32(k_rope)], -1)
+  out = dsa.sparse_attention_reference(f32(q), key, f32(k), idx, scale=scale)
+  return out, jax.nn.logsumexp(dsa.gathered_logits(f32(q), key, idx, scale), axis=-1)
 
 
 def check(batch=2, q_len=333, kv_len=701, heads=128, top_k=300):
