@@ -102,6 +102,16 @@ def supported(q, k, k_rope, indices, *, scale: float, interpret: bool) -> str | 
   return hopper_unavailable(interpret)
 
 
+def _global_ptr(ref):
+  """A GMEM memref's base (its offset included) as an LLVM global pointer (address space 1)."""
+  return llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(ref))
+
+
+def _thread_in_warpgroup():
+  """This thread's index in its warpgroup, 0..127 (i32)."""
+  return arith.remui(mu.thread_idx(), mu.c(128, ir.IntegerType.get_signless(32)))
+
+
 def _gather_block(ctx, k_rows, kr_rows, ids, lat, rope, *, slot: int):
   """Producer warpgroup, inline Mosaic GPU: cp.async rows k[ids[n]] (latent) and kr[ids[n]]
   (RoPE), n < 64, into slot `slot` of lat [2, 2, 64, 256] and rope [2, 64, 64] ((8, 64)-tiled,
@@ -113,11 +123,10 @@ def _gather_block(ctx, k_rows, kr_rows, ids, lat, rope, *, slot: int):
   i8, i32, i64 = (ir.IntegerType.get_signless(n) for n in (8, 32, 64))
   c32 = lambda v: mu.c(v, i32)
   c64 = lambda v: mu.c(v, i64)
-  glob = lambda ref: llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(ref))
   gep = lambda ptr, off: mu.getelementptr(ptr, [off], i8)
-  k_base, kr_base, ids_base = glob(k_rows), glob(kr_rows), glob(ids)
+  k_base, kr_base, ids_base = _global_ptr(k_rows), _global_ptr(kr_rows), _global_ptr(ids)
   lat_base, rope_base = mu.memref_ptr(lat), mu.memref_ptr(rope)
-  tid = arith.remui(mu.thread_idx(), c32(128))
+  tid = _thread_in_warpgroup()
   warp = arith.shrui(tid, c32(5))
   lane = arith.andi(tid, c32(31))
   # Lanes 0..15 of warp w hold ids[16w + lane] (lanes 16..31 a copy).
@@ -165,12 +174,9 @@ def _gather_block(ctx, k_rows, kr_rows, ids, lat, rope, *, slot: int):
 def _prefetch_ids(ctx, ids):
   """Producer, inline Mosaic GPU: thread i asks L1 for ids[i] (ids: a round's 128 indices)."""
   del ctx
-  i32 = ir.IntegerType.get_signless(32)
-  i64 = ir.IntegerType.get_signless(64)
-  base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(ids))
-  tid = arith.remui(mu.thread_idx(), mu.c(128, i32))
-  addr = mu.getelementptr(base, [arith.extui(i64, arith.muli(tid, mu.c(4, i32)))],
-                          ir.IntegerType.get_signless(8))
+  i8, i32, i64 = (ir.IntegerType.get_signless(n) for n in (8, 32, 64))
+  offset = arith.extui(i64, arith.muli(_thread_in_warpgroup(), mu.c(4, i32)))
+  addr = mu.getelementptr(_global_ptr(ids), [offset], i8)
   mu.inline_ptx("prefetch.global.L1 [$0];", addr, has_side_effects=True)
 
 
