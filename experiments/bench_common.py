@@ -120,9 +120,16 @@ def backward_timer(f, *primals):
   The pullback's residuals go to the jitted call as arguments (the pullback is a pytree): as
   closed-over constants XLA would constant-fold work on them at compile time (NSA's selected
   backward's argsort of the block indices took 30 s at 16k)."""
+  pullback, ct = backward_operands(f, *primals)
+  return functools.partial(jax.jit(lambda pb, c: pb(c)), pullback), ct
+
+
+def backward_operands(f, *primals):
+  """-> (pullback, ct): f's pullback at `primals` (a pytree, to pass as an argument) and a random
+  cotangent ct (a pytree shaped as f's output)."""
   out, pullback = jax.vjp(f, *primals)
   ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(1), o.shape, o.dtype), out)
-  return functools.partial(jax.jit(lambda pb, c: pb(c)), pullback), ct
+  return pullback, ct
 
 
 def bench_in_loop(fn, first, *rest, inner: int = 64, reps: int = 5) -> float:
@@ -147,11 +154,16 @@ def bench_in_loop(fn, first, *rest, inner: int = 64, reps: int = 5) -> float:
 def profile_kernels(fn, first, *rest, calls: int = 16) -> dict:
   """GPU kernel durations of `calls` calls of fn in one jitted lax.map (jax.profiler trace).
 
+  Each call gets `first` (an array or a pytree of them) shifted by a small constant, so XLA
+  cannot fold the calls into one; `rest` are arguments too, never constants (a pullback closed
+  over would be constant-folded at compile time).
+
   Returns {kernel name: median µs} over the device's stream events, plus "span per call"
   (µs from the first kernel start to the last kernel end over the whole loop, / calls) and
   "kernels per call".
   """
-  firsts = jnp.stack([first + jnp.asarray(i * 1e-3, first.dtype) for i in range(calls)])
+  firsts = jax.tree.map(lambda a: jnp.stack([a + jnp.asarray(i * 1e-3, a.dtype) for i in range(calls)]),
+                        first)
   run = jax.jit(lambda xs, *r: jax.lax.map(lambda x: fn(x, *r), xs))
   jax.block_until_ready(run(firsts, *rest))
   jax.block_until_ready(run(firsts, *rest))
