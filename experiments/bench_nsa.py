@@ -53,7 +53,7 @@ _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward
 _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "What to time: fwd, fwd_bwd, dense_fwd_bwd (cuDNN and flash only), decode "
                            "(fused NSA, cuDNN), decode_xla, profile (the GPU kernels of the NSA and cuDNN "
-                           "forwards, jax.profiler), fwd_pipelined (the forwards per call of 16 "
+                           "forwards, jax.profiler), profile_fwd_bwd (the same for forward+backward), fwd_pipelined (the forwards per call of 16 "
                            "enqueued back to back, so the host's per-call launch work is hidden, as in "
                            "a model's step).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
@@ -62,6 +62,8 @@ _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
 _BREAKDOWN_BWD = flags.DEFINE_bool("breakdown_bwd", True, "--breakdown: also the backward parts.")
 _SEL_SWEEP = flags.DEFINE_integer("sel_sweep", 0, "If > 0: time nsa_sel_fwd launch variants, with and "
                                   "without K/V bytes, at this L and exit.")
+_BWD_SWEEP = flags.DEFINE_integer("bwd_sweep", 0, "If > 0: the GPU kernels (jax.profiler) of the "
+                                  "compressed and selected backward passes under Tuning variants, at this L.")
 _SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time launch-parameter variants of the forward "
                                "and backward kernels at this L and exit.")
 
@@ -155,16 +157,21 @@ def case(length, reps, bandwidth):
                           "cudnn_fwd_pipelined": ("cudnn fwd, pipelined", jax.jit(cudnn), (q, k, v)),
                           "flash_fwd_pipelined": ("flash fwd, pipelined", jax.jit(flash), (q, k, v))},
                          timer=bench_common.bench_pipelined))
-  if "profile" in parts:   # every GPU kernel of the NSA forward (and cuDNN's), median µs per call
-    for name, fn, fargs in (("nsa_fwd_kernels_us", nsa_fwd, args), ("cudnn_fwd_kernels_us", cudnn, (q, k, v))):
-      try:
-        r[name] = bench_common.profile_kernels(fn, *fargs, calls=4)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"  {name}: profile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        continue
-      print(f"  {name}:", flush=True)
-      for kernel, us in sorted(r[name].items(), key=lambda kv: -kv[1]):
-        print(f"    {us:9.1f}  {kernel}", flush=True)
+  profiled = []   # every GPU kernel of the NSA forward or f+b (and cuDNN's), median µs per call
+  if "profile" in parts:
+    profiled += [("nsa_fwd_kernels_us", nsa_fwd, args), ("cudnn_fwd_kernels_us", cudnn, (q, k, v))]
+  if "profile_fwd_bwd" in parts:
+    profiled += [("nsa_fwd_bwd_kernels_us", fwd_bwd(nsa_fwd, 6), args),
+                 ("cudnn_fwd_bwd_kernels_us", fwd_bwd(cudnn, 3), (q, k, v))]
+  for name, fn, fargs in profiled:
+    try:
+      r[name] = bench_common.profile_kernels(fn, *fargs, calls=4)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  {name}: profile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
+    print(f"  {name}:", flush=True)
+    for kernel, us in sorted(r[name].items(), key=lambda kv: -kv[1]):
+      print(f"    {us:9.1f}  {kernel}", flush=True)
   cases = {}
   if "fwd_bwd" in parts:
     cases["nsa_fwd_bwd"] = ("nsa fwd+bwd", fwd_bwd(nsa_fwd, 6), args)
@@ -395,6 +402,56 @@ def sweep(length, reps):
   return out
 
 
+def bwd_sweep(length):
+  """GPU kernel times (jax.profiler, median µs of each kernel over 4 calls) of the compressed and the
+  selected backward passes under launch variants: dQ and dK/dV apart, and the XLA work between."""
+  x = _kernel_inputs(length)
+  geo, T = x["geo"], kernels.Tuning
+  cmp_args, sel_args = (x["q"], x["kc"], x["vc"]), (x["q"], x["k"], x["v"])
+  cmp = lambda tn: lambda q, kc, vc: kernels._cmp_attention(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
+  sel = lambda tn: lambda q, k, v: kernels._sel_attention(q, k, v, x["idx"], geo, tn, False)  # pylint: disable=protected-access
+  def cmp_variant(dq, dkdv, splits=None):
+    """dq, dkdv: (warps, stages, rows, keys a step / a chunk) of nsa_cmp_dq and nsa_cmp_dkdv."""
+    return T(cmp_dq_warps=dq[0], cmp_dq_stages=dq[1], cmp_dq_rows=dq[2], cmp_dq_bk=dq[3],
+             cmp_dkdv_warps=dkdv[0], cmp_dkdv_stages=dkdv[1], cmp_dkdv_rows=dkdv[2], cmp_dkdv_bk=dkdv[3],
+             cmp_dkdv_splits=splits)
+
+  # each variant changes both kernels (the profile times them apart): dq / dkdv (warps, stages, rows, bk)
+  cmp_variants = [((4, 2, 128, 64), (4, 2, 64, 64)),     # the default up to session 24 (dq spilled)
+                  ((8, 2, 128, 64), (8, 2, 64, 64)),
+                  ((8, 3, 128, 64), (8, 2, 128, 64)),
+                  ((4, 2, 64, 64), (4, 2, 128, 64)),   # dq: the default since session 25
+                  ((8, 2, 64, 128), (8, 2, 128, 128)),
+                  ((4, 3, 64, 64), (4, 3, 64, 64)),
+                  ((8, 2, 256, 64), (8, 3, 64, 64)),
+                  ((8, 2, 128, 128), (8, 2, 64, 128)),
+                  ((4, 2, 64, 32), (4, 2, 32, 64))]
+  variants = {f"cmp dq w{a[0]} s{a[1]} rows {a[2]} bk {a[3]} / dkdv w{b[0]} s{b[1]} rows {b[2]} bk {b[3]}":
+              (cmp, cmp_args, cmp_variant(a, b)) for a, b in cmp_variants}
+  variants.update({
+      "cmp default, dkdv splits 8": (cmp, cmp_args, T(cmp_dkdv_splits=8)),
+      "cmp default, dkdv splits 32": (cmp, cmp_args, T(cmp_dkdv_splits=32)),
+      "sel w4 s2, items 256 (the default up to session 24)": (sel, sel_args, T(dkdv_items=256)),
+      "sel w8": (sel, sel_args, T(num_warps=8)),
+      "sel items 1024 (the default since session 25)": (sel, sel_args, T()),
+  })
+  out = {}
+  for label, (f, primals, tn) in variants.items():
+    try:
+      pullback, ct = bench_common.backward_operands(f(tn), *primals)
+      prof = bench_common.profile_kernels(lambda c, pb: pb(c), ct, pullback, calls=4)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"  {label}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
+    out[label] = prof
+    print(f"  {label}: kernel sum {prof.get('kernel sum per call', 0) / 1e3:.2f} ms, span "
+          f"{prof.get('span per call', 0) / 1e3:.2f} ms", flush=True)
+    for kernel, us in sorted(prof.items(), key=lambda kv: -kv[1])[:8]:
+      if kernel not in ("span per call", "kernel sum per call", "kernels per call"):
+        print(f"    {us:9.1f}  {kernel}", flush=True)
+  return out
+
+
 def sel_sweep(length, reps):
   """nsa_sel_fwd by warps and stages, each also with every slot empty (the loop without K/V
   bytes: what is left is the serial chain of small MMAs and row reductions). Max |diff| vs the
@@ -515,6 +572,7 @@ def main(_):
   # one-length studies: each writes <name>_<L>.json and exits
   for flag, study, name in ((_DECODE_BREAKDOWN, decode_breakdown, "decode_breakdown"),
                             (_SWEEP, lambda n: sweep(n, _REPS.value), "sweep"),
+                            (_BWD_SWEEP, bwd_sweep, "bwd_sweep"),
                             (_SEL_SWEEP, lambda n: sel_sweep(n, _REPS.value), "sel_sweep"),
                             (_BREAKDOWN, lambda n: breakdown(n, _REPS.value), "breakdown")):
     if flag.value:

@@ -93,7 +93,7 @@ class Tuning:
   block_kc: int = 64        # compressed keys per step
   cmp_rows: int = 128       # rows (positions x Gp heads) per compressed-attention program
   importance_rows: int = 16  # positions per importance / top-n program
-  dkdv_items: int = 256     # queries per dK/dV work item (selection branch)
+  dkdv_items: int = 1024    # queries per dK/dV work item (selection branch; 64k H200: 11.7 ms vs 13.0 at 256)
   # importance's sum over a group's heads: "reshape" ([16·Gp, bk] -> [16, Gp, bk], sum),
   # "bf16" (0/1 matmul with P in q's dtype) or "tf32" (0/1 matmul in fp32, the first version)
   importance_sum: str = "reshape"
@@ -107,13 +107,25 @@ class Tuning:
   sel_unroll: bool = False            # unroll nsa_sel_fwd's loop over the n selected blocks
   cmp_dkdv_rows: int = 64             # rows per query tile in nsa_cmp_dkdv's loop
   cmp_dkdv_splits: int | None = None  # programs per compressed chunk in nsa_cmp_dkdv (None: auto)
+  # the compressed backward's kernels (None: cmp_rows / block_kc / num_warps / num_stages)
+  # rows per nsa_cmp_dq program: 64, not cmp_rows' 128 (64k H200: 12.2 vs 22.8 ms; at 128 rows and 4
+  # warps q, dO and the fp32 dQ tile alone need 256 registers a thread, so it spills)
+  cmp_dq_rows: int | None = 64
+  cmp_dq_bk: int | None = None        # compressed keys per nsa_cmp_dq step
+  cmp_dq_warps: int | None = None
+  cmp_dq_stages: int | None = None
+  cmp_dkdv_bk: int | None = None      # compressed keys per nsa_cmp_dkdv program (its chunk)
+  cmp_dkdv_warps: int | None = None
+  cmp_dkdv_stages: int | None = None
 
   def __post_init__(self):
     if self.importance_sum not in ("reshape", "bf16", "tf32"):
       raise ValueError(f"Tuning.importance_sum must be 'reshape', 'bf16' or 'tf32', "
                        f"got importance_sum={self.importance_sum!r}")
-    if self.cmp_rows < 1 or self.cmp_rows & (self.cmp_rows - 1):
-      raise ValueError(f"Tuning.cmp_rows must be a power of two, got cmp_rows={self.cmp_rows}")
+    for name in ("cmp_rows", "cmp_dkdv_rows", "cmp_dq_rows", "block_kc", "cmp_dq_bk", "cmp_dkdv_bk"):
+      value = getattr(self, name)
+      if value is not None and (value < 1 or value & (value - 1)):
+        raise ValueError(f"Tuning.{name} must be a power of two, got {name}={value}")
 
   def cmp_positions(self, geo: NSAGeometry, rows: int | None = None) -> int:
     """BT positions per compressed-attention tile (BT·Gp = cmp_rows, at least one position)."""
@@ -381,13 +393,15 @@ def _cmp_attention_bwd(geo, tuning, interpret, res, cts):
   do = cts[0].astype(q.dtype)   # the LSE output is for selection only: no gradient
   delta = _delta_rows(o, do, geo)
   bh = q.shape[0] * geo.num_kv_heads
-  bk, bt = tuning.block_kc, tuning.cmp_positions(geo)
+  bt = tuning.cmp_positions(geo, tuning.cmp_dq_rows)
   dq = pl.pallas_call(
-      functools.partial(_cmp_dq_kernel, geo=geo, bk=bk, bt=bt),
+      functools.partial(_cmp_dq_kernel, geo=geo, bk=tuning.cmp_dq_bk or tuning.block_kc, bt=bt),
       grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dq",
+      compiler_params=_params(tuning, tuning.cmp_dq_warps, tuning.cmp_dq_stages), interpret=interpret,
+      name="nsa_cmp_dq",
   )(q, kc, vc, do, lse, delta)
+  bk = tuning.cmp_dkdv_bk or tuning.block_kc
   chunks = pl.cdiv(geo.num_compressed, bk)
   # Nc = L/d chunks are few (256 programs at 64k): split each chunk's query tiles over programs
   splits = tuning.cmp_dkdv_splits or max(1, min(32, pl.cdiv(2048, bh * chunks)))
@@ -397,7 +411,8 @@ def _cmp_attention_bwd(geo, tuning, interpret, res, cts):
       grid=(bh, chunks, splits),
       out_shape=[jax.ShapeDtypeStruct((splits, *kc.shape), jnp.float32),
                  jax.ShapeDtypeStruct((splits, *vc.shape), jnp.float32)],
-      compiler_params=_params(tuning), interpret=interpret, name="nsa_cmp_dkdv",
+      compiler_params=_params(tuning, tuning.cmp_dkdv_warps, tuning.cmp_dkdv_stages), interpret=interpret,
+      name="nsa_cmp_dkdv",
   )(q, kc, vc, do, lse, delta)
   return dq, dk.sum(0).astype(kc.dtype), dv.sum(0).astype(vc.dtype)
 

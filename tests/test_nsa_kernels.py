@@ -35,8 +35,10 @@ def _reference_branches(q, k, v, kc, vc, sizes=SIZES):
   return o_cmp, nsa.selected_attention_reference(q, k, v, idx, select_block=sizes.select_block), idx
 
 
-# small tiles: unmasked compressed steps (block_kc <= Nc), dK/dV split 3 ways, unrolled selection
-SMALL_TILES = kernels.Tuning(block_kc=8, cmp_rows=16, cmp_dkdv_rows=32, cmp_dkdv_splits=3, sel_unroll=True)
+# small tiles: unmasked compressed steps (block_kc <= Nc), dK/dV split 3 ways, unrolled selection, and
+# the compressed backward's kernels on tiles of their own (dQ: 32 rows, 16 keys a step; dK/dV: chunks of 4)
+SMALL_TILES = kernels.Tuning(block_kc=8, cmp_rows=16, cmp_dkdv_rows=32, cmp_dkdv_splits=3, sel_unroll=True,
+                             cmp_dq_rows=32, cmp_dq_bk=16, cmp_dkdv_bk=4)
 
 
 # the small-tiles case also runs head dims that are not powers of two (q·k 24 zero-padded to 32 inside,
@@ -111,6 +113,14 @@ def test_gpu_bf16_paper_sizes(group):
   g_ref = jax.jit(jax.grad(loss_r, argnums=(0, 1, 2)))(*up[:3])
   for a, b in zip(g, g_ref):
     assert rel(a, b) < 2e-2
+  # the compressed branch's backward (nsa_cmp_dq, nsa_cmp_dkdv) at the shipped tiles
+  w = jax.random.normal(jax.random.key(8), o_cmp.shape)
+  loss_k = lambda q, kc, vc: jnp.sum(kernels.compressed_attention(q, kc, vc, sizes=sizes).astype(jnp.float32) * w)
+  loss_r = lambda q, kc, vc: jnp.sum(nsa.compressed_attention_reference(q, kc, vc, sizes=sizes) * w)
+  g = jax.jit(jax.grad(loss_k, argnums=(0, 1, 2)))(args[0], args[3], args[4])
+  g_ref = jax.jit(jax.grad(loss_r, argnums=(0, 1, 2)))(up[0], up[3], up[4])
+  for a, b in zip(g, g_ref):
+    assert rel(a, b) < 2e-2
 
 
 def test_mosaic_selected_probe_lowers_on_cpu():
@@ -143,3 +153,9 @@ def test_mosaic_selected_probe_matches_triton_and_reference_on_gpu():
   ref = nsa.selected_attention_reference(*up, idx.reshape(1, 4, length, -1), select_block=64)
   o = kernels.from_rows(o_m, 1, geo.group).astype(jnp.float32)
   assert float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+@pytest.mark.parametrize("field", ["cmp_rows", "cmp_dq_bk", "cmp_dkdv_bk", "cmp_dkdv_rows"])
+def test_tuning_tiles_must_be_powers_of_two(field):
+  with pytest.raises(ValueError, match=f"Tuning.{field} must be a power of two, got {field}=48"):
+    kernels.Tuning(**{field: 48})
