@@ -425,7 +425,13 @@ def bwd_sweep(length):
                   ((4, 3, 64, 64), (4, 3, 64, 64)),
                   ((8, 2, 256, 64), (8, 3, 64, 64)),
                   ((8, 2, 128, 128), (8, 2, 64, 128)),
-                  ((4, 2, 64, 32), (4, 2, 32, 64))]
+                  ((4, 2, 64, 32), (4, 2, 32, 64)),
+                  # not yet run: dK/dV on chunks of 32 compressed keys (its fp32 dK, dV tiles at 64 keys
+                  # and 4 warps are 128 registers a thread on their own, so it may spill as dQ did)
+                  ((4, 2, 64, 64), (4, 2, 64, 32)),
+                  ((4, 2, 64, 64), (4, 2, 128, 32)),
+                  ((4, 2, 64, 64), (8, 2, 128, 32)),
+                  ((4, 2, 64, 64), (4, 3, 64, 32))]
   variants = {f"cmp dq w{a[0]} s{a[1]} rows {a[2]} bk {a[3]} / dkdv w{b[0]} s{b[1]} rows {b[2]} bk {b[3]}":
               (cmp, cmp_args, cmp_variant(a, b)) for a, b in cmp_variants}
   variants.update({
