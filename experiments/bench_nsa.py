@@ -53,7 +53,8 @@ _BREAKDOWN = flags.DEFINE_integer("breakdown", 0, "If > 0: time each NSA forward
 _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "What to time: fwd, fwd_bwd, dense_fwd_bwd (cuDNN and flash only), decode "
                            "(fused NSA, cuDNN), decode_xla, profile (the GPU kernels of the NSA and cuDNN "
-                           "forwards, jax.profiler), profile_fwd_bwd (the same for forward+backward), fwd_pipelined (the forwards per call of 16 "
+                           "forwards, jax.profiler), profile_fwd_bwd (the same for forward+backward), "
+                           "fwd_pipelined (the forwards per call of 16 "
                            "enqueued back to back, so the host's per-call launch work is hidden, as in "
                            "a model's step).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
