@@ -65,8 +65,8 @@ _SEL_SWEEP = flags.DEFINE_integer("sel_sweep", 0, "If > 0: time nsa_sel_fwd laun
                                   "without K/V bytes, at this L and exit.")
 _BWD_SWEEP = flags.DEFINE_integer("bwd_sweep", 0, "If > 0: the GPU kernels (jax.profiler) of the "
                                   "compressed and selected backward passes under Tuning variants, at this L.")
-_SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time launch-parameter variants of the forward "
-                               "and backward kernels at this L and exit.")
+_SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time launch-parameter variants of nsa_cmp_fwd at "
+                               "this L and exit (the backward's: --bwd_sweep).")
 
 
 bench = bench_common.bench
@@ -364,9 +364,10 @@ def _kernel_inputs(length):
 
 
 def sweep(length, reps):
-  """Times launch-parameter variants (Tuning) of nsa_cmp_fwd and of the compressed and selected
-  backward passes at one length; each forward variant's largest difference from the default
-  output is printed too (a variant that computes something else must not win)."""
+  """Times launch-parameter variants (Tuning) of nsa_cmp_fwd at one length; each variant's largest
+  difference from the default output is printed too (a variant that computes something else must
+  not win). The backward kernels' variants: `bwd_sweep` (since session 25, which gave nsa_cmp_dq
+  tiles of its own, so cmp_rows no longer sets them)."""
   x = _kernel_inputs(length)
   geo, T = x["geo"], kernels.Tuning
   out = {}
@@ -384,22 +385,6 @@ def sweep(length, reps):
                           (128, 128, 8, 2)):
     run("cmp_fwd", f"rows{rows} bk{bk} w{w} s{st}",
         T(cmp_rows=rows, block_kc=bk, cmp_warps=w, cmp_stages=st), cmp, cmp_args, cmp_ref)
-
-  sel_args = (x["q"], x["k"], x["v"])
-  for w, st, rows, splits, kv_rows in ((4, 2, 128, None, 64), (4, 2, 128, 4, 64), (4, 2, 128, 16, 64),
-                                       (4, 2, 128, None, 128), (8, 2, 128, None, 128),
-                                       (4, 3, 128, None, 64), (4, 2, 64, None, 64)):
-    tn = T(num_warps=w, num_stages=st, cmp_rows=rows, cmp_dkdv_splits=splits, cmp_dkdv_rows=kv_rows)
-    label = f"cmp_bwd w{w} s{st} rows{rows} dkdv splits {splits or 'auto'} rows {kv_rows}"
-    f, ct = bench_common.backward_timer(lambda q, kc, vc: kernels._cmp_attention(q, kc, vc, geo, tn, False), *cmp_args)  # pylint: disable=protected-access
-    t = _try(label, f, ct, reps=reps)
-    out[label] = dict(ms=None if t is None else t * 1e3)
-  for w, st in ((4, 2), (8, 2), (4, 3)):
-    tn = T(num_warps=w, num_stages=st)
-    f, ct = bench_common.backward_timer(lambda q, k, v: kernels._sel_attention(q, k, v, x["idx"], geo, tn, False),  # pylint: disable=protected-access
-                       *sel_args)
-    t = _try(f"sel_bwd w{w} s{st}", f, ct, reps=reps)
-    out[f"sel_bwd w{w} s{st}"] = dict(ms=None if t is None else t * 1e3)
   return out
 
 
@@ -440,6 +425,7 @@ def bwd_sweep(length):
       "cmp default, dkdv splits 32": (cmp, cmp_args, T(cmp_dkdv_splits=32)),
       "sel w4 s2, items 256 (the default up to session 24)": (sel, sel_args, T(dkdv_items=256)),
       "sel w8": (sel, sel_args, T(num_warps=8)),
+      "sel s3": (sel, sel_args, T(num_stages=3)),
       "sel items 1024 (the default since session 25)": (sel, sel_args, T()),
   })
   out = {}
