@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from experiments import bench_common
 from lca.attention import dsa
+from pallas_kernels import FORWARD_KERNELS
 from pallas_kernels import dsa_attention
 from pallas_kernels import dsa_attention_mgpu
 
@@ -42,7 +43,7 @@ _PROFILE_LENGTH = flags.DEFINE_integer("profile_length", 32768, "--profile: keys
 _PROFILE_QUERIES = flags.DEFINE_integer("profile_queries", 256, "--profile: its last queries profiled.")
 _BWD_LENGTH = flags.DEFINE_integer("bwd_length", 0, "If > 0: forward + backward at this length with "
                                    "--bwd_forward's forward, and the peak device memory.")
-_BWD_FORWARD = flags.DEFINE_enum("bwd_forward", "auto", ["auto", "triton", "mosaic"],
+_BWD_FORWARD = flags.DEFINE_enum("bwd_forward", "auto", list(FORWARD_KERNELS),
                                  "SparseBlocks.forward_kernel for --bwd_length.")
 
 

@@ -23,6 +23,11 @@ def resolve_interpret(interpret: bool | None) -> bool:
   return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
 
 
+# Where a kernel has a Mosaic GPU (sm_90) forward beside its Triton one: "auto" (Mosaic where it
+# runs the case, else Triton), "triton", "mosaic" (an error naming why where it cannot run)
+FORWARD_KERNELS = ("auto", "triton", "mosaic")
+
+
 def hopper_unavailable(interpret: bool) -> str | None:
   """None when a Mosaic GPU (sm_90) kernel can run here, else why not (interpret mode, the
   backend, the device's compute capability)."""

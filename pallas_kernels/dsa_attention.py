@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import FORWARD_KERNELS
 from pallas_kernels import dsa_attention_mgpu
 from pallas_kernels import resolve_interpret
 
@@ -77,6 +78,11 @@ class SparseBlocks:
                                  # where it runs the case (an sm_90 GPU, MLA's 512 + 64 key, bf16,
                                  # heads a multiple of 64, one split), else Triton; "triton";
                                  # "mosaic" (an error naming the reason where it cannot run)
+
+  def __post_init__(self):
+    if self.forward_kernel not in FORWARD_KERNELS:
+      raise ValueError(f"SparseBlocks.forward_kernel must be one of {FORWARD_KERNELS}, got "
+                       f"{self.forward_kernel!r}")
 
 
 LOG2E = math.log2(math.e)
@@ -522,9 +528,6 @@ def sparse_attention(q, k, v, indices, *, k_rope=None, scale: float | None = Non
   dsa.check_indices(q, k, indices)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   group = q.shape[2] // k.shape[2]
-  if blocks is not None and blocks.forward_kernel not in ("auto", "triton", "mosaic"):
-    raise ValueError(f"SparseBlocks.forward_kernel must be 'auto', 'triton' or 'mosaic', got "
-                     f"{blocks.forward_kernel!r}")
   blocks = blocks or default_blocks(q.shape[1], indices.shape[-1], k.shape[-1], group,
                                     0 if k_rope is None else k_rope.shape[-1])
   return _sparse_attention(q, k, None if shared else v, k_rope, indices.astype(jnp.int32), scale, blocks,

@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
+from pallas_kernels import FORWARD_KERNELS
 from pallas_kernels import flash_mgpu
 from pallas_kernels import pad_axis, resolve_interpret
 
@@ -542,9 +543,6 @@ def check_args(q, k, v, *, window, scale, segment_ids, kv_segment_ids, block_siz
     if not isinstance(block_sizes, BlockSizes):
       raise TypeError(f"block_sizes must be a flash.BlockSizes, got {type(block_sizes).__name__}")
     block_sizes.validate()
-
-
-FORWARD_KERNELS = ("auto", "triton", "mosaic")
 
 
 def choose_forward_kernel(q, k, v, *, forward_kernel: str = "auto", causal: bool = True,
