@@ -47,6 +47,12 @@ _BWD_FORWARD = flags.DEFINE_enum("bwd_forward", "auto", list(FORWARD_KERNELS),
                                  "SparseBlocks.forward_kernel for --bwd_length.")
 
 
+def mla_blocks(q_len, top_k, heads, forward_kernel):
+  """The prefill's default SparseBlocks for MLA's 512 + 64 key, with that forward kernel."""
+  return dataclasses.replace(dsa_attention.default_blocks(q_len, top_k, 512, heads, 64),
+                             forward_kernel=forward_kernel)
+
+
 def reference(q, k, k_rope, idx, scale):
   """Plain jnp (lca.attention.dsa's references): -> out [B, L, H, D] f32, lse [B, L, H] (natural
   log, -inf for no index)."""
@@ -70,7 +76,7 @@ def check(batch=2, q_len=333, kv_len=701, heads=128, top_k=300):
   scale = 576 ** -0.5
   out, lse = jax.jit(lambda *a: dsa_attention_mgpu.forward(*a, scale=scale))(q, k, kr, idx)
   ref_out, ref_lse = reference(q, k, kr, idx, scale)
-  blocks = dataclasses.replace(dsa_attention.default_blocks(q_len, top_k, 512, heads, 64), forward_kernel="triton")
+  blocks = mla_blocks(q_len, top_k, heads, "triton")
   tri_out, tri_lse = jax.jit(lambda *a: dsa_attention._forward(*a, scale, blocks, False))(q, k, None, kr, idx)
   tri_lse = tri_lse[:, :, 0, :heads]
   f32 = lambda x: x.astype(jnp.float32)
@@ -93,8 +99,7 @@ def fwd_bwd(length, forward_kernel, scale):
   """Forward + backward of sparse_attention at `length` with that forward -> {ms, peak GB}."""
   q, kv, kr, idx = bench_common.mla_sparse_operands(length)
   ct = jax.random.normal(jax.random.key(1), (*q.shape[:3], kv.shape[-1]), jnp.bfloat16)
-  blocks = dataclasses.replace(dsa_attention.default_blocks(length, idx.shape[-1], 512, 128, 64),
-                               forward_kernel=forward_kernel)
+  blocks = mla_blocks(length, idx.shape[-1], q.shape[2], forward_kernel)
   f = jax.jit(lambda q, kv, kr, idx, ct: jax.vjp(
       lambda *a: dsa_attention.sparse_attention(a[0], a[1], None, idx, k_rope=a[2], scale=scale, blocks=blocks),
       q, kv, kr)[1](ct))
@@ -130,8 +135,7 @@ def main(argv):
   scale = 576 ** -0.5
   for length in map(int, _LENGTHS.value):
     q, kv, kr, idx = bench_common.mla_sparse_operands(length)
-    blocks = dataclasses.replace(dsa_attention.default_blocks(length, idx.shape[-1], 512, 128, 64),
-                                 forward_kernel="triton")   # the default is the Mosaic forward
+    blocks = mla_blocks(length, idx.shape[-1], q.shape[2], "triton")   # the default is the Mosaic forward
     fwd = {"mosaic": jax.jit(lambda q, kv, kr, idx: dsa_attention_mgpu.forward(q, kv, kr, idx, scale=scale)[0]),
            "triton": jax.jit(lambda q, kv, kr, idx: dsa_attention._forward(q, kv, None, kr, idx, scale, blocks, False)[0])}
     for spec in _CONFIGS.value:
