@@ -2,6 +2,7 @@
 
 CPU runs them in interpret mode (the real kernel code), so sizes are small."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from lca.attention import nsa
 from pallas_kernels import hopper_unavailable
 from pallas_kernels import nsa as kernels
+from pallas_kernels import nsa_cmp_cudnn
 
 SIZES = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=4, window=16)
 
@@ -93,8 +95,8 @@ def test_importance_topn_selected_forward_other_groupings(heads, kv_heads, lengt
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize("group", [16, 3])
 def test_gpu_bf16_paper_sizes(group):
-  sizes = nsa.NSASizes()
-  args = _inputs(jax.random.key(group), 2000, 4 * group, 4, dim=128, dtype=jnp.bfloat16, sizes=sizes)
+  sizes, length = nsa.NSASizes(), 2017   # odd: Nc = 125 blocks, an odd length for cuDNN too
+  args = _inputs(jax.random.key(group), length, 4 * group, 4, dim=128, dtype=jnp.bfloat16, sizes=sizes)
   o_cmp, o_slc, idx = jax.jit(lambda *a: kernels.nsa_cmp_slc(*a, sizes=sizes, return_selection=True))(*args)
   up = [a.astype(jnp.float32) for a in args]
   r_cmp = nsa.compressed_attention_reference(*up[:1], up[3], up[4], sizes=sizes)
@@ -102,7 +104,7 @@ def test_gpu_bf16_paper_sizes(group):
   rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
   assert rel(o_cmp, r_cmp) < 1e-2 and rel(o_slc, r_slc) < 1e-2
   # the kernels' top-n against the reference top-n of the upcast inputs: near-ties may swap
-  r_imp = nsa.block_importance_reference(up[0], up[3], sizes=sizes, num_select=sizes.num_select_blocks(2000))
+  r_imp = nsa.block_importance_reference(up[0], up[3], sizes=sizes, num_select=sizes.num_select_blocks(length))
   sort = lambda i: jnp.sort(jnp.where(i < 0, 10 ** 6, i), axis=-1)
   same = jnp.all(sort(idx) == sort(nsa.select_blocks(r_imp, sizes=sizes)), axis=-1)
   assert float(jnp.mean(same)) > 0.97
@@ -113,14 +115,24 @@ def test_gpu_bf16_paper_sizes(group):
   g_ref = jax.jit(jax.grad(loss_r, argnums=(0, 1, 2)))(*up[:3])
   for a, b in zip(g, g_ref):
     assert rel(a, b) < 2e-2
-  # the compressed branch's backward (nsa_cmp_dq, nsa_cmp_dkdv) at the shipped tiles
+  # the compressed branch on both paths: the Pallas kernels (nsa_cmp_fwd, nsa_cmp_dq, nsa_cmp_dkdv at the
+  # shipped tiles) and cuDNN (nsa_cmp_cudnn, the default on a GPU); o, LSE2 and the gradients
   w = jax.random.normal(jax.random.key(8), o_cmp.shape)
-  loss_k = lambda q, kc, vc: jnp.sum(kernels.compressed_attention(q, kc, vc, sizes=sizes).astype(jnp.float32) * w)
   loss_r = lambda q, kc, vc: jnp.sum(nsa.compressed_attention_reference(q, kc, vc, sizes=sizes) * w)
-  g = jax.jit(jax.grad(loss_k, argnums=(0, 1, 2)))(args[0], args[3], args[4])
   g_ref = jax.jit(jax.grad(loss_r, argnums=(0, 1, 2)))(up[0], up[3], up[4])
-  for a, b in zip(g, g_ref):
-    assert rel(a, b) < 2e-2
+  lse = {}
+  for path in ("pallas", "cudnn"):
+    tn = kernels.Tuning(cmp_attention=path)
+    o, lse[path] = jax.jit(lambda q, kc, vc, tn=tn: kernels.compressed_attention(
+        q, kc, vc, sizes=sizes, tuning=tn, return_lse=True))(args[0], args[3], args[4])
+    assert rel(o, r_cmp) < 1e-2, path
+    loss_k = lambda q, kc, vc, tn=tn: jnp.sum(
+        kernels.compressed_attention(q, kc, vc, sizes=sizes, tuning=tn).astype(jnp.float32) * w)
+    g = jax.jit(jax.grad(loss_k, argnums=(0, 1, 2)))(args[0], args[3], args[4])
+    for name, a, b in zip(("q", "kc", "vc"), g, g_ref):
+      assert rel(a, b) < 2e-2, (path, name)
+  assert np.isinf(np.asarray(lse["cudnn"][:, :sizes.block_len - 1])).all()
+  np.testing.assert_allclose(np.asarray(lse["cudnn"]), np.asarray(lse["pallas"]), atol=2e-3, rtol=1e-4)
 
 
 def test_mosaic_selected_probe_lowers_on_cpu():
@@ -153,6 +165,65 @@ def test_mosaic_selected_probe_matches_triton_and_reference_on_gpu():
   ref = nsa.selected_attention_reference(*up, idx.reshape(1, 4, length, -1), select_block=64)
   o = kernels.from_rows(o_m, 1, geo.group).astype(jnp.float32)
   assert float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+def _causal_attention_with_lse(q, k, v, scale):
+  """Plain-jnp causal GQA attention with cuDNN's contract: q [B, T, N, D], k/v [B, T, K, *] ->
+  o [B, T, N, Dv], natural-log LSE [B, N, T]."""
+  rep = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  s = jnp.einsum("btnd,bsnd->bnts", q, k) * scale
+  s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  return jnp.einsum("bnts,bsnd->btnd", jnp.exp(s - lse[..., None]), v), lse
+
+
+# lengths: L - l + 1 a multiple of d (8 + 4·k - 1: 39), not (75), two compressed blocks (13)
+@pytest.mark.parametrize("length", [39, 75, 13])
+def test_compressed_branch_as_square_causal_attention(length):
+  """nsa_cmp_cudnn's layout (what runs on cuDNN on a GPU) with a plain causal attention in cuDNN's
+  place: o, LSE2 and the gradients equal the reference's and the Pallas kernel's, G = 3."""
+  q, _, _, kc, vc = _inputs(jax.random.key(length), length, 6, 2, v_dim=8)
+  w = jax.random.normal(jax.random.key(1), (1, length, 6, 8))
+  scale = 0.3
+
+  def via_layout(q, kc, vc):
+    return nsa_cmp_cudnn.compressed_attention(q, kc, vc, block_len=SIZES.block_len,
+                                              block_stride=SIZES.block_stride, scale=scale,
+                                              attention=_causal_attention_with_lse)
+
+  def reference(q, kc, vc):
+    return nsa.compressed_attention_reference(q, kc, vc, sizes=SIZES, scale=scale), None
+
+  pallas = kernels.Tuning(cmp_attention="pallas")
+  o_p, lse_p = kernels.compressed_attention(q, kc, vc, sizes=SIZES, scale=scale, tuning=pallas,
+                                            return_lse=True)
+  results = []
+  for branch in (via_layout, reference):
+    loss = lambda *a, branch=branch: (jnp.sum(branch(*a)[0] * w), branch(*a))
+    results.append(jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, kc, vc))
+  (g, (o, lse)), (g_ref, (o_ref, _)) = results
+  chex.assert_shape(lse, (1, length, 6))
+  np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(o, o_p, atol=1e-5, rtol=1e-5)
+  assert np.isinf(np.asarray(lse[:, :SIZES.block_len - 1])).all()
+  np.testing.assert_allclose(lse, lse_p, atol=1e-5, rtol=1e-5)
+  for name, a, b in zip(("q", "kc", "vc"), g, g_ref):
+    assert float(jnp.abs(b).max()) > 0, name
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_cmp_attention_choice():
+  with pytest.raises(ValueError, match="Tuning.cmp_attention must be one of .*got cmp_attention='cuda'"):
+    kernels.Tuning(cmp_attention="cuda")
+  q, _, _, kc, vc = _inputs(jax.random.key(0), 40, 4, 2)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(NotImplementedError, match="cmp_attention='cudnn'.*needs a GPU"):
+      kernels.compressed_attention(q, kc, vc, sizes=SIZES, tuning=kernels.Tuning(cmp_attention="cudnn"))
+  # "auto" on a CPU, and on a GPU for float32 inputs, is the Pallas kernel
+  np.testing.assert_array_equal(kernels.compressed_attention(q, kc, vc, sizes=SIZES),
+                                kernels.compressed_attention(q, kc, vc, sizes=SIZES,
+                                                             tuning=kernels.Tuning(cmp_attention="pallas")))
 
 
 @pytest.mark.parametrize("field", ["cmp_rows", "cmp_dq_bk", "cmp_dkdv_bk", "cmp_dkdv_rows"])
