@@ -65,6 +65,8 @@ _SEL_SWEEP = flags.DEFINE_integer("sel_sweep", 0, "If > 0: time nsa_sel_fwd laun
                                   "without K/V bytes, at this L and exit.")
 _BWD_SWEEP = flags.DEFINE_integer("bwd_sweep", 0, "If > 0: the GPU kernels (jax.profiler) of the "
                                   "compressed and selected backward passes under Tuning variants, at this L.")
+_ONLY = flags.DEFINE_list("only", [], "--bwd_sweep: run only the variants whose label contains one of "
+                          "these strings (e.g. --only='bk 32,cuDNN').")
 _SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time launch-parameter variants of nsa_cmp_fwd at "
                                "this L and exit (the backward's: --bwd_sweep).")
 
@@ -385,6 +387,9 @@ def sweep(length, reps):
                           (128, 128, 8, 2)):
     run("cmp_fwd", f"rows{rows} bk{bk} w{w} s{st}",
         T(cmp_rows=rows, block_kc=bk, cmp_warps=w, cmp_stages=st), cmp, cmp_args, cmp_ref)
+  # the branch as one square causal attention on cuDNN (o and LSE2, what importance needs)
+  on_cudnn = lambda q, kc, vc, tn: kernels._compressed(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
+  run("cmp_fwd", "on cuDNN (nsa_cmp_cudnn)", T(cmp_attention="cudnn"), on_cudnn, cmp_args, cmp_ref)
   return out
 
 
@@ -421,6 +426,8 @@ def bwd_sweep(length):
   variants = {f"cmp dq w{a[0]} s{a[1]} rows {a[2]} bk {a[3]} / dkdv w{b[0]} s{b[1]} rows {b[2]} bk {b[3]}":
               (cmp, cmp_args, cmp_variant(a, b)) for a, b in cmp_variants}
   variants.update({
+      "cmp on cuDNN (nsa_cmp_cudnn)": (lambda tn: lambda q, kc, vc: kernels._compressed(  # pylint: disable=protected-access
+          q, kc, vc, geo, tn, False), cmp_args, T(cmp_attention="cudnn")),
       "cmp default, dkdv splits 8": (cmp, cmp_args, T(cmp_dkdv_splits=8)),
       "cmp default, dkdv splits 32": (cmp, cmp_args, T(cmp_dkdv_splits=32)),
       "sel w4 s2, items 256 (the default up to session 24)": (sel, sel_args, T(dkdv_items=256)),
@@ -430,6 +437,8 @@ def bwd_sweep(length):
   })
   out = {}
   for label, (f, primals, tn) in variants.items():
+    if _ONLY.value and not any(part in label for part in _ONLY.value):
+      continue
     try:
       pullback, ct = bench_common.backward_operands(f(tn), *primals)
       prof = bench_common.profile_kernels(lambda c, pb: pb(c), ct, pullback, calls=4)
