@@ -158,9 +158,11 @@ def profile_kernels(fn, first, *rest, calls: int = 16) -> dict:
   cannot fold the calls into one; `rest` are arguments too, never constants (a pullback closed
   over would be constant-folded at compile time).
 
-  Returns {kernel name: median µs} over the device's stream events, plus "span per call"
-  (µs from the first kernel start to the last kernel end over the whole loop, / calls) and
-  "kernels per call".
+  Returns {kernel name: µs per call, all launches of that name summed} over the device's stream
+  events (a name can recur within a call: cuDNN's kernels serve NSA's window and compressed
+  branches alike; up to session 26 this was the median launch, which halved such a pair), plus
+  "span per call" (µs from the first kernel start to the last kernel end over the whole loop,
+  / calls), "kernels per call" and "kernel sum per call".
   """
   firsts = jax.tree.map(lambda a: jnp.stack([a + jnp.asarray(i * 1e-3, a.dtype) for i in range(calls)]),
                         first)
@@ -181,10 +183,10 @@ def profile_kernels(fn, first, *rest, calls: int = 16) -> dict:
       events += [(e.name, e.start_ns, e.duration_ns) for e in line.events]
   if not events:
     return {}
-  by_name = {}
+  out = collections.defaultdict(float)
   for name, _, dur in events:
-    by_name.setdefault(name, []).append(dur / 1e3)
-  out = {name[:60]: statistics.median(ds) for name, ds in by_name.items()}
+    out[name[:60]] += dur / 1e3 / calls
+  out = dict(out)
   start = min(e[1] for e in events)
   end = max(e[1] + e[2] for e in events)
   out["span per call"] = (end - start) / 1e3 / calls
