@@ -99,16 +99,21 @@ class Tuning:
 
   block_kc: int = 64        # compressed keys per step
   cmp_rows: int = 128       # rows (positions x Gp heads) per compressed-attention program
-  importance_rows: int = 16  # positions per importance / top-n program
+  importance_rows: int = 16  # positions per top-n program
   dkdv_items: int = 1024    # queries per dK/dV work item (selection branch; 64k H200: 11.7 ms vs 13.0 at 256)
   # importance's sum over a group's heads: "reshape" ([16·Gp, bk] -> [16, Gp, bk], sum),
-  # "bf16" (0/1 matmul with P in q's dtype) or "tf32" (0/1 matmul in fp32, the first version)
-  importance_sum: str = "reshape"
+  # "bf16" (0/1 matmul with P in q's dtype), "tf32" (0/1 matmul in fp32, the first version), or
+  # "rebin" (each row re-binned onto the selection blocks first by an MMA with P in q's dtype, then
+  # the sum over [16·Gp, nb])
+  importance_sum: str = "rebin"      # 64k H200: 7.5 ms with 4 warps, "reshape" 9.5 at 8 (session 26)
+  importance_positions: int = 16     # positions per importance program (rows = positions x Gp)
+  importance_blocks: int = 16        # selection blocks per importance step (l'/d compressed keys each)
+  importance_stages: int | None = None
   num_warps: int = 4
   num_stages: int = 2
   cmp_warps: int | None = None        # nsa_cmp_fwd
   cmp_stages: int | None = None
-  importance_warps: int = 8
+  importance_warps: int = 4
   sel_warps: int | None = None        # nsa_sel_fwd
   sel_stages: int | None = None
   sel_unroll: bool = False            # unroll nsa_sel_fwd's loop over the n selected blocks
@@ -133,10 +138,11 @@ class Tuning:
     if self.cmp_attention not in CMP_ATTENTION:
       raise ValueError(f"Tuning.cmp_attention must be one of {CMP_ATTENTION}, "
                        f"got cmp_attention={self.cmp_attention!r}")
-    if self.importance_sum not in ("reshape", "bf16", "tf32"):
-      raise ValueError(f"Tuning.importance_sum must be 'reshape', 'bf16' or 'tf32', "
+    if self.importance_sum not in ("reshape", "bf16", "tf32", "rebin"):
+      raise ValueError(f"Tuning.importance_sum must be 'reshape', 'bf16', 'tf32' or 'rebin', "
                        f"got importance_sum={self.importance_sum!r}")
-    for name in ("cmp_rows", "cmp_dkdv_rows", "cmp_dq_rows", "block_kc", "cmp_dq_bk", "cmp_dkdv_bk"):
+    for name in ("cmp_rows", "cmp_dkdv_rows", "cmp_dq_rows", "block_kc", "cmp_dq_bk", "cmp_dkdv_bk",
+                 "importance_positions", "importance_blocks"):
       value = getattr(self, name)
       if value is not None and (value < 1 or value & (value - 1)):
         raise ValueError(f"Tuning.{name} must be a power of two, got {name}={value}")
@@ -462,11 +468,11 @@ def _compressed(q, kc, vc, geo: NSAGeometry, tuning: Tuning, interpret):
 # ----------------------------------------------------------------------------- importance + top-n
 
 
-def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: int, head_sum: str):
+def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, bt: int, nb: int, head_sum: str):
   """One program: `bt` positions x all heads of a group; NB selection blocks per step."""
   bh, tile = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
-  bt, gp = geo_bt(geo), geo.gp
+  gp = geo.gp
   row0, t, head, ok = _tile_rows(geo, g, tile, bt)
   q = _load_heads(q_ref, b, t, head, ok)
   lse = plgpu.load(lse_ref.at[bh, pl.ds(row0, bt * gp)], mask=ok, other=jnp.inf)
@@ -495,6 +501,15 @@ def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: 
     k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=(i < geo.num_compressed)[:, None],
                    other=0.0)
     p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
+    if head_sum == "rebin":   # every row onto the selection blocks first (one MMA, P as a bf16
+      # operand), then the head sum over [R, nb] values, a quarter of P's [R, bk]
+      imp = plgpu.dot(p.astype(q.dtype), overlap.astype(q.dtype)).reshape(bt, gp, nb).sum(axis=1)
+      spilled = jnp.sum(p * spill[None, :], axis=1).reshape(bt, gp).sum(axis=1)
+      j = step * nb + cols
+      plgpu.store(imp_ref.at[bh, pl.ds(tile * bt, bt), pl.ds(step * nb, nb)],
+                  imp + jnp.where(cols[None, :] == 0, carry[:, None], 0.0),
+                  mask=(t_pos < geo.length)[:, None] & (j < geo.num_select_blocks)[None, :])
+      return spilled
     if head_sum == "reshape":
       per_pos = p.reshape(bt, gp, bk).sum(axis=1)     # [bt, bk]
     elif head_sum == "bf16":
@@ -511,22 +526,17 @@ def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, nb: 
   lax.fori_loop(0, steps, body, jnp.zeros((bt,), jnp.float32))
 
 
-def geo_bt(geo: NSAGeometry) -> int:
-  """Positions per importance program: 16 (rows = 16·Gp)."""
-  return 16
-
-
 def _importance(q, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
   """q [B, L, H, D], kc, LSE2 rows (of `_cmp_fwd`) -> importance [B·H_kv, L, Ns] fp32."""
   bh = q.shape[0] * geo.num_kv_heads
-  nb = 16
-  bt = geo_bt(geo)
+  bt = tuning.importance_positions
   ns = geo.num_select_blocks
   return pl.pallas_call(
-      functools.partial(_importance_kernel, geo=geo, nb=nb, head_sum=tuning.importance_sum),
+      functools.partial(_importance_kernel, geo=geo, bt=bt, nb=tuning.importance_blocks,
+                        head_sum=tuning.importance_sum),
       grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=jax.ShapeDtypeStruct((bh, geo.length, ns), jnp.float32),
-      compiler_params=_params(tuning, warps=tuning.importance_warps), interpret=interpret,
+      compiler_params=_params(tuning, tuning.importance_warps, tuning.importance_stages), interpret=interpret,
       name="nsa_importance",
   )(q, kc, lse)
 

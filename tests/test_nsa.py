@@ -175,7 +175,7 @@ def test_too_many_selected_blocks_raise():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("head_sum", ["reshape", "bf16", "tf32"])
+@pytest.mark.parametrize("head_sum", ["reshape", "bf16", "tf32", "rebin"])
 def test_gpu_importance_head_sum_variants(head_sum):
   """pallas_kernels.nsa's importance kernel, each way of summing a group's heads, bf16."""
   from pallas_kernels import nsa as kernels  # pylint: disable=g-import-not-at-top

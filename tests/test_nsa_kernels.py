@@ -167,6 +167,21 @@ def test_mosaic_selected_probe_matches_triton_and_reference_on_gpu():
   assert float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref)) < 1e-2
 
 
+# importance's tiles and head sums: 8 positions a program, 4 selection blocks (16 compressed keys) a
+# step, so a step's last compressed blocks spill into the next step's first selection block
+@pytest.mark.parametrize("head_sum", ["reshape", "rebin"])
+def test_importance_tiles_and_head_sums(head_sum):
+  length = 75
+  q, _, _, kc, _ = _inputs(jax.random.key(5), length, 6, 2)
+  tuning = kernels.Tuning(importance_sum=head_sum, importance_positions=8, importance_blocks=4)
+  imp = jax.jit(lambda q, kc: kernels.block_importance(q, kc, sizes=SIZES, tuning=tuning))(q, kc)
+  ns = SIZES.num_select_blocks(length)
+  ref = jax.jit(lambda q, kc: nsa.block_importance_reference(q, kc, sizes=SIZES, num_select=ns))(q, kc)
+  visible = jnp.arange(ns)[None, :] <= (jnp.arange(length) // SIZES.select_block)[:, None]
+  assert float(jnp.abs(jnp.where(visible, ref, 0)).max()) > 0
+  np.testing.assert_allclose(jnp.where(visible, imp, 0), jnp.where(visible, ref, 0), atol=1e-5)
+
+
 def _causal_attention_with_lse(q, k, v, scale):
   """Plain-jnp causal GQA attention with cuDNN's contract: q [B, T, N, D], k/v [B, T, K, *] ->
   o [B, T, N, Dv], natural-log LSE [B, N, T]."""
@@ -226,7 +241,7 @@ def test_cmp_attention_choice():
                                                              tuning=kernels.Tuning(cmp_attention="pallas")))
 
 
-@pytest.mark.parametrize("field", ["cmp_rows", "cmp_dq_bk", "cmp_dkdv_bk", "cmp_dkdv_rows"])
+@pytest.mark.parametrize("field", ["cmp_rows", "cmp_dq_bk", "cmp_dkdv_bk", "cmp_dkdv_rows", "importance_positions"])
 def test_tuning_tiles_must_be_powers_of_two(field):
   with pytest.raises(ValueError, match=f"Tuning.{field} must be a power of two, got {field}=48"):
     kernels.Tuning(**{field: 48})
