@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_common
-from lca.attention import full, nsa
+from lca.attention import full, local, nsa
 from pallas_kernels import nsa as kernels
 
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768", "65536"], "Context lengths.")
@@ -56,7 +56,8 @@ _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "forwards, jax.profiler), profile_fwd_bwd (the same for forward+backward), "
                            "fwd_pipelined (the forwards per call of 16 "
                            "enqueued back to back, so the host's per-call launch work is hidden, as in "
-                           "a model's step).")
+                           "a model's step), window (the window branch alone, forward+backward, on "
+                           "cuDNN, lca flash and xla_chunked).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
@@ -181,6 +182,10 @@ def case(length, reps, bandwidth):
   if parts & {"fwd_bwd", "dense_fwd_bwd"}:
     cases["cudnn_fwd_bwd"] = ("cudnn fwd+bwd", fwd_bwd(cudnn, 3), (q, k, v))
     cases["flash_fwd_bwd"] = ("flash fwd+bwd", fwd_bwd(flash, 3), (q, k, v))
+  if "window" in parts:   # NSA's window branch alone (its default: cuDNN, as full.attention's)
+    win = lambda impl: lambda q, k, v: local.local_attention(q, k, v, window=sizes.window, implementation=impl)
+    for impl in ("cudnn", "pallas", "xla_chunked"):
+      cases[f"window_fwd_bwd_{impl}"] = (f"window ({impl}) fwd+bwd", fwd_bwd(win(impl), 3), (q, k, v))
   r.update(interleaved(cases))
 
   if parts & {"decode", "decode_xla"}:
@@ -390,6 +395,24 @@ def sweep(length, reps):
   # the branch as one square causal attention on cuDNN (o and LSE2, what importance needs)
   on_cudnn = lambda q, kc, vc, tn: kernels._compressed(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
   run("cmp_fwd", "on cuDNN (nsa_cmp_cudnn)", T(cmp_attention="cudnn"), on_cudnn, cmp_args, cmp_ref)
+  # nsa_importance (session 25: 9.9 ms at 64k, 2.2e12 FLOP of q·k at ~220 TFLOP/s, half the forward's
+  # rate): head sums, positions a program, selection blocks a step, warps, stages
+  imp = lambda q, kc, lse, tn: (kernels._importance(q, kc, lse, geo, tn, False),)  # pylint: disable=protected-access
+  imp_args = (x["q"], x["kc"], x["lse"])
+  imp_ref = jax.jit(lambda *a: imp(*a, T()))(*imp_args)
+  old = dict(importance_sum="reshape", importance_warps=8)   # the default up to session 25
+  for label, tn in (("reshape bt16 nb16 w8 s2 (up to session 25)", T(**old)),
+                    ("rebin w8", T(importance_sum="rebin", importance_warps=8)),
+                    ("rebin w4 (the default since session 26)", T()),
+                    ("rebin bt8 w4", T(importance_positions=8)),
+                    ("rebin nb32 w4", T(importance_blocks=32)),
+                    ("rebin w4 s3", T(importance_stages=3)),
+                    ("reshape bt8 w4", T(importance_sum="reshape", importance_positions=8)),
+                    ("reshape s3", T(**old, importance_stages=3)),
+                    ("reshape nb32", T(**old, importance_blocks=32)),
+                    ("rebin nb32 w8", T(importance_sum="rebin", importance_warps=8, importance_blocks=32)),
+                    ("reshape bt32", T(**old, importance_positions=32))):
+    run("importance", label, tn, imp, imp_args, imp_ref)
   return out
 
 
