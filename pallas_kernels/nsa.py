@@ -501,27 +501,24 @@ def _importance_kernel(q_ref, k_ref, lse_ref, imp_ref, *, geo: NSAGeometry, bt: 
     k = plgpu.load(k_ref.at[b, pl.ds(step * bk, bk), g, :], mask=(i < geo.num_compressed)[:, None],
                    other=0.0)
     p = jnp.where(vis & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
-    if head_sum == "rebin":   # every row onto the selection blocks first (one MMA, P as a bf16
-      # operand), then the head sum over [R, nb] values, a quarter of P's [R, bk]
+    if head_sum == "rebin":   # every row onto the selection blocks first (one MMA, P in q's dtype
+      # as its operand), then the head sum over [R, nb] values, a quarter of P's [R, bk]
       imp = plgpu.dot(p.astype(q.dtype), overlap.astype(q.dtype)).reshape(bt, gp, nb).sum(axis=1)
       spilled = jnp.sum(p * spill[None, :], axis=1).reshape(bt, gp).sum(axis=1)
-      j = step * nb + cols
-      plgpu.store(imp_ref.at[bh, pl.ds(tile * bt, bt), pl.ds(step * nb, nb)],
-                  imp + jnp.where(cols[None, :] == 0, carry[:, None], 0.0),
-                  mask=(t_pos < geo.length)[:, None] & (j < geo.num_select_blocks)[None, :])
-      return spilled
-    if head_sum == "reshape":
-      per_pos = p.reshape(bt, gp, bk).sum(axis=1)     # [bt, bk]
-    elif head_sum == "bf16":
-      per_pos = plgpu.dot(sel.astype(q.dtype), p.astype(q.dtype))
     else:
-      per_pos = plgpu.dot(sel, p)
-    imp = plgpu.dot(per_pos, overlap)                 # [bt, nb]
+      if head_sum == "reshape":
+        per_pos = p.reshape(bt, gp, bk).sum(axis=1)     # [bt, bk]
+      elif head_sum == "bf16":
+        per_pos = plgpu.dot(sel.astype(q.dtype), p.astype(q.dtype))
+      else:
+        per_pos = plgpu.dot(sel, p)
+      imp = plgpu.dot(per_pos, overlap)                 # [bt, nb]
+      spilled = jnp.sum(per_pos * spill[None, :], axis=1)
     imp = imp + jnp.where(cols[None, :] == 0, carry[:, None], 0.0)
     j = step * nb + cols
     plgpu.store(imp_ref.at[bh, pl.ds(tile * bt, bt), pl.ds(step * nb, nb)], imp,
                 mask=(t_pos < geo.length)[:, None] & (j < geo.num_select_blocks)[None, :])
-    return jnp.sum(per_pos * spill[None, :], axis=1)
+    return spilled
 
   lax.fori_loop(0, steps, body, jnp.zeros((bt,), jnp.float32))
 
