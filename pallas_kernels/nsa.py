@@ -452,6 +452,9 @@ def cudnn_unavailable(q, interpret: bool) -> str | None:
 def _compressed(q, kc, vc, geo: NSAGeometry, tuning: Tuning, interpret):
   """The compressed branch -> o [B, L, H, Dv], LSE2 rows, on cuDNN or the Pallas kernels as
   `tuning.cmp_attention` says ("auto": cuDNN where it runs the case)."""
+  if geo.num_compressed == 0:   # L < l: no block has ended yet
+    return (jnp.zeros((*q.shape[:3], vc.shape[-1]), q.dtype),
+            jnp.full((q.shape[0] * geo.num_kv_heads, geo.length * geo.gp), jnp.inf, jnp.float32))
   why = cudnn_unavailable(q, interpret) if tuning.cmp_attention != "pallas" else "cmp_attention='pallas'"
   if why is None:
     try:
@@ -844,11 +847,10 @@ def nsa_cmp_slc(q, k, v, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpre
   q, k, v, kc, vc = pad_head_dims(q, k, v, kc, vc)
   interpret = resolve_interpret(interpret)
   batch = q.shape[0]
+  o_cmp, lse = _compressed(q, kc, vc, geo, tuning, interpret)
   if geo.num_compressed == 0:
-    o_cmp = jnp.zeros((*q.shape[:3], vc.shape[-1]), q.dtype)
     imp = jnp.zeros((batch * geo.num_kv_heads, geo.length, geo.num_select_blocks), jnp.float32)
   else:
-    o_cmp, lse = _compressed(q, kc, vc, geo, tuning, interpret)
     stop = lax.stop_gradient
     imp = _importance(stop(q), stop(kc), stop(lse), geo, tuning, interpret)
   idx = _topn(imp, geo, tuning, interpret)

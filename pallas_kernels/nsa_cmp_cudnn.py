@@ -74,6 +74,8 @@ def compressed_attention(q, kc, vc, *, block_len: int, block_stride: int, scale:
 
   attention(q', kc, vc, scale) -> (o', natural-log LSE [B, N, T]): `cudnn_causal`, or any causal
   attention with that contract (the CPU tests pass a plain-jnp one)."""
+  if kc.shape[1] == 0:   # L < l: no block has ended yet
+    return (jnp.zeros((*q.shape[:3], vc.shape[-1]), q.dtype), jnp.full(q.shape[:3], jnp.inf, jnp.float32))
   # an even number of positions j: jax's cuDNN path refuses odd lengths when it differentiates
   # ("Unsupported sequence length Q 4095, KV 4095" at 64k). A zero key past the last block is seen
   # only by the padded rows j >= Nc, which are dropped.

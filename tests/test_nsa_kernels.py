@@ -228,6 +228,20 @@ def test_compressed_branch_as_square_causal_attention(length):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
+def test_compressed_branch_before_the_first_block_ends():
+  """L < l: no compressed block, so o = 0 and LSE2 = +inf on both paths (the layout's would have
+  padded l - 1 positions onto a shorter sequence)."""
+  q, _, _, kc, vc = _inputs(jax.random.key(2), 5, 4, 2)
+  assert kc.shape[1] == 0
+  o, lse = kernels.compressed_attention(q, kc, vc, sizes=SIZES, return_lse=True)
+  o2, lse2 = nsa_cmp_cudnn.compressed_attention(q, kc, vc, block_len=8, block_stride=4, scale=1.0,
+                                                attention=_causal_attention_with_lse)
+  for out, l in ((o, lse), (o2, lse2)):
+    chex.assert_shape(out, (1, 5, 4, 16))
+    chex.assert_shape(l, (1, 5, 4))
+    assert not np.asarray(out).any() and np.isinf(np.asarray(l)).all()
+
+
 def test_cmp_attention_choice():
   with pytest.raises(ValueError, match="Tuning.cmp_attention must be one of .*got cmp_attention='cuda'"):
     kernels.Tuning(cmp_attention="cuda")
