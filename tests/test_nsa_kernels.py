@@ -2,6 +2,8 @@
 
 CPU runs them in interpret mode (the real kernel code), so sizes are small."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -213,10 +215,12 @@ def test_compressed_branch_as_square_causal_attention(length):
   pallas = kernels.Tuning(cmp_attention="pallas")
   o_p, lse_p = kernels.compressed_attention(q, kc, vc, sizes=SIZES, scale=scale, tuning=pallas,
                                             return_lse=True)
-  results = []
-  for branch in (via_layout, reference):
-    loss = lambda *a, branch=branch: (jnp.sum(branch(*a)[0] * w), branch(*a))
-    results.append(jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, kc, vc))
+  def loss(*args, branch):
+    o, lse = branch(*args)
+    return jnp.sum(o * w), (o, lse)
+
+  results = [jax.jit(jax.grad(functools.partial(loss, branch=branch), argnums=(0, 1, 2), has_aux=True))(q, kc, vc)
+             for branch in (via_layout, reference)]
   (g, (o, lse)), (g_ref, (o_ref, _)) = results
   chex.assert_shape(lse, (1, length, 6))
   np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
