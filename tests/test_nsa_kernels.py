@@ -18,16 +18,16 @@ from pallas_kernels import nsa_cmp_cudnn
 SIZES = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=4, window=16)
 
 
-def _inputs(key, length, heads, kv_heads, dim=16, dtype=jnp.float32, sizes=SIZES, v_dim=None):
+def _inputs(key, length, heads, kv_heads, dim=16, dtype=jnp.float32, sizes=SIZES, v_dim=None, batch=1):
   """q, k, v, kc, vc; v and vc of v_dim (default: dim)."""
   v_dim = v_dim or dim
   ks = jax.random.split(key, 5)
-  q = jax.random.normal(ks[0], (1, length, heads, dim), dtype)
-  k = jax.random.normal(ks[1], (1, length, kv_heads, dim), dtype)
-  v = jax.random.normal(ks[2], (1, length, kv_heads, v_dim), dtype)
+  q = jax.random.normal(ks[0], (batch, length, heads, dim), dtype)
+  k = jax.random.normal(ks[1], (batch, length, kv_heads, dim), dtype)
+  v = jax.random.normal(ks[2], (batch, length, kv_heads, v_dim), dtype)
   nc = sizes.num_compressed(length)
-  kc = jax.random.normal(ks[3], (1, nc, kv_heads, dim), dtype)
-  vc = jax.random.normal(ks[4], (1, nc, kv_heads, v_dim), dtype)
+  kc = jax.random.normal(ks[3], (batch, nc, kv_heads, dim), dtype)
+  vc = jax.random.normal(ks[4], (batch, nc, kv_heads, v_dim), dtype)
   return q, k, v, kc, vc
 
 
@@ -199,9 +199,9 @@ def _causal_attention_with_lse(q, k, v, scale):
 @pytest.mark.parametrize("length", [39, 75, 13])
 def test_compressed_branch_as_square_causal_attention(length):
   """nsa_cmp_cudnn's layout (what runs on cuDNN on a GPU) with a plain causal attention in cuDNN's
-  place: o, LSE2 and the gradients equal the reference's and the Pallas kernel's, G = 3."""
-  q, _, _, kc, vc = _inputs(jax.random.key(length), length, 6, 2, v_dim=8)
-  w = jax.random.normal(jax.random.key(1), (1, length, 6, 8))
+  place: o, LSE2 and the gradients equal the reference's and the Pallas kernel's, G = 3, batch 2."""
+  q, _, _, kc, vc = _inputs(jax.random.key(length), length, 6, 2, v_dim=8, batch=2)
+  w = jax.random.normal(jax.random.key(1), (2, length, 6, 8))
   scale = 0.3
 
   def via_layout(q, kc, vc):
@@ -222,7 +222,7 @@ def test_compressed_branch_as_square_causal_attention(length):
   results = [jax.jit(jax.grad(functools.partial(loss, branch=branch), argnums=(0, 1, 2), has_aux=True))(q, kc, vc)
              for branch in (via_layout, reference)]
   (g, (o, lse)), (g_ref, (o_ref, _)) = results
-  chex.assert_shape(lse, (1, length, 6))
+  chex.assert_shape(lse, (2, length, 6))
   np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(o, o_p, atol=1e-5, rtol=1e-5)
   assert np.isinf(np.asarray(lse[:, :SIZES.block_len - 1])).all()
