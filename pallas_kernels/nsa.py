@@ -100,6 +100,9 @@ class Tuning:
   block_kc: int = 64        # compressed keys per step
   cmp_rows: int = 128       # rows (positions x Gp heads) per compressed-attention program
   importance_rows: int = 16  # positions per top-n program
+  # nsa_topn's rounds: "max_min" (the best value, then the lowest index holding it: two reductions a
+  # round) or "argmax" (one (value, index) reduction a round; same blocks; not yet timed on a GPU)
+  topn_reduce: str = "max_min"
   dkdv_items: int = 1024    # queries per dK/dV work item (selection branch; 64k H200: 11.7 ms vs 13.0 at 256)
   # importance's sum over a group's heads: "reshape" ([16·Gp, bk] -> [16, Gp, bk], sum),
   # "bf16" (0/1 matmul with P in q's dtype), "tf32" (0/1 matmul in fp32, the first version), or
@@ -138,6 +141,8 @@ class Tuning:
     if self.cmp_attention not in CMP_ATTENTION:
       raise ValueError(f"Tuning.cmp_attention must be one of {CMP_ATTENTION}, "
                        f"got cmp_attention={self.cmp_attention!r}")
+    if self.topn_reduce not in ("max_min", "argmax"):
+      raise ValueError(f"Tuning.topn_reduce must be 'max_min' or 'argmax', got topn_reduce={self.topn_reduce!r}")
     if self.importance_sum not in ("reshape", "bf16", "tf32", "rebin"):
       raise ValueError(f"Tuning.importance_sum must be 'reshape', 'bf16', 'tf32' or 'rebin', "
                        f"got importance_sum={self.importance_sum!r}")
@@ -541,7 +546,7 @@ def _importance(q, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
   )(q, kc, lse)
 
 
-def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int):
+def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int, reduce: str):
   bh, tile = pl.program_id(0), pl.program_id(1)
   t = tile * bt + jnp.arange(bt)
   j = jnp.arange(ns_pad)
@@ -552,11 +557,18 @@ def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int):
   jj = j[None, :]
   forced = (jj < geo.num_initial) | ((jj <= cur) & (cur - jj < geo.num_local))
   score = jnp.where(forced, jnp.inf, jnp.where(jj <= cur, x, -jnp.inf))
+  if reduce == "argmax":   # one (value, index) reduction a round; the blocks left to take counted once
+    count = jnp.sum((score > -jnp.inf).astype(jnp.int32), axis=1)
   for n in range(geo.num_selected):
-    best = score.max(axis=1)
-    arg = jnp.min(jnp.where(score == best[:, None], jj, ns_pad), axis=1)
+    if reduce == "argmax":   # ties: the lowest index, as the max/min pair and lax.top_k
+      arg = jnp.argmax(score, axis=1).astype(jnp.int32)
+      taken = n < count
+    else:
+      best = score.max(axis=1)
+      arg = jnp.min(jnp.where(score == best[:, None], jj, ns_pad), axis=1)
+      taken = best > -jnp.inf
     plgpu.store(idx_ref.at[bh, pl.ds(tile * bt, bt), jnp.int32(n)],
-                jnp.where(best == -jnp.inf, -1, arg).astype(jnp.int32), mask=row_ok)
+                jnp.where(taken, arg, -1).astype(jnp.int32), mask=row_ok)
     score = jnp.where(jj == arg[:, None], -jnp.inf, score)
 
 
@@ -565,7 +577,7 @@ def _topn(imp, geo: NSAGeometry, tuning: Tuning, interpret):
   bt = tuning.importance_rows
   ns_pad = pow2(geo.num_select_blocks, 16)
   return pl.pallas_call(
-      functools.partial(_topn_kernel, geo=geo, bt=bt, ns_pad=ns_pad),
+      functools.partial(_topn_kernel, geo=geo, bt=bt, ns_pad=ns_pad, reduce=tuning.topn_reduce),
       grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=jax.ShapeDtypeStruct((bh, geo.length, geo.num_selected), jnp.int32),
       compiler_params=_params(tuning), interpret=interpret, name="nsa_topn",
