@@ -463,6 +463,7 @@ def bwd_sweep(length):
       "sel w8": (sel, sel_args, T(num_warps=8)),
       "sel s3": (sel, sel_args, T(num_stages=3)),
       "sel items 1024 (the default since session 25)": (sel, sel_args, T()),
+      "sel dQ from the dS that dK/dV stores": (sel, sel_args, T(sel_dq_from_ds=True)),
   })
   out = {}
   for label, (f, primals, tn) in variants.items():

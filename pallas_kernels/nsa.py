@@ -103,6 +103,10 @@ class Tuning:
   # nsa_topn's rounds: "max_min" (the best value, then the lowest index holding it: two reductions a
   # round) or "argmax" (one (value, index) reduction a round; same blocks; not yet timed on a GPU)
   topn_reduce: str = "max_min"
+  # the selected branch's dQ: False = nsa_sel_dq recomputes P and dP from K and V (137 GB of blocks at
+  # 64k); True = nsa_sel_dkdv also stores each (query, block) pair's dS in q's dtype (8.6 GB at 64k,
+  # H = 64, H_kv = 4) and nsa_sel_dq_from_ds reads dS and K only (~77 GB); not yet timed on a GPU
+  sel_dq_from_ds: bool = False
   dkdv_items: int = 1024    # queries per dK/dV work item (selection branch; 64k H200: 11.7 ms vs 13.0 at 256)
   # importance's sum over a group's heads: "reshape" ([16·Gp, bk] -> [16, Gp, bk], sum),
   # "bf16" (0/1 matmul with P in q's dtype), "tf32" (0/1 matmul in fp32, the first version), or
@@ -661,10 +665,38 @@ def _sel_dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_
   _store_heads(dq_ref, b, tt, head, ok, dq * geo.scale)
 
 
+def _sel_dq_from_ds_kernel(k_ref, idx_ref, ds_ref, dq_ref, *, geo):
+  """dQ of position t = scale · sum over its n blocks of dS [R, l'] (stored by nsa_sel_dkdv) · K:
+  K's bytes only, no V, and no P or dP to recompute."""
+  bh, t = pl.program_id(0), pl.program_id(1)
+  b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
+  _, r, tt, head, ok = _sel_tile(geo, g, t)
+  lb = geo.select_block
+  rows = jnp.arange(r)
+
+  def body(n, dq):
+    blk = plgpu.load(idx_ref.at[bh, t, n])
+    used = blk >= 0      # an empty slot's dS was never stored
+    k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :],
+                   mask=used & ((jnp.maximum(blk, 0) * lb + jnp.arange(lb)) <= t)[:, None], other=0.0)
+    ds = plgpu.load(ds_ref.at[bh, t * geo.num_selected + n, rows[:, None], jnp.arange(lb)[None, :]],
+                    mask=(used & ok)[:, None], other=0.0)
+    return dq + plgpu.dot(ds, k)
+
+  dq = lax.fori_loop(0, geo.num_selected, body, jnp.zeros((r, k_ref.shape[-1]), jnp.float32))
+  _store_heads(dq_ref, b, tt, head, ok, dq * geo.scale)
+
+
 def _sel_dkdv_kernel(items_ref, order_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref,
-                     dk_in, dv_in, dk_ref, dv_ref, *, geo: NSAGeometry, bq: int):
-  """One work item: block j and entries [lo, hi) of the block-sorted (query) list."""
+                     dk_in, dv_in, *refs, geo: NSAGeometry, bq: int, write_ds: bool):
+  """One work item: block j and entries [lo, hi) of the block-sorted (query) list. With write_ds
+  (refs: pairs, dk, dv, ds) it also stores each pair's dS [Gp rows, l'] in q's dtype at the pair's
+  own index t·n + slot, for `_sel_dq_from_ds_kernel`; else refs are dk, dv."""
   del dk_in, dv_in  # aliased with dk_ref, dv_ref
+  if write_ds:
+    pairs_ref, dk_ref, dv_ref, ds_ref = refs
+  else:
+    dk_ref, dv_ref = refs
   bh, w = pl.program_id(0), pl.program_id(1)
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   j = plgpu.load(items_ref.at[bh, w, jnp.int32(0)])
@@ -693,6 +725,10 @@ def _sel_dkdv_kernel(items_ref, order_ref, q_ref, do_ref, lse_ref, delta_ref, k_
     dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
+    if write_ds:
+      pair = plgpu.load(pairs_ref.at[bh, jnp.minimum(e, hi - 1)], mask=ok, other=0)
+      at = ds_ref.at[bh, jnp.where(ok, pair, ds_ref.shape[1])[:, None], h[:, None], jnp.arange(lb)[None, :]]
+      plgpu.store(at, ds.astype(ds_ref.dtype), mask=ok[:, None])
     return dk, dv
 
   dk = jnp.zeros((lb, k_ref.shape[-1]), jnp.float32)
@@ -708,8 +744,9 @@ def _sel_dkdv_kernel(items_ref, order_ref, q_ref, do_ref, lse_ref, delta_ref, k_
 def work_list(idx, geo: NSAGeometry, item_size: int):
   """(query, block) pairs sorted by block, cut into items of <= item_size queries.
 
-  idx: [BH, L, n] (-1 = none) -> order [BH, L·n] (query of each sorted pair) and
-  items [BH, W, 3] int32 rows (block, lo, hi) over `order`; unused items are (-1, 0, 0).
+  idx: [BH, L, n] (-1 = none) -> order [BH, L·n] (query of each sorted pair),
+  items [BH, W, 3] int32 rows (block, lo, hi) over `order` (unused items are (-1, 0, 0)), and
+  pairs [BH, L·n] (each sorted pair's own index t·n + slot).
   """
   bh, length, n = idx.shape
   ns = geo.num_select_blocks
@@ -730,7 +767,7 @@ def work_list(idx, geo: NSAGeometry, item_size: int):
   lo = take(offsets) + (w[None, :] - first_item) * item_size
   hi = jnp.minimum(lo + item_size, take(offsets) + take(counts))
   items = jnp.stack([jnp.where(valid, j, -1), jnp.where(valid, lo, 0), jnp.where(valid, hi, 0)], axis=-1)
-  return sorted_t, items.astype(jnp.int32)
+  return sorted_t, items.astype(jnp.int32), order.astype(jnp.int32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -749,25 +786,39 @@ def _sel_attention_bwd(geo, tuning, interpret, res, do):
   do = do.astype(q.dtype)
   delta = _delta_rows(o, do, geo)
   bh = q.shape[0] * geo.num_kv_heads
-  dq = pl.pallas_call(
-      functools.partial(_sel_dq_kernel, geo=geo),
-      grid=(bh, geo.length),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dq",
-  )(q, k, v, idx, do, lse, delta)
-  order, items = work_list(idx, geo, tuning.dkdv_items)
+  order, items, pairs = work_list(idx, geo, tuning.dkdv_items)
   bq = max(1, 64 // geo.gp)
   padded = geo.num_select_blocks * geo.select_block
   zeros_k = jnp.zeros((k.shape[0], padded, *k.shape[2:]), jnp.float32)
   zeros_v = jnp.zeros((v.shape[0], padded, *v.shape[2:]), jnp.float32)
-  dk, dv = pl.pallas_call(
-      functools.partial(_sel_dkdv_kernel, geo=geo, bq=bq),
+  out_shape = [jax.ShapeDtypeStruct(zeros_k.shape, jnp.float32), jax.ShapeDtypeStruct(zeros_v.shape, jnp.float32)]
+  extra_in = ()
+  if tuning.sel_dq_from_ds:   # dS of every (query, block) pair, rows padded to the dQ tile's >= 16
+    out_shape.append(jax.ShapeDtypeStruct((bh, geo.length * geo.num_selected, max(16, geo.gp),
+                                           geo.select_block), q.dtype))
+    extra_in = (pairs,)
+  dkdv = pl.pallas_call(
+      functools.partial(_sel_dkdv_kernel, geo=geo, bq=bq, write_ds=tuning.sel_dq_from_ds),
       grid=(bh, items.shape[1]),
-      out_shape=[jax.ShapeDtypeStruct(zeros_k.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(zeros_v.shape, jnp.float32)],
+      out_shape=out_shape,
       input_output_aliases={8: 0, 9: 1},
       compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dkdv",
-  )(items, order, q, do, lse, delta, k, v, zeros_k, zeros_v)
+  )(items, order, q, do, lse, delta, k, v, zeros_k, zeros_v, *extra_in)
+  dk, dv = dkdv[:2]
+  if tuning.sel_dq_from_ds:
+    dq = pl.pallas_call(
+        functools.partial(_sel_dq_from_ds_kernel, geo=geo),
+        grid=(bh, geo.length),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dq_from_ds",
+    )(k, idx, dkdv[2])
+  else:
+    dq = pl.pallas_call(
+        functools.partial(_sel_dq_kernel, geo=geo),
+        grid=(bh, geo.length),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dq",
+    )(q, k, v, idx, do, lse, delta)
   length = geo.length
   return dq, dk[:, :length].astype(k.dtype), dv[:, :length].astype(v.dtype), None
 

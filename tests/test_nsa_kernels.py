@@ -39,10 +39,11 @@ def _reference_branches(q, k, v, kc, vc, sizes=SIZES):
   return o_cmp, nsa.selected_attention_reference(q, k, v, idx, select_block=sizes.select_block), idx
 
 
-# small tiles: unmasked compressed steps (block_kc <= Nc), dK/dV split 3 ways, unrolled selection, and
-# the compressed backward's kernels on tiles of their own (dQ: 32 rows, 16 keys a step; dK/dV: chunks of 4)
+# small tiles: unmasked compressed steps (block_kc <= Nc), dK/dV split 3 ways, unrolled selection, the
+# compressed backward's kernels on tiles of their own (dQ: 32 rows, 16 keys a step; dK/dV: chunks of 4),
+# and the selected dQ from the dS that the selected dK/dV kernel stores
 SMALL_TILES = kernels.Tuning(block_kc=8, cmp_rows=16, cmp_dkdv_rows=32, cmp_dkdv_splits=3, sel_unroll=True,
-                             cmp_dq_rows=32, cmp_dq_bk=16, cmp_dkdv_bk=4)
+                             cmp_dq_rows=32, cmp_dq_bk=16, cmp_dkdv_bk=4, sel_dq_from_ds=True)
 
 
 # the small-tiles case also runs head dims that are not powers of two (q·k 24 zero-padded to 32 inside,
@@ -110,13 +111,17 @@ def test_gpu_bf16_paper_sizes(group):
   sort = lambda i: jnp.sort(jnp.where(i < 0, 10 ** 6, i), axis=-1)
   same = jnp.all(sort(idx) == sort(nsa.select_blocks(r_imp, sizes=sizes)), axis=-1)
   assert float(jnp.mean(same)) > 0.97
+  # the selected backward, its dQ both ways: recomputed from K and V, or from the dS that dK/dV stores
   w = jax.random.normal(jax.random.key(7), o_slc.shape)
-  loss_k = lambda *a: jnp.sum(kernels.selected_attention(*a, idx, sizes=sizes).astype(jnp.float32) * w)
   loss_r = lambda *a: jnp.sum(nsa.selected_attention_reference(*a, idx, select_block=64) * w)
-  g = jax.jit(jax.grad(loss_k, argnums=(0, 1, 2)))(*args[:3])
   g_ref = jax.jit(jax.grad(loss_r, argnums=(0, 1, 2)))(*up[:3])
-  for a, b in zip(g, g_ref):
-    assert rel(a, b) < 2e-2
+  for from_ds in (False, True):
+    tn = kernels.Tuning(sel_dq_from_ds=from_ds)
+    loss_k = lambda *a, tn=tn: jnp.sum(
+        kernels.selected_attention(*a, idx, sizes=sizes, tuning=tn).astype(jnp.float32) * w)
+    g = jax.jit(jax.grad(loss_k, argnums=(0, 1, 2)))(*args[:3])
+    for name, a, b in zip("qkv", g, g_ref):
+      assert rel(a, b) < 2e-2, (from_ds, name)
   # the compressed branch on both paths: the Pallas kernels (nsa_cmp_fwd, nsa_cmp_dq, nsa_cmp_dkdv at the
   # shipped tiles) and cuDNN (nsa_cmp_cudnn, the default on a GPU); o, LSE2 and the gradients
   w = jax.random.normal(jax.random.key(8), o_cmp.shape)
