@@ -95,7 +95,8 @@ class NSAGeometry:
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-  """Launch parameters (hashable). `None` per-kernel warps/stages fall back to num_warps/num_stages."""
+  """Launch parameters and kernel-path choices (hashable). `None` per-kernel warps/stages fall back to
+  num_warps/num_stages."""
 
   block_kc: int = 64        # compressed keys per step
   cmp_rows: int = 128       # rows (positions x Gp heads) per compressed-attention program
