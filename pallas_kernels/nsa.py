@@ -600,17 +600,16 @@ def _sel_tile(geo: NSAGeometry, g, t):
   return t * geo.gp, r, jnp.full((r,), t), g * geo.group + h, h < geo.group
 
 
-def _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo: NSAGeometry):
-  """-> (k [l', D], v [l', Dv], visible [l']): the keys of position t's n-th selected block (an
-  empty slot (-1) and keys after t are masked to zero)."""
+def _selected_block(idx_ref, bh, t, n, geo: NSAGeometry, *refs):
+  """-> (the rows of each of refs (k [l', D], v [l', Dv], ...), visible [l']) at position t's n-th
+  selected block (an empty slot (-1) and keys after t are masked to zero)."""
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   lb = geo.select_block
   blk = plgpu.load(idx_ref.at[bh, t, n])
   s_pos = jnp.maximum(blk, 0) * lb + jnp.arange(lb)
   key_ok = (s_pos <= t) & (blk >= 0)
   rows = pl.ds(jnp.maximum(blk, 0) * lb, lb)
-  load = lambda ref: plgpu.load(ref.at[b, rows, g, :], mask=key_ok[:, None], other=0.0)
-  return load(k_ref), load(v_ref), key_ok
+  return *(plgpu.load(ref.at[b, rows, g, :], mask=key_ok[:, None], other=0.0) for ref in refs), key_ok
 
 
 def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeometry, unroll: bool):
@@ -621,7 +620,7 @@ def _sel_fwd_kernel(q_ref, k_ref, v_ref, idx_ref, o_ref, lse_ref, *, geo: NSAGeo
   qk_scale = geo.scale * LOG2E
 
   def body(n, carry):
-    k, v, key_ok = _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo)
+    k, v, key_ok = _selected_block(idx_ref, bh, t, n, geo, k_ref, v_ref)
     return _softmax_step(carry, plgpu.dot(q, k.T) * qk_scale, key_ok[None, :], v)
 
   carry = _softmax_init(r, v_ref.shape[-1])
@@ -657,7 +656,7 @@ def _sel_dq_kernel(q_ref, k_ref, v_ref, idx_ref, do_ref, lse_ref, delta_ref, dq_
   qk_scale = geo.scale * LOG2E
 
   def body(n, dq):
-    k, v, key_ok = _selected_block(k_ref, v_ref, idx_ref, bh, t, n, geo)
+    k, v, key_ok = _selected_block(idx_ref, bh, t, n, geo, k_ref, v_ref)
     p = jnp.where(key_ok[None, :] & ok[:, None], jnp.exp2(plgpu.dot(q, k.T) * qk_scale - lse[:, None]), 0.0)
     ds = p * (plgpu.dot(do, v.T) - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k)
@@ -673,15 +672,12 @@ def _sel_dq_from_ds_kernel(k_ref, idx_ref, ds_ref, dq_ref, *, geo):
   b, g = bh // geo.num_kv_heads, bh % geo.num_kv_heads
   _, r, tt, head, ok = _sel_tile(geo, g, t)
   lb = geo.select_block
-  rows = jnp.arange(r)
 
   def body(n, dq):
-    blk = plgpu.load(idx_ref.at[bh, t, n])
-    used = blk >= 0      # an empty slot's dS was never stored
-    k = plgpu.load(k_ref.at[b, pl.ds(jnp.maximum(blk, 0) * lb, lb), g, :],
-                   mask=used & ((jnp.maximum(blk, 0) * lb + jnp.arange(lb)) <= t)[:, None], other=0.0)
-    ds = plgpu.load(ds_ref.at[bh, t * geo.num_selected + n, rows[:, None], jnp.arange(lb)[None, :]],
-                    mask=(used & ok)[:, None], other=0.0)
+    k, key_ok = _selected_block(idx_ref, bh, t, n, geo, k_ref)
+    # an empty slot's dS was never stored (key_ok all False); the stored dS is 0 past t anyway
+    ds = plgpu.load(ds_ref.at[bh, t * geo.num_selected + n, jnp.arange(r)[:, None], jnp.arange(lb)[None, :]],
+                    mask=ok[:, None] & key_ok[None, :], other=0.0)
     return dq + plgpu.dot(ds, k)
 
   dq = lax.fori_loop(0, geo.num_selected, body, jnp.zeros((r, k_ref.shape[-1]), jnp.float32))
@@ -807,19 +803,16 @@ def _sel_attention_bwd(geo, tuning, interpret, res, do):
   )(items, order, q, do, lse, delta, k, v, zeros_k, zeros_v, *extra_in)
   dk, dv = dkdv[:2]
   if tuning.sel_dq_from_ds:
-    dq = pl.pallas_call(
-        functools.partial(_sel_dq_from_ds_kernel, geo=geo),
-        grid=(bh, geo.length),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dq_from_ds",
-    )(k, idx, dkdv[2])
+    dq_kernel, dq_args = _sel_dq_from_ds_kernel, (k, idx, dkdv[2])
   else:
-    dq = pl.pallas_call(
-        functools.partial(_sel_dq_kernel, geo=geo),
-        grid=(bh, geo.length),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(tuning), interpret=interpret, name="nsa_sel_dq",
-    )(q, k, v, idx, do, lse, delta)
+    dq_kernel, dq_args = _sel_dq_kernel, (q, k, v, idx, do, lse, delta)
+  dq = pl.pallas_call(
+      functools.partial(dq_kernel, geo=geo),
+      grid=(bh, geo.length),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_params(tuning), interpret=interpret,
+      name="nsa_sel_dq_from_ds" if tuning.sel_dq_from_ds else "nsa_sel_dq",
+  )(*dq_args)
   length = geo.length
   return dq, dk[:, :length].astype(k.dtype), dv[:, :length].astype(v.dtype), None
 
