@@ -68,8 +68,8 @@ _BWD_SWEEP = flags.DEFINE_integer("bwd_sweep", 0, "If > 0: the GPU kernels (jax.
                                   "compressed and selected backward passes under Tuning variants, at this L.")
 _ONLY = flags.DEFINE_list("only", [], "--bwd_sweep: run only the variants whose label contains one of "
                           "these strings (e.g. --only='bk 32,cuDNN').")
-_SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time launch-parameter variants of nsa_cmp_fwd at "
-                               "this L and exit (the backward's: --bwd_sweep).")
+_SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time Tuning variants of the forward's compressed "
+                               "attention, importance and top-n at this L and exit (the backward's: --bwd_sweep).")
 
 
 bench = bench_common.bench
@@ -371,17 +371,18 @@ def _kernel_inputs(length):
 
 
 def sweep(length, reps):
-  """Times launch-parameter variants (Tuning) of nsa_cmp_fwd at one length; each variant's largest
-  difference from the default output is printed too (a variant that computes something else must
-  not win). The backward kernels' variants: `bwd_sweep` (since session 25, which gave nsa_cmp_dq
-  tiles of its own, so cmp_rows no longer sets them)."""
+  """Times Tuning variants of the forward's compressed attention (Pallas tiles, and cuDNN),
+  nsa_importance and nsa_topn at one length; each variant's largest difference from the default
+  output is printed too (a variant that computes something else must not win). The backward
+  kernels' variants: `bwd_sweep` (since session 25, which gave nsa_cmp_dq tiles of its own, so
+  cmp_rows no longer sets them)."""
   x = _kernel_inputs(length)
   geo, T = x["geo"], kernels.Tuning
   out = {}
 
-  def run(kind, label, tuning, fn, args, ref=None):
+  def run(kind, label, tuning, fn, args, ref=None, keep=None):
     out[f"{kind} {label}"] = _time_variant(f"{kind} {label}", jax.jit(lambda *a: fn(*a, tuning)), args,
-                                           reps, ref)
+                                           reps, ref, keep)
 
   cmp = lambda q, kc, vc, tn: kernels._cmp_fwd(q, kc, vc, geo, tn, False)  # pylint: disable=protected-access
   cmp_args = (x["q"], x["kc"], x["vc"])
@@ -400,6 +401,8 @@ def sweep(length, reps):
   imp = lambda q, kc, lse, tn: (kernels._importance(q, kc, lse, geo, tn, False),)  # pylint: disable=protected-access
   imp_args = (x["q"], x["kc"], x["lse"])
   imp_ref = jax.jit(lambda *a: imp(*a, T()))(*imp_args)
+  # only a position's visible blocks are written (top-n reads no others): compare those
+  visible = (jnp.arange(geo.num_select_blocks)[None, :] <= (jnp.arange(length) // geo.select_block)[:, None])
   old = dict(importance_sum="reshape", importance_warps=8)   # the default up to session 25
   for label, tn in (("reshape bt16 nb16 w8 s2 (up to session 25)", T(**old)),
                     ("rebin w8", T(importance_sum="rebin", importance_warps=8)),
@@ -412,7 +415,7 @@ def sweep(length, reps):
                     ("reshape nb32", T(**old, importance_blocks=32)),
                     ("rebin nb32 w8", T(importance_sum="rebin", importance_warps=8, importance_blocks=32)),
                     ("reshape bt32", T(**old, importance_positions=32))):
-    run("importance", label, tn, imp, imp_args, imp_ref)
+    run("importance", label, tn, imp, imp_args, imp_ref, keep=visible)
   # nsa_topn (3.8 ms at 64k): two reductions a round, or one (value, index) argmax
   topn = lambda scores, tn: (kernels._topn(scores, geo, tn, False),)  # pylint: disable=protected-access
   topn_ref = jax.jit(lambda a: topn(a, T()))(imp_ref[0])
@@ -503,13 +506,15 @@ def sel_sweep(length, reps):
   return out
 
 
-def _time_variant(label, f, args, reps, ref=None) -> dict:
+def _time_variant(label, f, args, reps, ref=None, keep=None) -> dict:
   """Times jitted f(*args) -> {ms, max_diff}: the largest |difference| of its first output from
-  ref's (None without a ref), so a variant that computes something else cannot win unseen."""
+  ref's (None without a ref), so a variant that computes something else cannot win unseen. keep:
+  where the output is defined (broadcast against it; None = everywhere)."""
   t = _try(label, f, *args, reps=reps)
   diff = None
   if t is not None and ref is not None:
-    diff = float(jnp.max(jnp.abs(f(*args)[0].astype(jnp.float32) - ref[0].astype(jnp.float32))))
+    delta = jnp.abs(f(*args)[0].astype(jnp.float32) - ref[0].astype(jnp.float32))
+    diff = float(jnp.max(delta if keep is None else jnp.where(keep, delta, 0.0)))
     print(f"    max |diff| vs default {diff:.3g}", flush=True)
   return dict(ms=None if t is None else t * 1e3, max_diff=diff)
 
