@@ -100,13 +100,10 @@ class Tuning:
 
   block_kc: int = 64        # compressed keys per step
   cmp_rows: int = 128       # rows (positions x Gp heads) per compressed-attention program
-  importance_rows: int = 16  # positions per top-n program
-  # nsa_topn's rounds: "max_min" (the best value, then the lowest index holding it: two reductions a
-  # round) or "argmax" (one (value, index) reduction a round; same blocks; not yet timed on a GPU)
-  topn_reduce: str = "max_min"
   # the selected branch's dQ: False = nsa_sel_dq recomputes P and dP from K and V (137 GB of blocks at
   # 64k); True = nsa_sel_dkdv also stores each (query, block) pair's dS in q's dtype (8.6 GB at 64k,
-  # H = 64, H_kv = 4) and nsa_sel_dq_from_ds reads dS and K only (~77 GB); not yet timed on a GPU
+  # H = 64, H_kv = 4) and nsa_sel_dq_from_ds reads dS and K only. 64k H200 (session 27): dQ 9.3 ms
+  # instead of 19.4, but dK/dV 18.2 instead of 11.6, so 3.4 ms less for 8.6 GB more memory: off
   sel_dq_from_ds: bool = False
   dkdv_items: int = 1024    # queries per dK/dV work item (selection branch; 64k H200: 11.7 ms vs 13.0 at 256)
   # importance's sum over a group's heads: "reshape" ([16·Gp, bk] -> [16, Gp, bk], sum),
@@ -122,6 +119,10 @@ class Tuning:
   cmp_warps: int | None = None        # nsa_cmp_fwd
   cmp_stages: int | None = None
   importance_warps: int = 4
+  # nsa_topn: positions per program (a [positions, next_pow2(L/l')] fp32 tile) and warps; 64k H200
+  # (session 27): 8 positions at 2 warps 2.33 ms, 16 at 4 (the default before) 4.03
+  topn_positions: int = 8
+  topn_warps: int | None = 2
   sel_warps: int | None = None        # nsa_sel_fwd
   sel_stages: int | None = None
   sel_unroll: bool = False            # unroll nsa_sel_fwd's loop over the n selected blocks
@@ -146,13 +147,11 @@ class Tuning:
     if self.cmp_attention not in CMP_ATTENTION:
       raise ValueError(f"Tuning.cmp_attention must be one of {CMP_ATTENTION}, "
                        f"got cmp_attention={self.cmp_attention!r}")
-    if self.topn_reduce not in ("max_min", "argmax"):
-      raise ValueError(f"Tuning.topn_reduce must be 'max_min' or 'argmax', got topn_reduce={self.topn_reduce!r}")
     if self.importance_sum not in ("reshape", "bf16", "tf32", "rebin"):
       raise ValueError(f"Tuning.importance_sum must be 'reshape', 'bf16', 'tf32' or 'rebin', "
                        f"got importance_sum={self.importance_sum!r}")
     for name in ("cmp_rows", "cmp_dkdv_rows", "cmp_dq_rows", "block_kc", "cmp_dq_bk", "cmp_dkdv_bk",
-                 "importance_positions", "importance_blocks"):
+                 "importance_positions", "importance_blocks", "topn_positions"):
       value = getattr(self, name)
       if value is not None and (value < 1 or value & (value - 1)):
         raise ValueError(f"Tuning.{name} must be a power of two, got {name}={value}")
@@ -551,7 +550,7 @@ def _importance(q, kc, lse, geo: NSAGeometry, tuning: Tuning, interpret):
   )(q, kc, lse)
 
 
-def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int, reduce: str):
+def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int):
   bh, tile = pl.program_id(0), pl.program_id(1)
   t = tile * bt + jnp.arange(bt)
   j = jnp.arange(ns_pad)
@@ -562,16 +561,12 @@ def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int, re
   jj = j[None, :]
   forced = (jj < geo.num_initial) | ((jj <= cur) & (cur - jj < geo.num_local))
   score = jnp.where(forced, jnp.inf, jnp.where(jj <= cur, x, -jnp.inf))
-  if reduce == "argmax":   # one (value, index) reduction a round; the blocks left to take counted once
-    count = jnp.sum((score > -jnp.inf).astype(jnp.int32), axis=1)
+  # each round: the best value, then the lowest index holding it (ties as lax.top_k). One (value,
+  # index) argmax a round instead was slower on the GPU (sessions 5 and 27: 5.9 vs 4.3 ms at 64k)
   for n in range(geo.num_selected):
-    if reduce == "argmax":   # ties: the lowest index, as the max/min pair and lax.top_k
-      arg = jnp.argmax(score, axis=1).astype(jnp.int32)
-      taken = n < count
-    else:
-      best = score.max(axis=1)
-      arg = jnp.min(jnp.where(score == best[:, None], jj, ns_pad), axis=1)
-      taken = best > -jnp.inf
+    best = score.max(axis=1)
+    arg = jnp.min(jnp.where(score == best[:, None], jj, ns_pad), axis=1)
+    taken = best > -jnp.inf
     plgpu.store(idx_ref.at[bh, pl.ds(tile * bt, bt), jnp.int32(n)],
                 jnp.where(taken, arg, -1).astype(jnp.int32), mask=row_ok)
     score = jnp.where(jj == arg[:, None], -jnp.inf, score)
@@ -579,13 +574,13 @@ def _topn_kernel(imp_ref, idx_ref, *, geo: NSAGeometry, bt: int, ns_pad: int, re
 
 def _topn(imp, geo: NSAGeometry, tuning: Tuning, interpret):
   bh = imp.shape[0]
-  bt = tuning.importance_rows
+  bt = tuning.topn_positions
   ns_pad = pow2(geo.num_select_blocks, 16)
   return pl.pallas_call(
-      functools.partial(_topn_kernel, geo=geo, bt=bt, ns_pad=ns_pad, reduce=tuning.topn_reduce),
+      functools.partial(_topn_kernel, geo=geo, bt=bt, ns_pad=ns_pad),
       grid=(bh, pl.cdiv(geo.length, bt)),
       out_shape=jax.ShapeDtypeStruct((bh, geo.length, geo.num_selected), jnp.int32),
-      compiler_params=_params(tuning), interpret=interpret, name="nsa_topn",
+      compiler_params=_params(tuning, tuning.topn_warps), interpret=interpret, name="nsa_topn",
   )(imp)
 
 

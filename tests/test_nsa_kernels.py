@@ -191,13 +191,12 @@ def test_importance_tiles_and_head_sums(head_sum):
 
 # ties everywhere (importance drawn from 4 values), and 2 forced initial blocks, so positions of
 # block 0 also take block 1 (forced, though its keys are all masked later), as the reference does
-@pytest.mark.parametrize("reduce", ["max_min", "argmax"])
-def test_topn_rounds_equal_the_reference_with_ties(reduce):
+def test_topn_rounds_equal_the_reference_with_ties():
   sizes = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=5, window=16, num_initial=2)
   length = 150
   ns = sizes.num_select_blocks(length)
   imp = jax.random.randint(jax.random.key(9), (1, 2, length, ns), 0, 4).astype(jnp.float32)
-  idx = kernels.select_topn(imp, sizes=sizes, tuning=kernels.Tuning(topn_reduce=reduce))
+  idx = kernels.select_topn(imp, sizes=sizes)
   np.testing.assert_array_equal(idx, nsa.select_blocks(imp, sizes=sizes))
   assert (np.asarray(idx) == -1).any() and (np.asarray(idx[:, :, :16]) == 1).any(-1).all()
 
