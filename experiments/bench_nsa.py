@@ -57,7 +57,8 @@ _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "fwd_pipelined (the forwards per call of 16 "
                            "enqueued back to back, so the host's per-call launch work is hidden, as in "
                            "a model's step), window (the window branch alone, forward+backward, on "
-                           "cuDNN, lca flash and xla_chunked).")
+                           "cuDNN, lca flash and xla_chunked), hlo (write the compiled HLO of NSA's "
+                           "forward+backward to --out, to name the XLA fusions that profile_fwd_bwd lists).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
@@ -66,8 +67,9 @@ _SEL_SWEEP = flags.DEFINE_integer("sel_sweep", 0, "If > 0: time nsa_sel_fwd laun
                                   "without K/V bytes, at this L and exit.")
 _BWD_SWEEP = flags.DEFINE_integer("bwd_sweep", 0, "If > 0: the GPU kernels (jax.profiler) of the "
                                   "compressed and selected backward passes under Tuning variants, at this L.")
-_ONLY = flags.DEFINE_list("only", [], "--bwd_sweep: run only the variants whose label contains one of "
-                          "these strings (e.g. --only='bk 32,cuDNN').")
+_ONLY = flags.DEFINE_list("only", [], "--sweep, --bwd_sweep: run only the variants whose label contains "
+                          "one of these strings (e.g. --only='bk 32,cuDNN'; --sweep's labels start with "
+                          "the kernel: cmp_fwd, importance, topn).")
 _SWEEP = flags.DEFINE_integer("sweep", 0, "If > 0: time Tuning variants of the forward's compressed "
                                "attention, importance and top-n at this L and exit (the backward's: --bwd_sweep).")
 
@@ -167,6 +169,11 @@ def case(length, reps, bandwidth):
   if "profile_fwd_bwd" in parts:
     profiled += [("nsa_fwd_bwd_kernels_us", fwd_bwd(nsa_fwd, 6), args),
                  ("cudnn_fwd_bwd_kernels_us", fwd_bwd(cudnn, 3), (q, k, v))]
+  if "hlo" in parts:
+    path = pathlib.Path(_OUT.value) / f"nsa_fwd_bwd_{length}.hlo.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(fwd_bwd(nsa_fwd, 6).lower(*args).compile().as_text())
+    print(f"  wrote {path}", flush=True)
   for name, fn, fargs in profiled:
     try:
       r[name] = bench_common.profile_kernels(fn, *fargs, calls=4)
@@ -381,6 +388,8 @@ def sweep(length, reps):
   out = {}
 
   def run(kind, label, tuning, fn, args, ref=None, keep=None):
+    if _ONLY.value and not any(part in f"{kind} {label}" for part in _ONLY.value):
+      return
     out[f"{kind} {label}"] = _time_variant(f"{kind} {label}", jax.jit(lambda *a: fn(*a, tuning)), args,
                                            reps, ref, keep)
 
@@ -416,11 +425,17 @@ def sweep(length, reps):
                     ("rebin nb32 w8", T(importance_sum="rebin", importance_warps=8, importance_blocks=32)),
                     ("reshape bt32", T(**old, importance_positions=32))):
     run("importance", label, tn, imp, imp_args, imp_ref, keep=visible)
-  # nsa_topn (3.8 ms at 64k): two reductions a round, or one (value, index) argmax
+  # nsa_topn (4.3 ms at 64k; session 27: one (value, index) argmax a round 5.9 ms, removed): a
+  # [positions, 1024] fp32 tile per program, so 128 values a thread at 16 positions and 4 warps
   topn = lambda scores, tn: (kernels._topn(scores, geo, tn, False),)  # pylint: disable=protected-access
   topn_ref = jax.jit(lambda a: topn(a, T()))(imp_ref[0])
-  for label, tn in (("max_min (default)", T()), ("argmax", T(topn_reduce="argmax")),
-                    ("argmax, 32 positions", T(topn_reduce="argmax", importance_rows=32))):
+  # session 27 (ms): 16 positions w4 (the default before) 4.03, 16 w8 3.16, 8 w4 2.64, 8 w2 2.33, 32 w8
+  # 5.48, 4 w4 2.34
+  for label, tn in (("16 positions w4 (up to session 26)", T(topn_positions=16, topn_warps=4)),
+                    ("8 positions w2 (the default since session 27)", T()),
+                    ("8 positions w1", T(topn_warps=1)), ("4 positions w2", T(topn_positions=4)),
+                    ("4 positions w1", T(topn_positions=4, topn_warps=1)),
+                    ("2 positions w1", T(topn_positions=2, topn_warps=1))):
     run("topn", label, tn, topn, (imp_ref[0],), topn_ref)
   return out
 
