@@ -161,7 +161,7 @@ def test_mosaic_selected_probe_matches_triton_and_reference_on_gpu():
   q, k, v, kc, _ = _inputs(jax.random.key(3), length, 64, 4, dim=128, dtype=jnp.bfloat16, sizes=sizes)
   geo = kernels.geometry(q, k, sizes=sizes)
   imp = kernels.block_importance(q, kc, sizes=sizes)
-  idx = kernels.select_topn(imp, sizes=sizes).reshape(-1, length, sizes.num_selected)
+  idx = kernels.select_topn(imp, sizes=sizes, tuning=kernels.Tuning(topn_positions=positions)).reshape(-1, length, sizes.num_selected)
   assert (idx < 0).any()
   o_t, l_t = kernels._sel_fwd(q, k, v, idx, geo, kernels.Tuning(), False)  # pylint: disable=protected-access
   o_m, l_m = probe._call(geo)(kernels.to_rows(q, geo.group), k, v, idx)  # pylint: disable=protected-access
@@ -191,12 +191,14 @@ def test_importance_tiles_and_head_sums(head_sum):
 
 # ties everywhere (importance drawn from 4 values), and 2 forced initial blocks, so positions of
 # block 0 also take block 1 (forced, though its keys are all masked later), as the reference does
-def test_topn_rounds_equal_the_reference_with_ties():
+# 150 positions: the last program's tile is part-empty at 4, 8 (the default) and 16 positions
+@pytest.mark.parametrize("positions", [4, 8, 16])
+def test_topn_rounds_equal_the_reference_with_ties(positions):
   sizes = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=5, window=16, num_initial=2)
   length = 150
   ns = sizes.num_select_blocks(length)
   imp = jax.random.randint(jax.random.key(9), (1, 2, length, ns), 0, 4).astype(jnp.float32)
-  idx = kernels.select_topn(imp, sizes=sizes)
+  idx = kernels.select_topn(imp, sizes=sizes, tuning=kernels.Tuning(topn_positions=positions))
   np.testing.assert_array_equal(idx, nsa.select_blocks(imp, sizes=sizes))
   assert (np.asarray(idx) == -1).any() and (np.asarray(idx[:, :, :16]) == 1).any(-1).all()
 
@@ -276,7 +278,8 @@ def test_cmp_attention_choice():
                                                              tuning=kernels.Tuning(cmp_attention="pallas")))
 
 
-@pytest.mark.parametrize("field", ["cmp_rows", "cmp_dq_bk", "cmp_dkdv_bk", "cmp_dkdv_rows", "importance_positions"])
+@pytest.mark.parametrize("field", ["cmp_rows", "cmp_dq_bk", "cmp_dkdv_bk", "cmp_dkdv_rows", "importance_positions",
+                                   "topn_positions"])
 def test_tuning_tiles_must_be_powers_of_two(field):
   with pytest.raises(ValueError, match=f"Tuning.{field} must be a power of two, got {field}=48"):
     kernels.Tuning(**{field: 48})
