@@ -113,10 +113,9 @@ VARIANTS = (
 
 
 def forward(q, k, v, kc, vc, gates, sizes, tuning, window_impl):
-  """NSA's forward as `lca.attention.nsa._nsa_pallas`, with a Tuning and window choice."""
-  o_cmp, o_slc = kernels.nsa_cmp_slc(q, k, v, kc, vc, sizes=sizes, tuning=tuning)
-  o_win = local.local_attention(q, k, v, window=sizes.window, implementation=window_impl)
-  return nsa.combine(gates, o_cmp, o_slc, o_win)
+  """NSA's Pallas forward with a Tuning and window choice."""
+  return nsa.nsa(q, k, v, kc, vc, gates, sizes=sizes, implementation="pallas", window_implementation=window_impl,
+                 kernel_tuning=tuning)
 
 
 def main(argv):

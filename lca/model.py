@@ -92,6 +92,9 @@ class ModelConfig:
   nsa_num_local: int = 2            # always-selected blocks ending at the query
   nsa_compress_hidden: int = 0      # φ's hidden width; 0 = 2 * head_dim
   nsa_gate_hidden: int = 32         # hidden width of the gate MLP
+  # the Pallas kernels' launch shapes and paths: comma-separated field=value of
+  # pallas_kernels.nsa.Tuning, e.g. "sel_dq_from_ds=True" ("" = its defaults)
+  nsa_kernel_tuning: str = ""
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:

@@ -156,9 +156,40 @@ class Tuning:
       if value is not None and (value < 1 or value & (value - 1)):
         raise ValueError(f"Tuning.{name} must be a power of two, got {name}={value}")
 
+  @classmethod
+  def from_string(cls, text: str) -> "Tuning":
+    """Tuning from comma-separated `field=value` overrides, e.g. "sel_dq_from_ds=True,
+    cmp_attention=pallas" ("" = the defaults); what a config or command-line flag can carry."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+      name, sep, value = (x.strip() for x in item.partition("="))
+      if not sep or name not in fields:
+        raise ValueError(f"NSA kernel tuning: {item!r} is not field=value with a field of "
+                         f"pallas_kernels.nsa.Tuning ({', '.join(fields)})")
+      overrides[name] = _parse_field(name, fields[name], value)
+    return cls(**overrides)
+
   def cmp_positions(self, geo: NSAGeometry, rows: int | None = None) -> int:
     """BT positions per compressed-attention tile (BT·Gp = cmp_rows, at least one position)."""
     return max(1, (rows or self.cmp_rows) // geo.gp)
+
+
+def _parse_field(name: str, annotation: str, value: str):
+  """A Tuning field's value from text, by its annotation ("int", "int | None", "bool", "str")."""
+  if value == "None" and "None" in annotation:
+    return None
+  if annotation.startswith("bool"):
+    if value.lower() in ("true", "false"):
+      return value.lower() == "true"
+  elif annotation.startswith("int"):
+    try:
+      return int(value)
+    except ValueError:
+      pass
+  else:
+    return value
+  raise ValueError(f"NSA kernel tuning: {name} takes {annotation}, got {name}={value!r}")
 
 
 def _params(t: Tuning, warps=None, stages=None):

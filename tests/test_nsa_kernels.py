@@ -283,3 +283,34 @@ def test_cmp_attention_choice():
 def test_tuning_tiles_must_be_powers_of_two(field):
   with pytest.raises(ValueError, match=f"Tuning.{field} must be a power of two, got {field}=48"):
     kernels.Tuning(**{field: 48})
+
+
+def test_tuning_from_string():
+  assert kernels.Tuning.from_string("") == kernels.Tuning()
+  assert kernels.Tuning.from_string(" sel_dq_from_ds=True, cmp_attention=pallas,topn_warps=None,topn_positions=4") == \
+      kernels.Tuning(sel_dq_from_ds=True, cmp_attention="pallas", topn_warps=None, topn_positions=4)
+  for text, match in (("foo=1", "'foo=1' is not field=value with a field of pallas_kernels.nsa.Tuning"),
+                      ("topn_positions", "'topn_positions' is not field=value"),
+                      ("topn_positions=x", "topn_positions takes int, got topn_positions='x'"),
+                      ("sel_dq_from_ds=yes", "sel_dq_from_ds takes bool, got sel_dq_from_ds='yes'"),
+                      ("num_warps=None", "num_warps takes int, got num_warps='None'"),
+                      ("topn_positions=6", "Tuning.topn_positions must be a power of two")):
+    with pytest.raises(ValueError, match=match):
+      kernels.Tuning.from_string(text)
+
+
+def test_kernel_tuning_reaches_the_kernels_from_nsa_and_the_model_config():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from lca import model as model_lib  # pylint: disable=g-import-not-at-top
+  q, k, v, kc, vc = _inputs(jax.random.key(0), 70, 4, 2)
+  gates = jax.random.uniform(jax.random.key(1), (1, 70, 4, 3))
+  # a float32 case that cuDNN cannot run, on any backend: the forced choice must raise
+  with pytest.raises(NotImplementedError, match="cmp_attention='cudnn'"):
+    nsa.nsa(q, k, v, kc, vc, gates, sizes=SIZES, implementation="pallas",
+            kernel_tuning=kernels.Tuning(cmp_attention="cudnn"))
+  cfg = dict(layer_pattern="N", num_layers=1, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64)
+  model = model_lib.Transformer(model_lib.ModelConfig(**cfg, nsa_kernel_tuning="sel_dq_from_ds=True"),
+                                rngs=nnx.Rngs(0))
+  assert model.blocks[0].mixer.kernel_tuning == kernels.Tuning(sel_dq_from_ds=True)
+  with pytest.raises(ValueError, match="sel_dq_from_ds takes bool, got sel_dq_from_ds='yes'"):
+    model_lib.Transformer(model_lib.ModelConfig(**cfg, nsa_kernel_tuning="sel_dq_from_ds=yes"), rngs=nnx.Rngs(0))

@@ -330,7 +330,9 @@ def selected_attention_gather(q, k, v, block_idx, *, select_block: int, scale=No
   return out.reshape(batch, t_len, heads, v.shape[-1]).astype(q.dtype)
 
 
-def _nsa_xla(q, k, v, k_cmp, v_cmp, gates, *, sizes, scale, q_positions, window_implementation):
+def _nsa_xla(q, k, v, k_cmp, v_cmp, gates, *, sizes, scale, q_positions, window_implementation,
+             kernel_tuning):
+  del kernel_tuning
   ns = sizes.num_select_blocks(k.shape[1])
   o_cmp = compressed_attention_reference(q, k_cmp, v_cmp, sizes=sizes, scale=scale, q_positions=q_positions)
   imp = block_importance_reference(q, k_cmp, sizes=sizes, num_select=ns, scale=scale, q_positions=q_positions)
@@ -348,17 +350,20 @@ def _window(q, k, v, sizes, scale, q_positions, window_implementation):
                                implementation=window_implementation)
 
 
-def _nsa_pallas(q, k, v, k_cmp, v_cmp, gates, *, sizes, scale, q_positions, window_implementation):
+def _nsa_pallas(q, k, v, k_cmp, v_cmp, gates, *, sizes, scale, q_positions, window_implementation,
+                kernel_tuning):
   if q_positions is not None or q.shape[1] != k.shape[1]:
     raise NotImplementedError("implementation='pallas' is self-attention (T == S) without q_positions")
   from pallas_kernels import nsa as nsa_kernels  # pylint: disable=g-import-not-at-top
-  o_cmp, o_slc = nsa_kernels.nsa_cmp_slc(q, k, v, k_cmp, v_cmp, sizes=sizes, scale=scale)
+  tuning = nsa_kernels.Tuning() if kernel_tuning is None else kernel_tuning
+  o_cmp, o_slc = nsa_kernels.nsa_cmp_slc(q, k, v, k_cmp, v_cmp, sizes=sizes, scale=scale, tuning=tuning)
   o_win = _window(q, k, v, sizes, scale, None, window_implementation)
   return combine(gates, o_cmp, o_slc, o_win)
 
 
-def _nsa_ref(q, k, v, k_cmp, v_cmp, gates, *, sizes, scale, q_positions, window_implementation):
-  del window_implementation
+def _nsa_ref(q, k, v, k_cmp, v_cmp, gates, *, sizes, scale, q_positions, window_implementation,
+             kernel_tuning):
+  del window_implementation, kernel_tuning
   return nsa_reference(q, k, v, k_cmp, v_cmp, gates, sizes=sizes, scale=scale, q_positions=q_positions)
 
 
@@ -367,12 +372,14 @@ IMPLEMENTATIONS = {"xla": _nsa_xla, "pallas": _nsa_pallas, "reference": _nsa_ref
 
 def nsa(q, k, v, k_cmp, v_cmp, gates, *, sizes: NSASizes = NSASizes(), scale=None, q_positions=None,
         implementation: str | Sequence[str] | None = None, window_implementation=None,
-        strict: bool = True) -> jax.Array:
+        kernel_tuning=None, strict: bool = True) -> jax.Array:
   """NSA through the chosen implementation; same math as `nsa_reference`.
 
   implementation: "pallas" (GPU kernels; interpret mode on CPU), "xla", "reference",
   a sequence tried in order, or None (GPU: pallas then xla; CPU: xla).
   window_implementation: passed to `local.local_attention` for the window branch.
+  kernel_tuning: a `pallas_kernels.nsa.Tuning` for implementation "pallas" (launch shapes and kernel
+    paths, e.g. `Tuning(sel_dq_from_ds=True)`); None = its defaults. The others ignore it.
   strict: raise when n exceeds the number of selection blocks; the layer passes
     False so that sequences shorter than n·l' select every block.
   """
@@ -382,7 +389,7 @@ def nsa(q, k, v, k_cmp, v_cmp, gates, *, sizes: NSASizes = NSASizes(), scale=Non
     implementation = ("pallas", "xla") if jax.default_backend() == "gpu" else "xla"
   return full.dispatch(IMPLEMENTATIONS, implementation, q, k, v, k_cmp, v_cmp, gates, what="nsa",
                        sizes=sizes, scale=scale, q_positions=q_positions,
-                       window_implementation=window_implementation)
+                       window_implementation=window_implementation, kernel_tuning=kernel_tuning)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -517,7 +524,8 @@ class NSAttention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                rngs: nnx.Rngs, sizes: NSASizes = NSASizes(), compress_hidden: int | None = None,
                gate_hidden: int = 64, rope_base: float = 10_000.0, qk_norm: bool = False,
-               implementation=None, dtype=jnp.float32):
+               implementation=None, kernel_tuning=None, dtype=jnp.float32):
+    """kernel_tuning: a `pallas_kernels.nsa.Tuning` for the Pallas training path (None: defaults)."""
     if not isinstance(sizes, NSASizes):
       raise TypeError(f"sizes must be an NSASizes, got {type(sizes).__name__}")
     full.init_projections(self, d_model, num_heads, num_kv_heads, head_dim, rngs=rngs,
@@ -532,11 +540,13 @@ class NSAttention(nnx.Module):
     self.sizes = sizes
     self.rope_base = rope_base
     self.implementation = implementation
+    self.kernel_tuning = kernel_tuning
     self.dtype = dtype
 
   @classmethod
   def from_model_config(cls, cfg, rngs: nnx.Rngs) -> "NSAttention":
-    """From `lca.model.ModelConfig` (its `nsa_*` fields); bad sizes raise ValueError."""
+    """From `lca.model.ModelConfig` (its `nsa_*` fields); bad sizes or kernel tuning raise ValueError."""
+    from pallas_kernels import nsa as nsa_kernels  # pylint: disable=g-import-not-at-top
     sizes = NSASizes(block_len=cfg.nsa_block_len, block_stride=cfg.nsa_block_stride,
                      select_block=cfg.nsa_select_block, num_selected=cfg.nsa_num_selected,
                      window=cfg.nsa_window, num_initial=cfg.nsa_num_initial,
@@ -544,6 +554,7 @@ class NSAttention(nnx.Module):
     return cls(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rngs=rngs, sizes=sizes,
                compress_hidden=cfg.nsa_compress_hidden or None, gate_hidden=cfg.nsa_gate_hidden,
                rope_base=cfg.rope_base, qk_norm=cfg.qk_norm, implementation=cfg.implementation,
+               kernel_tuning=nsa_kernels.Tuning.from_string(cfg.nsa_kernel_tuning),
                dtype=cfg.compute_dtype)
 
   def init_cache(self, batch: int, capacity: int, dtype=None) -> dict:
@@ -581,7 +592,7 @@ class NSAttention(nnx.Module):
     if cache is None:
       k_cmp, v_cmp = self.phi_k.compress(k), self.phi_v.compress(v)
       out = nsa(q, k, v, k_cmp, v_cmp, gates, sizes=self.sizes, implementation=self.implementation,
-                strict=False)
+                kernel_tuning=self.kernel_tuning, strict=False)
     else:
       out, cache = cached_nsa(q, k, v, gates, positions, cache, compress_fn=self.compress_blocks,
                               sizes=self.sizes)
