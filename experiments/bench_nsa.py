@@ -29,6 +29,7 @@ its decode cache holds k and kc zero-padded to 256 (padded once, outside the tim
 
 import functools
 import json
+import os
 import pathlib
 
 from absl import app, flags
@@ -58,7 +59,10 @@ _PARTS = flags.DEFINE_list("parts", ["fwd", "fwd_bwd", "decode", "decode_xla"],
                            "enqueued back to back, so the host's per-call launch work is hidden, as in "
                            "a model's step), window (the window branch alone, forward+backward, on "
                            "cuDNN, lca flash and xla_chunked), hlo (write the compiled HLO of NSA's "
-                           "forward+backward to --out, to name the XLA fusions that profile_fwd_bwd lists).")
+                           "forward+backward to --out, to name the XLA fusions that profile_fwd_bwd lists), "
+                           "streams (NSA's forward and forward+backward with Tuning(branch_streams=True), "
+                           "the compressed and window branches on GPU streams of their own, against the "
+                           "default in turn; sets XLA_FLAGS=--xla_gpu_experimental_stream_annotation=true).")
 _INNER = flags.DEFINE_integer("inner", 64, "Decode calls per timed loop (bench_in_loop).")
 _DECODE_BREAKDOWN = flags.DEFINE_integer("decode_breakdown", 0,
                                          "If > 0: time the fused decode's launches at this L and exit.")
@@ -134,9 +138,9 @@ def case(length, reps, bandwidth):
   w_out = jax.random.normal(ks[6], (*q.shape[:3], dv), bf)
   kw = dict(block_len=sizes.block_len, block_stride=sizes.block_stride)
 
-  def nsa_fwd(q, k, v, phi_k, phi_v, gates):
+  def nsa_fwd(q, k, v, phi_k, phi_v, gates, tuning=None):
     kc, vc = nsa.compress(k, phi_k, **kw), nsa.compress(v, phi_v, **kw)
-    return nsa.nsa(q, k, v, kc, vc, gates, sizes=sizes, implementation="pallas")
+    return nsa.nsa(q, k, v, kc, vc, gates, sizes=sizes, implementation="pallas", kernel_tuning=tuning)
 
   def cudnn(q, k, v):   # v at its own head dim when it differs from q·k's (cuDNN >= 9.10)
     return full.attention(q, k, v, causal=True, implementation="cudnn")
@@ -194,6 +198,13 @@ def case(length, reps, bandwidth):
     for impl in ("cudnn", "pallas", "xla_chunked"):
       cases[f"window_fwd_bwd_{impl}"] = (f"window ({impl}) fwd+bwd", fwd_bwd(win(impl), 3), (q, k, v))
   r.update(interleaved(cases))
+  if "streams" in parts:   # the compressed and window branches on their own GPU streams, or not
+    streams = lambda q, k, v, phi_k, phi_v, gates: nsa_fwd(q, k, v, phi_k, phi_v, gates,
+                                                           kernels.Tuning(branch_streams=True))
+    r.update(interleaved({"streams_off_fwd": ("nsa fwd, one stream", jax.jit(nsa_fwd), args),
+                          "streams_on_fwd": ("nsa fwd, branch streams", jax.jit(streams), args),
+                          "streams_off_fwd_bwd": ("nsa fwd+bwd, one stream", fwd_bwd(nsa_fwd, 6), args),
+                          "streams_on_fwd_bwd": ("nsa fwd+bwd, branch streams", fwd_bwd(streams, 6), args)}))
 
   if parts & {"decode", "decode_xla"}:
     # one query at position L-1 over caches holding L tokens; device time per call
@@ -633,6 +644,9 @@ def main(_):
       out.mkdir(parents=True, exist_ok=True)
       (out / f"{name}_{flag.value}.json").write_text(json.dumps(res, indent=1))
       return
+  if "streams" in _PARTS.value and "stream_annotation" not in os.environ.get("XLA_FLAGS", ""):
+    # read when the backend starts (below); without it XLA ignores the stream annotations
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_experimental_stream_annotation=true").strip()
   bandwidth = copy_bandwidth()
   print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
   meta = dict(device=jax.devices()[0].device_kind, date=bench_common.today(), jax=jax.__version__,

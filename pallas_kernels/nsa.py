@@ -39,6 +39,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import compute_on
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -142,6 +143,11 @@ class Tuning:
   # "cudnn" (`nsa_cmp_cudnn`: cuDNN's causal flash attention on a re-laid q), "pallas" (the kernels
   # here), "auto" (cuDNN where it runs the case, else Pallas)
   cmp_attention: str = "auto"
+  # run the compressed branch on GPU stream 2 and (in lca.attention.nsa) the window branch on stream 1,
+  # so that they may overlap the selected branch's latency-bound kernels (jax's compute_on; XLA
+  # honours it only under XLA_FLAGS=--xla_gpu_experimental_stream_annotation=true, else the branches
+  # run in turn as without it). Not yet timed on a GPU: `bench_nsa --parts=streams`
+  branch_streams: bool = False
 
   def __post_init__(self):
     if self.cmp_attention not in CMP_ATTENTION:
@@ -190,6 +196,12 @@ def _parse_field(name: str, annotation: str, value: str):
   else:
     return value
   raise ValueError(f"NSA kernel tuning: {name} takes {annotation}, got {name}={value!r}")
+
+
+def on_stream(fn, stream: int):
+  """fn (arrays in, arrays out) placed on GPU stream `stream` by an XLA stream annotation, with its
+  derivatives; other backends, and XLA without --xla_gpu_experimental_stream_annotation, ignore it."""
+  return compute_on.compute_on(compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)(fn)
 
 
 def _params(t: Tuning, warps=None, stages=None):
@@ -930,7 +942,8 @@ def nsa_cmp_slc(q, k, v, kc, vc, *, sizes, scale=None, tuning=Tuning(), interpre
   q, k, v, kc, vc = pad_head_dims(q, k, v, kc, vc)
   interpret = resolve_interpret(interpret)
   batch = q.shape[0]
-  o_cmp, lse = _compressed(q, kc, vc, geo, tuning, interpret)
+  compressed = lambda q, kc, vc: _compressed(q, kc, vc, geo, tuning, interpret)
+  o_cmp, lse = (on_stream(compressed, 2) if tuning.branch_streams else compressed)(q, kc, vc)
   if geo.num_compressed == 0:
     imp = jnp.zeros((batch * geo.num_kv_heads, geo.length, geo.num_select_blocks), jnp.float32)
   else:

@@ -314,3 +314,22 @@ def test_kernel_tuning_reaches_the_kernels_from_nsa_and_the_model_config():
   assert model.blocks[0].mixer.kernel_tuning == kernels.Tuning(sel_dq_from_ds=True)
   with pytest.raises(ValueError, match="sel_dq_from_ds takes bool, got sel_dq_from_ds='yes'"):
     model_lib.Transformer(model_lib.ModelConfig(**cfg, nsa_kernel_tuning="sel_dq_from_ds=yes"), rngs=nnx.Rngs(0))
+
+
+def test_branch_streams_change_nothing_but_placement():
+  """Tuning(branch_streams=True) wraps the compressed and window branches in stream annotations
+  (honoured by XLA on GPUs only under a flag): the same values and gradients, and the annotations
+  reach the lowered forward+backward."""
+  q, k, v, kc, vc = _inputs(jax.random.key(2), 70, 4, 2)
+  gates = jax.random.uniform(jax.random.key(3), (1, 70, 4, 3))
+  args = (q, k, v, kc, vc, gates)
+
+  def grads(tuning):
+    loss = lambda *a: jnp.sum(nsa.nsa(*a, sizes=SIZES, implementation="pallas", kernel_tuning=tuning) ** 2)
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+
+  on = grads(kernels.Tuning(branch_streams=True))
+  for x, y in zip(jax.tree.leaves(grads(kernels.Tuning())(*args)), jax.tree.leaves(on(*args))):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  text = on.lower(*args).as_text()
+  assert '_xla_stream_annotation = "1"' in text and '_xla_stream_annotation = "2"' in text

@@ -357,7 +357,8 @@ def _nsa_pallas(q, k, v, k_cmp, v_cmp, gates, *, sizes, scale, q_positions, wind
   from pallas_kernels import nsa as nsa_kernels  # pylint: disable=g-import-not-at-top
   tuning = nsa_kernels.Tuning() if kernel_tuning is None else kernel_tuning
   o_cmp, o_slc = nsa_kernels.nsa_cmp_slc(q, k, v, k_cmp, v_cmp, sizes=sizes, scale=scale, tuning=tuning)
-  o_win = _window(q, k, v, sizes, scale, None, window_implementation)
+  window = lambda q, k, v: _window(q, k, v, sizes, scale, None, window_implementation)
+  o_win = (nsa_kernels.on_stream(window, 1) if tuning.branch_streams else window)(q, k, v)
   return combine(gates, o_cmp, o_slc, o_win)
 
 
