@@ -785,11 +785,14 @@ def work_list(idx, geo: NSAGeometry, item_size: int):
   """
   bh, length, n = idx.shape
   ns = geo.num_select_blocks
-  key = jnp.where(idx < 0, ns, idx).reshape(bh, length * n)
-  order = jnp.argsort(key, axis=1, stable=True)
-  sorted_t = (order // n).astype(jnp.int32)
-  counts = jax.vmap(lambda k: jnp.bincount(k, length=ns + 1))(key)[:, :ns]        # [BH, ns]
-  offsets = jnp.cumsum(counts, axis=1) - counts                                   # exclusive
+  key = jnp.where(idx < 0, ns, idx).reshape(bh, length * n).astype(jnp.int32)
+  pair = jnp.broadcast_to(jnp.arange(length * n, dtype=jnp.int32), key.shape)
+  sorted_key, order = lax.sort((key, pair), dimension=1, is_stable=True, num_keys=1)
+  sorted_t = order // n
+  # each block's first entry in the sorted list: a search over sorted keys, where a bincount was a
+  # scatter-add of L·n ones into ns + 1 bins (0.7 ms at 64k, contended atomics)
+  first = jax.vmap(lambda k: jnp.searchsorted(k, jnp.arange(ns + 1, dtype=jnp.int32)))(sorted_key)
+  offsets, counts = first[:, :ns], jnp.diff(first, axis=1)                        # [BH, ns]
   chunks = -(-counts // item_size)
   item_end = jnp.cumsum(chunks, axis=1)                                           # inclusive
   num_items = -(-length * n // item_size) + ns
@@ -802,7 +805,7 @@ def work_list(idx, geo: NSAGeometry, item_size: int):
   lo = take(offsets) + (w[None, :] - first_item) * item_size
   hi = jnp.minimum(lo + item_size, take(offsets) + take(counts))
   items = jnp.stack([jnp.where(valid, j, -1), jnp.where(valid, lo, 0), jnp.where(valid, hi, 0)], axis=-1)
-  return sorted_t, items.astype(jnp.int32), order.astype(jnp.int32)
+  return sorted_t, items.astype(jnp.int32), order
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -333,3 +333,23 @@ def test_branch_streams_change_nothing_but_placement():
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
   text = on.lower(*args).as_text()
   assert '_xla_stream_annotation = "1"' in text and '_xla_stream_annotation = "2"' in text
+
+
+def test_work_list_covers_each_selected_pair_once_in_items_of_one_block():
+  sizes = nsa.NSASizes(block_len=8, block_stride=4, select_block=16, num_selected=5, window=16)
+  length, item_size = 300, 7
+  geo = kernels.geometry(jnp.zeros((2, length, 4, 16)), jnp.zeros((2, length, 2, 16)), sizes=sizes)
+  idx = jax.random.randint(jax.random.key(4), (4, length, 5), -1, geo.num_select_blocks)
+  sorted_t, items, pairs = (np.asarray(x) for x in kernels.work_list(idx, geo, item_size))
+  idx = np.asarray(idx).reshape(4, -1)
+  for bh in range(4):
+    seen = []
+    for block, lo, hi in items[bh]:
+      if block < 0:
+        assert lo == hi == 0
+        continue
+      assert 0 < hi - lo <= item_size
+      entries = pairs[bh, lo:hi]
+      assert (idx[bh, entries] == block).all() and (sorted_t[bh, lo:hi] == entries // 5).all()
+      seen.extend(entries)
+    assert sorted(seen) == sorted(np.flatnonzero(idx[bh] >= 0))
