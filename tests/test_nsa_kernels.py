@@ -161,7 +161,7 @@ def test_mosaic_selected_probe_matches_triton_and_reference_on_gpu():
   q, k, v, kc, _ = _inputs(jax.random.key(3), length, 64, 4, dim=128, dtype=jnp.bfloat16, sizes=sizes)
   geo = kernels.geometry(q, k, sizes=sizes)
   imp = kernels.block_importance(q, kc, sizes=sizes)
-  idx = kernels.select_topn(imp, sizes=sizes, tuning=kernels.Tuning(topn_positions=positions)).reshape(-1, length, sizes.num_selected)
+  idx = kernels.select_topn(imp, sizes=sizes).reshape(-1, length, sizes.num_selected)
   assert (idx < 0).any()
   o_t, l_t = kernels._sel_fwd(q, k, v, idx, geo, kernels.Tuning(), False)  # pylint: disable=protected-access
   o_m, l_m = probe._call(geo)(kernels.to_rows(q, geo.group), k, v, idx)  # pylint: disable=protected-access
