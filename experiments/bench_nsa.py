@@ -82,6 +82,11 @@ bench = bench_common.bench
 _try = bench_common.try_bench
 
 
+def _picked(label: str) -> bool:
+  """Whether --only lets the variant `label` run (every variant when --only is empty)."""
+  return not _ONLY.value or any(part in label for part in _ONLY.value)
+
+
 def copy_bandwidth() -> float:
   """Measured device-to-device bytes/s (read + write) of a 1 GiB copy."""
   x = jnp.ones((256, 1024, 1024), jnp.float32)
@@ -399,7 +404,7 @@ def sweep(length, reps):
   out = {}
 
   def run(kind, label, tuning, fn, args, ref=None, keep=None):
-    if _ONLY.value and not any(part in f"{kind} {label}" for part in _ONLY.value):
+    if not _picked(f"{kind} {label}"):
       return
     out[f"{kind} {label}"] = _time_variant(f"{kind} {label}", jax.jit(lambda *a: fn(*a, tuning)), args,
                                            reps, ref, keep)
@@ -496,7 +501,7 @@ def bwd_sweep(length):
   })
   out = {}
   for label, (f, primals, tn) in variants.items():
-    if _ONLY.value and not any(part in label for part in _ONLY.value):
+    if not _picked(label):
       continue
     try:
       pullback, ct = bench_common.backward_operands(f(tn), *primals)
